@@ -1,0 +1,60 @@
+"""The public op: cross_attention, and explain() for the backend it would use."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import dispatch
+from .problem import validate
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v (+ residual), for the asymmetric shapes of Perceiver IO.
+
+    Args:
+        q: (B, H, Nq, Dqk) queries, float32 / float16 / bfloat16 (float64: "torch" only).
+        k: (B, H, Nk, Dqk) keys, same dtype and device.
+        v: (B, H, Nk, Dv) values; Dv may differ from Dqk.
+        key_padding_mask: bool (B, Nk), True marks a padding key that is ignored. A
+            query whose keys are all padding gets 0 (+ residual) and zero gradients.
+        residual: (B, H, Nq, Dv), added to the output in the kernels' epilogue.
+        scale: multiplies q k^T; default 1 / sqrt(Dqk).
+        backend: "auto" (the first of triton, cuda, torch that accepts the input),
+            or one of them explicitly (raises BackendRefusedError saying why if it
+            cannot serve the input). explain() shows the choice.
+
+    Any strides are accepted: a (B, L, H, D) tensor viewed with .transpose(1, 2)
+    works without a copy. Returns (B, H, Nq, Dv) in the dtype of q.
+    """
+    problem, scale = validate(q, k, v, key_padding_mask, residual, scale)
+    impl = dispatch.select(problem, backend)
+    return impl.forward(q, k, v, key_padding_mask, residual, scale)
+
+
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> dispatch.Explanation:
+    """Which backend cross_attention would run for these arguments, and why not the others.
+
+    Takes the arguments of cross_attention; computes nothing. print() the result.
+    """
+    problem, _ = validate(q, k, v, key_padding_mask, residual, scale)
+    return dispatch.explain_problem(problem, backend)

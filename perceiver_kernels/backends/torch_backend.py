@@ -1,0 +1,47 @@
+"""The "torch" backend: PyTorch SDPA, serving every input on every device."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..problem import Problem
+from ..reference import reference_attention
+from .base import Backend
+
+
+class TorchBackend(Backend):
+    """SDPA where it fits; the exact reference where it does not (no keys at all).
+
+    SDPA's handling of rows whose keys are all padding differs between its kernels
+    (0 on some, NaN on others), so those rows never reach it: their keys are
+    unmasked for the call and their output is zeroed afterwards, which also gives
+    them exactly zero gradients.
+    """
+
+    name = "torch"
+
+    def refusals(self, problem: Problem, *, auto: bool) -> list[str]:
+        return []
+
+    def describe(self, problem: Problem) -> str:
+        if problem.num_keys == 0:
+            return "torch (exact reference: no keys)"
+        return "torch (scaled_dot_product_attention)"
+
+    def forward(self, q, k, v, key_padding_mask: Optional[torch.Tensor], residual, scale):
+        if k.shape[2] == 0:
+            return reference_attention(q, k, v, key_padding_mask=key_padding_mask, residual=residual, scale=scale)
+        attn_mask = None
+        if key_padding_mask is not None:
+            all_padding = key_padding_mask.all(dim=1)
+            attend = ~key_padding_mask | all_padding[:, None]
+            attn_mask = attend[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        if key_padding_mask is not None:
+            out = out.masked_fill(all_padding[:, None, None, None], 0.0)
+        if residual is not None:
+            out = out + residual
+        return out

@@ -1,0 +1,71 @@
+"""Choosing a backend, and explaining the choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backends import AUTO_PRIORITY, BACKENDS, Backend
+from .problem import Problem
+
+BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
+
+
+class BackendRefusedError(ValueError):
+    """The requested backend cannot serve these inputs; the message lists why."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Which backend runs a call, how, and why every other backend would not."""
+
+    requested: str
+    chosen: str
+    path: str
+    problem: Problem
+    refusals: dict[str, list[str]]
+
+    def __str__(self) -> str:
+        lines = [f"cross_attention({self.problem.describe()}), backend={self.requested!r}: runs {self.path}"]
+        for name in BACKENDS:
+            if name == self.chosen:
+                continue
+            reasons = self.refusals.get(name)
+            if reasons:
+                lines.append(f"  {name}: not used: " + "; ".join(reasons))
+            elif reasons is not None:
+                lines.append(f"  {name}: would also serve (lower priority)")
+        return "\n".join(lines)
+
+
+def _check_name(backend: str) -> None:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+def select(problem: Problem, backend: str) -> Backend:
+    """The backend that runs `problem`; raises BackendRefusedError if an explicit one cannot."""
+    _check_name(backend)
+    if backend != "auto":
+        reasons = BACKENDS[backend].refusals(problem, auto=False)
+        if reasons:
+            raise BackendRefusedError(
+                f"backend={backend!r} cannot serve cross_attention({problem.describe()}): " + "; ".join(reasons)
+            )
+        return BACKENDS[backend]
+    for name in AUTO_PRIORITY:
+        if not BACKENDS[name].refusals(problem, auto=True):
+            return BACKENDS[name]
+    refusals = {name: BACKENDS[name].refusals(problem, auto=True) for name in AUTO_PRIORITY}
+    raise BackendRefusedError(f"no backend can serve cross_attention({problem.describe()}): {refusals}")
+
+
+def explain_problem(problem: Problem, backend: str) -> Explanation:
+    _check_name(backend)
+    auto = backend == "auto"
+    refusals = {name: impl.refusals(problem, auto=auto) for name, impl in BACKENDS.items()}
+    if auto:
+        chosen = next((name for name in AUTO_PRIORITY if not refusals[name]), "")
+    else:
+        chosen = backend if not refusals[backend] else ""
+    path = BACKENDS[chosen].describe(problem) if chosen else "nothing (every candidate refused)"
+    return Explanation(backend, chosen, path, problem, refusals)

@@ -1,0 +1,155 @@
+"""Input validation for cross_attention and the problem description backends decide on.
+
+Every check names the argument and the expected shape or dtype, so a user who passes
+(B, L, H, D) where (B, H, L, D) was meant reads what to fix, not a kernel failure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a backend needs to know to accept or refuse a call (no tensor data)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    heads: int
+    num_queries: int
+    num_keys: int
+    head_dim_qk: int
+    head_dim_v: int
+    has_mask: bool
+    has_residual: bool
+    requires_grad: bool
+
+    def describe(self) -> str:
+        parts = [
+            f"B={self.batch} H={self.heads} Nq={self.num_queries} Nk={self.num_keys}",
+            f"Dqk={self.head_dim_qk} Dv={self.head_dim_v}",
+            str(self.dtype).replace("torch.", ""),
+            str(self.device),
+        ]
+        if self.has_mask:
+            parts.append("key_padding_mask")
+        if self.has_residual:
+            parts.append("residual")
+        if self.requires_grad:
+            parts.append("requires_grad")
+        return ", ".join(parts)
+
+
+def _check_tensor(name: str, x, expected: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions {expected}, got shape {tuple(x.shape)}")
+
+
+def validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    scale: Optional[float],
+) -> tuple[Problem, float]:
+    """Checks the arguments of cross_attention; returns the problem and the resolved scale."""
+    _check_tensor("q", q, "(B, H, Nq, Dqk)")
+    _check_tensor("k", k, "(B, H, Nk, Dqk)")
+    _check_tensor("v", v, "(B, H, Nk, Dv)")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q must be a floating-point tensor (float32, float16 or bfloat16), got {q.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has unsupported dtype {q.dtype}; use float32, float16 or bfloat16")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+
+    batch, heads, num_queries, head_dim_qk = q.shape
+    num_keys = k.shape[2]
+    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim_qk:
+        raise ValueError(
+            f"k must have shape (B={batch}, H={heads}, Nk, Dqk={head_dim_qk}) to match q "
+            f"{tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if v.shape[0] != batch or v.shape[1] != heads or v.shape[2] != num_keys:
+        raise ValueError(
+            f"v must have shape (B={batch}, H={heads}, Nk={num_keys}, Dv) to match q and k, got {tuple(v.shape)}"
+        )
+    head_dim_v = v.shape[3]
+    if head_dim_qk < 1 or head_dim_v < 1:
+        raise ValueError(f"head dims must be at least 1, got Dqk={head_dim_qk} (q, k) and Dv={head_dim_v} (v)")
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool tensor of shape (B, Nk), got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must have dtype torch.bool (True = padding, ignored), got {key_padding_mask.dtype}"
+            )
+        if tuple(key_padding_mask.shape) != (batch, num_keys):
+            raise ValueError(
+                f"key_padding_mask must have shape (B={batch}, Nk={num_keys}), got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {key_padding_mask.device}")
+
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a tensor of shape (B, H, Nq, Dv), got {type(residual).__name__}")
+        expected = (batch, heads, num_queries, head_dim_v)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have shape (B, H, Nq, Dv) = {expected}, got {tuple(residual.shape)}")
+        if residual.dtype != q.dtype:
+            raise TypeError(f"residual must have the dtype of q ({q.dtype}), got {residual.dtype}")
+        if residual.device != q.device:
+            raise ValueError(f"residual must be on the device of q ({q.device}), got {residual.device}")
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim_qk)
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+        scale = float(scale)
+
+    tensors = (q, k, v) if residual is None else (q, k, v, residual)
+    problem = Problem(
+        device=q.device,
+        dtype=q.dtype,
+        batch=batch,
+        heads=heads,
+        num_queries=num_queries,
+        num_keys=num_keys,
+        head_dim_qk=head_dim_qk,
+        head_dim_v=head_dim_v,
+        has_mask=key_padding_mask is not None,
+        has_residual=residual is not None,
+        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+    )
+    return problem, scale
+
+
+def allocate_output(q: torch.Tensor, head_dim_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), and lse (B, H, Nq) in fp32.
+
+    The (B, Nq, H, Dv) memory layout makes the usual merge of heads,
+    out.transpose(1, 2).reshape(B, Nq, H * Dv), free of copies. Kernel backends and
+    their fake (meta) implementations both allocate here, so their strides agree.
+    """
+    batch, heads, num_queries, _ = q.shape
+    out = torch.empty((batch, num_queries, heads, head_dim_v), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
+    return out, lse

@@ -1,0 +1,76 @@
+"""Inputs and the tolerance rule shared by the op tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from perceiver_kernels import reference_attention_with_lse
+
+# DESIGN.md: the fused error against float64 may be at most 2x the error of plain
+# PyTorch in the same dtype, plus this small epsilon.
+EPSILON = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclass
+class Case:
+    batch: int = 2
+    heads: int = 2
+    num_queries: int = 7
+    num_keys: int = 129
+    head_dim_qk: int = 16
+    head_dim_v: int = 16
+    dtype: torch.dtype = torch.float32
+    mask: bool = False
+    residual: bool = False
+    transposed: bool = False  # q, k, v, residual as (B, L, H, D) tensors viewed as (B, H, L, D)
+    scale: float | None = None
+
+
+def make_inputs(case: Case, device, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(length, dim):
+        shape = (case.batch, length, case.heads, dim) if case.transposed else (case.batch, case.heads, length, dim)
+        x = torch.randn(shape, generator=generator).to(device=device, dtype=case.dtype)
+        return x.transpose(1, 2) if case.transposed else x
+
+    inputs = {
+        "q": randn(case.num_queries, case.head_dim_qk),
+        "k": randn(case.num_keys, case.head_dim_qk),
+        "v": randn(case.num_keys, case.head_dim_v),
+        "key_padding_mask": None,
+        "residual": None,
+        "scale": case.scale,
+    }
+    if case.mask:
+        mask = torch.rand((case.batch, case.num_keys), generator=generator) < 0.4
+        mask[0] = True  # every query of batch 0 has only padding keys: out must be 0 (+ residual)
+        inputs["key_padding_mask"] = mask.to(device)
+    if case.residual:
+        inputs["residual"] = randn(case.num_queries, case.head_dim_v)
+    return inputs
+
+
+def max_error(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return (x.double() - truth).abs().max().item() if x.numel() else 0.0
+
+
+def assert_matches_reference(out: torch.Tensor, inputs: dict, lse: torch.Tensor | None = None) -> None:
+    """The tolerance rule of DESIGN.md, plus lse against the float64 reference."""
+    truth, truth_lse = reference_attention_with_lse(**inputs, upcast=True)
+    plain, _ = reference_attention_with_lse(**inputs)
+    assert out.shape == truth.shape and out.dtype == inputs["q"].dtype
+    assert not out.isnan().any(), "output has NaN (unwritten or all-masked rows mishandled)"
+    error, plain_error = max_error(out, truth), max_error(plain, truth)
+    bound = 2 * plain_error + EPSILON[out.dtype]
+    assert error <= bound, f"max error {error:.3g} > 2 x plain PyTorch {plain_error:.3g} + eps"
+    if lse is not None:
+        assert torch.equal(torch.isinf(lse), torch.isinf(truth_lse)), "lse must be -inf exactly on rows without keys"
+        # lse depends only on q.k, which every backend accumulates in fp32 from the
+        # exact input values, so it is fp32-accurate whatever the input dtype.
+        finite = torch.isfinite(truth_lse)
+        if finite.any():
+            scale = 1 + truth_lse[finite].abs().max().item()
+            assert max_error(lse[finite], truth_lse[finite]) <= 1e-5 * scale

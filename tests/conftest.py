@@ -1,0 +1,41 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton
+reads TRITON_INTERPRET when kernels are decorated, so it is set here, before any
+test imports perceiver_kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+KERNEL_DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Makes torch.empty return NaN-filled floating tensors, so an element a kernel
+    forgets to write (outputs, lse, split partials) fails the comparison."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        if tensor.dtype.is_floating_point:
+            tensor.fill_(float("nan"))
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
