@@ -11,6 +11,8 @@ import importlib
 from types import ModuleType
 from typing import Optional
 
+from .machine import machine_fact
+
 NOT_BUILT = (
     "perceiver_kernels._C was not built: no nvcc was found when the package was installed, "
     "the build failed, or PERCEIVER_KERNELS_SKIP_CUDA was set; reinstall with nvcc on PATH "
@@ -40,9 +42,9 @@ def build_info() -> dict:
     return {"built": True, "reason": "", **module.build_info()}
 
 
-@functools.lru_cache(maxsize=None)
-def runtime_problem() -> Optional[str]:
-    """Why the extension cannot run kernels on this machine, or None if it can."""
+@machine_fact
+def runtime_problem() -> str:
+    """Why the extension cannot run kernels on this machine, or "" if it can."""
     module, reason = _load()
     if module is None:
         return reason
@@ -57,4 +59,15 @@ def runtime_problem() -> Optional[str]:
         )
     if count == 0:
         return "no CUDA device is visible"
-    return None
+    return ""
+
+
+@machine_fact
+def build_problem() -> str:
+    """Why the built extension cannot serve attention at all, or "" if it can."""
+    module, reason = _load()
+    if module is None:
+        return reason
+    if not module.build_info()["attention_kernels"]:
+        return "this build of perceiver_kernels._C carries no attention kernels yet"
+    return ""

@@ -17,17 +17,10 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def refusals(self, problem: Problem, *, auto: bool) -> list[str]:
-        info = cuda_extension.build_info()
-        if not info["built"]:
-            return [info["reason"]]
-        reasons = []
-        if not info["attention_kernels"]:
-            reasons.append("this build of perceiver_kernels._C carries no attention kernels yet")
+        built = cuda_extension.build_problem()
+        if built:
+            return [built]
         if problem.device.type != "cuda":
-            reasons.append(f"tensors are on {problem.device.type}; the CUDA kernels need CUDA tensors")
-        else:
-            runtime = cuda_extension.runtime_problem()
-            if runtime:
-                reasons.append(runtime)
-        return reasons
-
+            return [f"tensors are on {problem.device.type}; the CUDA kernels need CUDA tensors"]
+        runtime = cuda_extension.runtime_problem()
+        return [runtime] if runtime else []

@@ -2,32 +2,45 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
 
+from ..machine import machine_fact
 from ..problem import Problem
 from .base import Backend
 
 MAX_HEAD_DIM = 256
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreted() -> bool:
-    # The kernels decided interpreted or compiled when they were decorated; ask them.
+@machine_fact
+def _machine_refusals(device_type: str, auto: bool) -> str:
+    """Why Triton cannot run on tensors of this device type here, or ""."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; wheels exist for Linux)"
+    # The kernels were decorated interpreted or compiled at import; ask them.
     from ..kernels.attention_fwd import INTERPRETED
 
-    return INTERPRETED
+    if device_type == "cpu":
+        if not INTERPRETED:
+            return "tensors are on cpu; Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for testing)"
+        if auto:
+            return ("on cpu Triton runs in its interpreter (TRITON_INTERPRET=1): correct but slow, "
+                    "so only an explicit backend='triton' uses it")
+    elif device_type != "cuda":
+        return f"tensors are on {device_type}; Triton kernels need a CUDA GPU"
+    return ""
 
 
-@functools.lru_cache(maxsize=None)
-def _compute_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+@machine_fact
+def _bfloat16_refusal(device_type: str, device_index: int | None) -> str:
+    from ..kernels.attention_fwd import INTERPRETED
+
+    if device_type == "cpu" and INTERPRETED:
+        return "bfloat16 tl.dot gives wrong results in the Triton interpreter"
+    if device_type == "cuda" and torch.cuda.get_device_capability(device_index) < (8, 0):
+        return "bfloat16 needs compute capability 8.0 or newer"
+    return ""
 
 
 class TritonBackend(Backend):
@@ -36,25 +49,14 @@ class TritonBackend(Backend):
     name = "triton"
 
     def refusals(self, problem: Problem, *, auto: bool) -> list[str]:
-        if not _triton_installed():
-            return ["triton is not installed (pip install triton; wheels exist for Linux)"]
-        reasons = []
-        device = problem.device.type
-        if device == "cpu":
-            if not _interpreted():
-                reasons.append("tensors are on cpu; Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for testing)")
-            elif auto:
-                reasons.append("on cpu Triton runs in its interpreter (TRITON_INTERPRET=1): correct but slow, "
-                               "so only an explicit backend='triton' uses it")
-        elif device != "cuda":
-            reasons.append(f"tensors are on {device}; Triton kernels need a CUDA GPU")
+        machine = _machine_refusals(problem.device.type, auto)
+        reasons = [machine] if machine else []
         if problem.dtype == torch.float64:
             reasons.append("float64 is not supported (float32, float16, bfloat16 are)")
         if problem.dtype == torch.bfloat16:
-            if device == "cpu" and _interpreted():
-                reasons.append("bfloat16 tl.dot gives wrong results in the Triton interpreter")
-            elif device == "cuda" and _compute_capability(problem.device) < (8, 0):
-                reasons.append("bfloat16 needs compute capability 8.0 or newer")
+            bfloat16 = _bfloat16_refusal(problem.device.type, problem.device.index)
+            if bfloat16:
+                reasons.append(bfloat16)
         if max(problem.head_dim_qk, problem.head_dim_v) > MAX_HEAD_DIM:
             reasons.append(
                 f"head dims up to {MAX_HEAD_DIM} are supported, got Dqk={problem.head_dim_qk} Dv={problem.head_dim_v} "

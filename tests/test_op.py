@@ -1,0 +1,133 @@
+"""The public op: dispatch, explanations, the torch backend, torch.library and torch.compile."""
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from perceiver_kernels import ops
+from tests.attention_cases import Case, assert_matches_reference, make_inputs
+from tests.conftest import HAS_GPU, KERNEL_DEVICE
+
+KERNEL_BACKEND_TESTABLE = pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter path")
+
+
+def test_auto_on_cpu_uses_torch_and_says_why_not_the_kernels():
+    inputs = make_inputs(Case(), "cpu")
+    explanation = pk.explain(inputs["q"], inputs["k"], inputs["v"])
+    assert explanation.chosen == "torch"
+    text = str(explanation)
+    assert "runs torch" in text and "triton: not used" in text and "cuda: not used" in text
+    assert explanation.refusals["triton"] and explanation.refusals["cuda"]
+
+
+@KERNEL_BACKEND_TESTABLE
+def test_interpreter_serves_explicit_triton_only():
+    inputs = make_inputs(Case(num_queries=8, num_keys=1100), "cpu")
+    assert "interpreter" in " ".join(pk.explain(inputs["q"], inputs["k"], inputs["v"]).refusals["triton"])
+    explicit = pk.explain(inputs["q"], inputs["k"], inputs["v"], backend="triton")
+    assert explicit.chosen == "triton" and "split-KV" in explicit.path
+    out = pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], backend="triton")
+    assert_matches_reference(out, inputs)
+
+
+@pytest.mark.parametrize("dims", [(261, 261), (32, 322), (512, 64), (1024, 1024)])
+def test_large_head_dims_go_to_another_backend_with_the_reason(dims):
+    case = Case(batch=1, heads=1, num_queries=3, num_keys=20, head_dim_qk=dims[0], head_dim_v=dims[1], mask=True)
+    inputs = make_inputs(case, KERNEL_DEVICE)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    explanation = pk.explain(q, k, v, key_padding_mask=inputs["key_padding_mask"])
+    assert explanation.chosen != "triton"
+    assert any("head dims up to 256" in reason for reason in explanation.refusals["triton"])
+    with pytest.raises(pk.BackendRefusedError, match="head dims up to 256"):
+        pk.cross_attention(q, k, v, backend="triton")
+    assert_matches_reference(pk.cross_attention(q, k, v, key_padding_mask=inputs["key_padding_mask"]), inputs)
+
+
+def test_explicit_backend_that_cannot_serve_raises_with_reasons():
+    inputs = make_inputs(Case(), "cpu")
+    with pytest.raises(pk.BackendRefusedError, match="cuda") as raised:
+        pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], backend="cuda")
+    assert isinstance(raised.value, ValueError)
+
+
+@KERNEL_BACKEND_TESTABLE
+def test_bfloat16_is_refused_by_the_interpreter():
+    inputs = make_inputs(Case(dtype=torch.bfloat16), "cpu")
+    with pytest.raises(pk.BackendRefusedError, match="bfloat16"):
+        pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], backend="triton")
+
+
+def test_training_goes_to_a_backend_with_gradients():
+    inputs = make_inputs(Case(mask=True, residual=True), KERNEL_DEVICE)
+    q = inputs["q"].requires_grad_()
+    explanation = pk.explain(q, inputs["k"], inputs["v"])
+    assert explanation.chosen == "torch"
+    assert any("backward" in reason for reason in explanation.refusals["triton"])
+    out = pk.cross_attention(q, inputs["k"], inputs["v"], key_padding_mask=inputs["key_padding_mask"],
+                             residual=inputs["residual"])
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert torch.count_nonzero(q.grad[0]) == 0  # batch 0: every key is padding
+
+
+TORCH_CASES = [
+    Case(dtype=torch.float32, mask=True, residual=True, transposed=True),
+    Case(dtype=torch.float16, num_queries=64, num_keys=5, mask=True),
+    Case(dtype=torch.bfloat16, num_queries=1, num_keys=300, residual=True),
+    Case(dtype=torch.float64, head_dim_qk=40, head_dim_v=24, mask=True, scale=0.7),
+    Case(num_queries=300, num_keys=1, head_dim_qk=261, head_dim_v=261, mask=True),
+]
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: f"{str(c.dtype)[6:]}-q{c.num_queries}-k{c.num_keys}")
+def test_torch_backend_matches_reference(case):
+    inputs = make_inputs(case, "cpu")
+    out = pk.cross_attention(inputs.pop("q"), inputs.pop("k"), inputs.pop("v"), backend="torch", **inputs)
+    assert_matches_reference(out, make_inputs(case, "cpu"))
+
+
+def test_all_padding_rows_are_zero_plus_residual_with_zero_gradients():
+    inputs = make_inputs(Case(num_queries=6, num_keys=40, mask=True, residual=True), "cpu")
+    q, k, v = (inputs[n].detach().requires_grad_() for n in ("q", "k", "v"))
+    out = pk.cross_attention(q, k, v, key_padding_mask=inputs["key_padding_mask"], residual=inputs["residual"])
+    torch.testing.assert_close(out[0], inputs["residual"][0], rtol=0, atol=0)
+    (out * torch.randn_like(out)).sum().backward()
+    for grad in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(grad).all()
+        assert torch.count_nonzero(grad[0]) == 0
+    padding = inputs["key_padding_mask"][1]
+    assert torch.count_nonzero(k.grad[1][:, padding]) == 0 and torch.count_nonzero(v.grad[1][:, padding]) == 0
+
+
+def test_empty_dimensions():
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 0, 8), torch.randn(2, 3, 0, 5)
+    residual = torch.randn(2, 3, 4, 5)
+    assert torch.equal(pk.cross_attention(q, k, v, residual=residual), residual)
+    assert pk.cross_attention(q[:, :, :0], torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 5)).shape == (2, 3, 0, 5)
+    assert "empty" in " ".join(pk.explain(q, k, v, backend="triton").refusals["triton"])
+
+
+@KERNEL_BACKEND_TESTABLE
+def test_custom_op_passes_opcheck():
+    inputs = make_inputs(Case(num_queries=5, num_keys=40, head_dim_v=24, mask=True, residual=True), "cpu")
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"], 0.25, False)
+    torch.library.opcheck(ops.triton_forward, args)
+    torch.library.opcheck(ops.triton_forward, args[:3] + (None, None, 0.25, False))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_torch_compile_traces_the_op(backend):
+    # On CPU "triton" runs the custom op in the interpreter, "auto" traces the torch backend.
+    inputs = make_inputs(Case(num_queries=5, num_keys=40, head_dim_v=24, mask=True, residual=True), KERNEL_DEVICE)
+
+    def block(q, k, v, mask, residual):
+        return torch.tanh(pk.cross_attention(q, k, v, key_padding_mask=mask, residual=residual, backend=backend)) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"])
+    torch.testing.assert_close(compiled(*args), block(*args))
+    # A second length recompiles with dynamic shapes: the fake implementation must follow.
+    longer = make_inputs(Case(num_queries=9, num_keys=70, head_dim_v=24, mask=True, residual=True), KERNEL_DEVICE)
+    args = (longer["q"], longer["k"], longer["v"], longer["key_padding_mask"], longer["residual"])
+    torch.testing.assert_close(compiled(*args), block(*args))

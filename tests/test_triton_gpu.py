@@ -1,0 +1,57 @@
+"""GPU-only checks of the Triton forward: bfloat16, compiled autotuning, int64 offsets."""
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from perceiver_kernels.triton_forward import attention_forward
+from tests.attention_cases import Case, assert_matches_reference, make_inputs
+from tests.test_triton_forward import GRID, PATH_SPLITS, run
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("path", PATH_SPLITS)
+@pytest.mark.parametrize("case", GRID[::3], ids=lambda c: f"q{c.num_queries}-k{c.num_keys}-d{c.head_dim_qk}x{c.head_dim_v}")
+def test_bfloat16_grid(case, path, poisoned_empty):
+    case = Case(**{**case.__dict__, "dtype": torch.bfloat16})
+    inputs = make_inputs(case, "cuda")
+    out, lse = run(inputs, path)
+    assert_matches_reference(out, inputs, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 8, 256, 50_176), (1, 8, 256, 400_000), (2, 8, 20_000, 256)],
+                         ids=["enc1", "enc3", "dec"])
+def test_auto_on_perceiver_shapes(shape, dtype):
+    batch, heads, nq, nk = shape
+    case = Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=64, head_dim_v=64,
+                dtype=dtype, mask=True, residual=True, transposed=True)
+    inputs = make_inputs(case, "cuda")
+    explanation = pk.explain(**inputs)
+    assert explanation.chosen == "triton", str(explanation)
+    out = pk.cross_attention(**inputs)
+    assert_matches_reference(out[:, :, :64], {**inputs, "q": inputs["q"][:, :, :64],
+                                              "residual": inputs["residual"][:, :, :64]})
+
+
+def test_tf32_is_used_only_when_allowed():
+    inputs = make_inputs(Case(num_queries=128, num_keys=4096, head_dim_qk=64, head_dim_v=64), "cuda")
+    exact, _ = run(inputs, "split")
+    fast, _ = run(inputs, "split", allow_tf32=True)
+    assert_matches_reference(exact, inputs)
+    assert not torch.equal(exact, fast)
+
+
+def test_offsets_beyond_int32():
+    # K and V of 2^25 keys x 64 channels x 2 heads: element offsets reach 2^32.
+    heads, num_keys, dim = 2, 2**25, 64
+    q = torch.randn(1, heads, 16, dim, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
+    # Only the last 1000 keys can be attended, so the answer depends on the far end of K/V.
+    mask = torch.ones(1, num_keys, dtype=torch.bool, device="cuda")
+    mask[0, -1000:] = False
+    out, _ = attention_forward(q, k, v, mask, None, dim ** -0.5, False)
+    tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
+    assert_matches_reference(out, tail)
