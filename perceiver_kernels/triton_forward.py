@@ -48,6 +48,12 @@ def _query_tile_rows(num_queries: int, block_dv: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(num_queries)))
 
 
+def _tuning_bucket(keys_per_program: int) -> int:
+    """Autotuning key: keys per program rounded up to a power of two, so that variable
+    lengths share one tuned config instead of retuning for every length."""
+    return triton.next_power_of_2(max(1, keys_per_program))
+
+
 @dataclass(frozen=True)
 class ForwardPlan:
     """How a forward call runs: unsplit (num_splits == 1) or split-KV."""
@@ -126,7 +132,7 @@ def attention_forward(
                 q, k, v, pad, res, out, lse,
                 *q.stride(), *k.stride(), *v.stride(), *pad_strides, *res_strides, *out.stride(),
                 heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
-                num_keys,
+                _tuning_bucket(num_keys),
                 **common,
             )
             return out, lse
@@ -140,7 +146,7 @@ def attention_forward(
             *q.stride(), *k.stride(), *v.stride(), *pad_strides,
             heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
             plan.num_splits, plan.keys_per_split,
-            plan.keys_per_split,
+            _tuning_bucket(plan.keys_per_split),
             BLOCK_M=plan.query_tile_rows,
             **common,
         )

@@ -37,10 +37,12 @@ import triton.language as tl
 
 LN2: tl.constexpr = 0.6931471805599453
 
-# The interpreter (TRITON_INTERPRET=1, the CPU test path) runs configs sequentially in
-# numpy: one config keeps the test suite fast; Triton reads the same switch when
-# decorating, so this is decided at import like the interpreter itself.
+# Triton reads TRITON_INTERPRET when it decorates kernels, so the configs are decided
+# at import too. The interpreter (the CPU test path) runs in numpy where tuning means
+# nothing; PERCEIVER_KERNELS_AUTOTUNE=0 skips tuning on GPUs (fast first calls, e.g.
+# in test suites that visit hundreds of shapes) with one config that fits every head dim.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "1") != "0" and not INTERPRETED
 
 
 def _keep_fitting_configs(configs, named_args, **kwargs):
@@ -76,12 +78,12 @@ def _configs(block_ms, block_ns, warps, stages):
     ]
 
 
-if INTERPRETED:
-    _TILE_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64})]
-    _SPLIT_CONFIGS = [triton.Config({"BLOCK_N": 64})]
-else:
+if AUTOTUNE:
     _TILE_CONFIGS = _configs((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
     _SPLIT_CONFIGS = _configs((None,), (32, 64, 128), (4, 8), (2, 3, 4))
+else:
+    _TILE_CONFIGS = _configs((32 if INTERPRETED else 64,), (64,), (4,), (2,))
+    _SPLIT_CONFIGS = _configs((None,), (64,), (4,), (2,))
 
 _TUNING_KEY = ["BLOCK_DQK", "BLOCK_DV", "tuning_keys_per_program", "HAS_MASK", "HAS_RESIDUAL", "DOT_PRECISION"]
 

@@ -1,0 +1,1 @@
+"""The benchmark suite of perceiver-kernels (python -m benchmarks --help)."""

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything a GPU machine without network needs, in one call: install the project
+# offline, build the CUDA extension for sm_90a, run the test suite on the GPU, run the
+# full benchmark suite, write every log and result into OUT_DIR and print a short
+# table last.
+#
+#   bash benchmarks/gpu_run.sh OUT_DIR
+#
+# Copy OUT_DIR/bench into benchmarks/results/<date>-<device>/ and commit it.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+step() { echo "== $* ($(date -u +%H:%M:%S))"; }
+
+step "install (offline, extension for sm_90a)"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+if ! PERCEIVER_KERNELS_FORCE_CUDA=1 PERCEIVER_KERNELS_CUDA_ARCHS="${PERCEIVER_KERNELS_CUDA_ARCHS:-90a}" \
+     MAX_JOBS="${MAX_JOBS:-16}" python -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/install.log" 2>&1; then
+  tail -40 "$OUT/install.log"; echo "install failed"; exit 1
+fi
+python -c "import perceiver_kernels as pk, torch, triton; print(pk.build_info()); print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+  | tee "$OUT/build_info.txt"
+
+step "tests on the GPU (one kernel config per shape: tuning is the benchmark's job)"
+PERCEIVER_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-330}" python -m pytest -q -rs -x --durations=15 \
+  > "$OUT/tests.log" 2>&1
+tests_rc=$?
+tail -25 "$OUT/tests.log"
+
+step "benchmarks (${BENCH_SIZE:-full})"
+timeout "${BENCH_TIMEOUT:-400}" python -m benchmarks --size "${BENCH_SIZE:-full}" --out "$OUT/bench" \
+  > "$OUT/bench.log" 2> "$OUT/bench.progress"
+bench_rc=$?
+tail -5 "$OUT/bench.progress"
+
+step "summary"
+echo "tests exit code: $tests_rc   benchmarks exit code: $bench_rc"
+grep -E "passed|failed" "$OUT/tests.log" | tail -1
+cat "$OUT/bench.log"

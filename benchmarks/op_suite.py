@@ -1,0 +1,133 @@
+"""The `op` suite: cross_attention forward against naive attention and each SDPA backend.
+
+Shapes are the Perceiver IO anchors of the project's roofline table (ENC-1..3,
+DEC-1..2), with and without a key padding mask (a mask forces SDPA onto a kernel
+that never splits the keys); the CPU runs scaled-down versions of the same shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import perceiver_kernels as pk
+
+from .harness import measure
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    heads: int
+    num_queries: int
+    num_keys: int
+    head_dim: int
+    masked: bool = False
+
+    @property
+    def flops(self) -> int:
+        return 4 * self.batch * self.heads * self.num_queries * self.num_keys * self.head_dim
+
+    def min_bytes(self, element_size: int) -> int:
+        """Read q, k, v once and write the output once (the roofline's traffic)."""
+        rows = 2 * self.num_queries + 2 * self.num_keys
+        return self.batch * self.heads * rows * self.head_dim * element_size
+
+
+GPU_SHAPES = [
+    Shape("ENC-1", 8, 8, 256, 50_176, 64),
+    Shape("ENC-1 masked", 8, 8, 256, 50_176, 64, masked=True),
+    Shape("ENC-2", 1, 16, 2048, 182_528, 64),
+    Shape("ENC-3", 1, 8, 256, 400_000, 64),
+    Shape("ENC-3 masked", 1, 8, 256, 400_000, 64, masked=True),
+    Shape("DEC-1", 8, 8, 50_176, 256, 64),
+    Shape("DEC-2", 1, 8, 800_000, 2048, 64),
+]
+CPU_SHAPES = [
+    Shape("ENC small", 1, 4, 64, 16_384, 64),
+    Shape("ENC small masked", 1, 4, 64, 16_384, 64, masked=True),
+    Shape("DEC small", 1, 4, 16_384, 64, 64),
+]
+QUICK_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
+
+
+def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(length):
+        return torch.randn(shape.batch, shape.heads, length, shape.head_dim, device=device, dtype=dtype,
+                           generator=generator)
+
+    mask = None
+    if shape.masked:
+        # Variable-length inputs: batch element b keeps the first (1 - b/(2B)) of its keys.
+        lengths = [shape.num_keys - b * shape.num_keys // (2 * shape.batch) for b in range(shape.batch)]
+        mask = torch.arange(shape.num_keys, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
+    return {"q": randn(shape.num_queries), "k": randn(shape.num_keys), "v": randn(shape.num_keys), "mask": mask}
+
+
+def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
+    def run(inputs):
+        attn_mask = None if inputs["mask"] is None else ~inputs["mask"][:, None, None, :]
+        context = contextlib.nullcontext()
+        if backend_name is not None:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            context = sdpa_kernel(getattr(SDPBackend, backend_name))
+        with context:
+            return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=attn_mask)
+
+    return run
+
+
+def providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]:
+    ours = {
+        "perceiver_kernels": lambda x: pk.cross_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"]),
+        "naive": lambda x: pk.reference_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"]),
+    }
+    if device.type != "cuda":
+        return {**ours, "sdpa": _sdpa(None)}
+    sdpa = {f"sdpa-{name.lower()}": _sdpa(name)
+            for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")}
+    return {**ours, **sdpa}
+
+
+def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    if device.type == "cuda" and size == "quick":
+        shapes = [s for s in shapes if s.name in QUICK_GPU]
+    rows = []
+    for shape in shapes:
+        inputs = make_inputs(shape, device, dtype)
+        roofline_ms = 1e3 * max(shape.flops / (ceilings["matmul_tflops"] * 1e12),
+                                shape.min_bytes(inputs["q"].element_size()) / (ceilings["copy_gbps"] * 1e9))
+        for name, fn in providers(device).items():
+            progress(f"{shape.name} / {name}")
+            row = {"suite": "op", "pass": "forward", "shape": shape.name, "provider": name,
+                   "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
+                   "d": shape.head_dim, "masked": shape.masked, "dtype": str(dtype).replace("torch.", ""),
+                   "flops": shape.flops, "roofline_ms": roofline_ms}
+            if name == "perceiver_kernels":
+                row["path"] = pk.explain(inputs["q"], inputs["k"], inputs["v"], key_padding_mask=inputs["mask"]).path
+            try:
+                timing = measure(lambda: fn(inputs), device)
+            except torch.OutOfMemoryError:
+                row["status"] = "out of memory"
+            except RuntimeError as error:  # an SDPA backend that refuses these inputs
+                row["status"] = "unsupported: " + str(error).splitlines()[0][:120]
+            else:
+                row.update(status="ok", median_ms=timing.median_ms, spread_ms=timing.spread_ms,
+                           peak_mib=timing.peak_mib, tflops=shape.flops / (timing.median_ms * 1e-3) / 1e12,
+                           roofline_pct=100 * roofline_ms / timing.median_ms)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+        del inputs
+    return rows
