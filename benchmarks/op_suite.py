@@ -1,4 +1,5 @@
-"""The `op` suite: cross_attention forward against naive attention and each SDPA backend.
+"""The `op` suite: cross_attention forward, and forward+backward, against naive attention
+and each SDPA backend.
 
 Shapes are the Perceiver IO anchors of the project's roofline table (ENC-1..3,
 DEC-1..2), with and without a key padding mask (a mask forces SDPA onto a kernel
@@ -29,13 +30,17 @@ class Shape:
     head_dim: int
     masked: bool = False
 
-    @property
-    def flops(self) -> int:
-        return 4 * self.batch * self.heads * self.num_queries * self.num_keys * self.head_dim
+    def flops(self, backward: bool) -> int:
+        """4 B H Nq Nk d for the forward; the backward costs 2.5x that on top."""
+        forward = 4 * self.batch * self.heads * self.num_queries * self.num_keys * self.head_dim
+        return int(forward * 3.5) if backward else forward
 
-    def min_bytes(self, element_size: int) -> int:
-        """Read q, k, v once and write the output once (the roofline's traffic)."""
+    def min_bytes(self, element_size: int, backward: bool) -> int:
+        """The roofline's traffic: the forward reads q, k, v and writes out once; the
+        backward reads q, k, v, out, dout and writes dq, dk, dv once."""
         rows = 2 * self.num_queries + 2 * self.num_keys
+        if backward:
+            rows += 4 * self.num_queries + 4 * self.num_keys
         return self.batch * self.heads * rows * self.head_dim * element_size
 
 
@@ -54,6 +59,7 @@ CPU_SHAPES = [
     Shape("DEC small", 1, 4, 16_384, 64, 64),
 ]
 QUICK_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
+BACKWARD_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -97,33 +103,50 @@ def providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]
     return {**ours, **sdpa}
 
 
+def _timed_call(fn: Callable[[dict], torch.Tensor], inputs: dict, backward: bool) -> Callable[[], object]:
+    if not backward:
+        return lambda: fn(inputs)
+    leaves = {name: inputs[name].detach().requires_grad_() for name in ("q", "k", "v")}
+    inputs = {**inputs, **leaves}
+    dout = torch.randn_like(fn(inputs))
+    # autograd.grad rather than .backward(): no gradient accumulation inside the timing.
+    return lambda: torch.autograd.grad(fn(inputs), tuple(leaves.values()), dout)
+
+
 def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     if device.type == "cuda" and size == "quick":
         shapes = [s for s in shapes if s.name in QUICK_GPU]
+    passes = [(s, False) for s in shapes]
+    passes += [(s, True) for s in shapes if device.type != "cuda" or s.name in BACKWARD_GPU]
     rows = []
-    for shape in shapes:
+    for shape, backward in passes:
         inputs = make_inputs(shape, device, dtype)
-        roofline_ms = 1e3 * max(shape.flops / (ceilings["matmul_tflops"] * 1e12),
-                                shape.min_bytes(inputs["q"].element_size()) / (ceilings["copy_gbps"] * 1e9))
+        element_size = inputs["q"].element_size()
+        flops = shape.flops(backward)
+        roofline_ms = 1e3 * max(flops / (ceilings["matmul_tflops"] * 1e12),
+                                shape.min_bytes(element_size, backward) / (ceilings["copy_gbps"] * 1e9))
         for name, fn in providers(device).items():
-            progress(f"{shape.name} / {name}")
-            row = {"suite": "op", "pass": "forward", "shape": shape.name, "provider": name,
+            pass_name = "forward+backward" if backward else "forward"
+            progress(f"{shape.name} {pass_name} / {name}")
+            row = {"suite": "op", "pass": pass_name, "shape": shape.name, "provider": name,
                    "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
                    "d": shape.head_dim, "masked": shape.masked, "dtype": str(dtype).replace("torch.", ""),
-                   "flops": shape.flops, "roofline_ms": roofline_ms}
-            if name == "perceiver_kernels":
-                row["path"] = pk.explain(inputs["q"], inputs["k"], inputs["v"], key_padding_mask=inputs["mask"]).path
+                   "flops": flops, "roofline_ms": roofline_ms}
             try:
-                timing = measure(lambda: fn(inputs), device)
+                call = _timed_call(fn, inputs, backward)
+                if name == "perceiver_kernels":
+                    q = inputs["q"].detach().requires_grad_(backward)
+                    row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"]).path
+                timing = measure(call, device)
             except torch.OutOfMemoryError:
                 row["status"] = "out of memory"
             except RuntimeError as error:  # an SDPA backend that refuses these inputs
                 row["status"] = "unsupported: " + str(error).splitlines()[0][:120]
             else:
                 row.update(status="ok", median_ms=timing.median_ms, spread_ms=timing.spread_ms,
-                           peak_mib=timing.peak_mib, tflops=shape.flops / (timing.median_ms * 1e-3) / 1e12,
+                           peak_mib=timing.peak_mib, tflops=flops / (timing.median_ms * 1e-3) / 1e12,
                            roofline_pct=100 * roofline_ms / timing.median_ms)
             finally:
                 if device.type == "cuda":

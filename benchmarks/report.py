@@ -46,18 +46,20 @@ def _fmt(value, spec):
 
 def summary_table(rows: list[dict]) -> str:
     """Markdown: one line per (shape, provider), with the speed-up over the best SDPA backend."""
-    best_sdpa: dict[str, float] = {}
+    best_sdpa: dict[tuple, float] = {}
     for row in rows:
+        key = (row["shape"], row.get("pass", "forward"))
         if row["provider"].startswith("sdpa") and row["status"] == "ok":
-            best_sdpa[row["shape"]] = min(best_sdpa.get(row["shape"], float("inf")), row["median_ms"])
-    lines = ["| shape | provider | ms | TFLOP/s | % roofline | peak MiB | vs best SDPA | note |",
-             "|---|---|---|---|---|---|---|---|"]
+            best_sdpa[key] = min(best_sdpa.get(key, float("inf")), row["median_ms"])
+    lines = ["| shape | pass | provider | ms | TFLOP/s | % roofline | peak MiB | vs best SDPA | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ok = row["status"] == "ok"
-        speedup = best_sdpa.get(row["shape"], 0) / row["median_ms"] if ok and row["shape"] in best_sdpa else None
+        key = (row["shape"], row.get("pass", "forward"))
+        speedup = best_sdpa[key] / row["median_ms"] if ok and key in best_sdpa else None
         note = row.get("path", "") if ok else row["status"]
         lines.append(
-            f"| {row['shape']} | {row['provider']} | {_fmt(row.get('median_ms'), '.3f')} | "
+            f"| {row['shape']} | {key[1]} | {row['provider']} | {_fmt(row.get('median_ms'), '.3f')} | "
             f"{_fmt(row.get('tflops'), '.1f')} | {_fmt(row.get('roofline_pct'), '.0f')} | "
             f"{_fmt(row.get('peak_mib'), '.0f')} | {_fmt(speedup, '.2f') + 'x' if speedup else '-'} | {note} |"
         )

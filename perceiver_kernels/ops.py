@@ -1,8 +1,9 @@
 """torch.library registration of the fused kernels.
 
-Each kernel backend is one custom op with a fake (meta) implementation, so
-torch.compile traces a model that calls it without looking inside the kernels.
-The op returns the log-sum-exp beside the output: the backward pass needs it.
+Each kernel entry point is a custom op with a fake (meta) implementation, so
+torch.compile traces a model that calls it without looking inside the kernels. The
+forward returns the log-sum-exp beside the output for the backward, which is itself
+a registered op: `torch.compile(fullgraph=True)` traces training steps too.
 """
 
 from __future__ import annotations
@@ -25,11 +26,59 @@ def triton_forward(
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward on validated inputs: (out (B, H, Nq, Dv), lse (B, H, Nq) fp32)."""
-    from .triton_forward import attention_forward
+    from .triton_launch import attention_forward
 
     return attention_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32)
 
 
 @triton_forward.register_fake
-def _triton_forward_fake(q, k, v, key_padding_mask, residual, scale, allow_tf32):
+def _(q, k, v, key_padding_mask, residual, scale, allow_tf32):
     return allocate_output(q, v.shape[-1])
+
+
+@torch.library.custom_op("perceiver_kernels::triton_backward", mutates_args=())
+def triton_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: (dq, dk, dv), laid out like q, k, v.
+
+    With a fused residual, the attention output is recovered as out - residual, which
+    is only as precise as the rounded output allows; the triton backend therefore
+    does not fuse the residual when gradients are needed.
+    """
+    from .triton_launch import attention_backward
+
+    return attention_backward(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32)
+
+
+@triton_backward.register_fake
+def _(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, key_padding_mask, residual, scale, allow_tf32 = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, key_padding_mask, residual, out, lse)
+    ctx.scale = scale
+    ctx.allow_tf32 = allow_tf32
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, key_padding_mask, residual, out, lse = ctx.saved_tensors
+    dq, dk, dv = triton_backward(dout, q, k, v, key_padding_mask, residual, out, lse, ctx.scale, ctx.allow_tf32)
+    # out = attention + residual, so the residual's gradient is dout itself.
+    return dq, dk, dv, None, dout if residual is not None else None, None, None
+
+
+triton_forward.register_autograd(_backward, setup_context=_save_for_backward)

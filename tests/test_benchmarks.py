@@ -12,10 +12,14 @@ def test_cli_writes_results_and_report(tmp_path, monkeypatch, capsys):
     env, rows = results["environment"], results["results"]
     assert env["torch"] and env["commit"] and env["ceilings"]["matmul_tflops"] > 0
     assert {row["provider"] for row in rows} == {"perceiver_kernels", "naive", "sdpa"}
-    assert all(row["status"] == "ok" and row["median_ms"] > 0 and row["flops"] == 4 * 2 * 8 * 64 * 16 for row in rows)
+    assert {row["pass"] for row in rows} == {"forward", "forward+backward"}
+    forward_flops = 4 * 2 * 8 * 64 * 16
+    for row in rows:
+        assert row["status"] == "ok" and row["median_ms"] > 0
+        assert row["flops"] == (forward_flops if row["pass"] == "forward" else 3.5 * forward_flops)
     report = (tmp_path / "report.md").read_text()
-    assert "| tiny | perceiver_kernels |" in report and "torch (scaled_dot_product_attention)" in report
-    assert "| tiny | sdpa |" in capsys.readouterr().out
+    assert "| tiny | forward | perceiver_kernels |" in report and "torch (scaled_dot_product_attention)" in report
+    assert "| tiny | forward+backward | sdpa |" in capsys.readouterr().out
 
 
 def test_report_shows_failed_rows():

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from perceiver_kernels.triton_forward import attention_forward, plan_forward
+from perceiver_kernels.triton_launch import attention_forward, plan_forward
 from tests.attention_cases import Case, assert_matches_reference, make_inputs
 from tests.conftest import KERNEL_DEVICE
 
@@ -121,9 +121,9 @@ def test_output_layout_makes_head_merge_free():
 
 
 def test_split_plan_fills_the_gpu(monkeypatch):
-    import perceiver_kernels.triton_forward as triton_forward
+    import perceiver_kernels.triton_launch as triton_launch
 
-    monkeypatch.setattr(triton_forward, "_multiprocessor_count", lambda device: 132)  # an H100
+    monkeypatch.setattr(triton_launch, "_multiprocessor_count", lambda device: 132)  # an H100
     gpu = torch.device("cuda", 0)
     enc3 = plan_forward(1, 8, 256, 400_000, 64, gpu)  # 16 programs unsplit
     enc1 = plan_forward(8, 8, 256, 50_176, 64, gpu)   # 128 programs unsplit

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels.triton_forward import attention_forward
+from perceiver_kernels.triton_launch import attention_forward
 from tests.attention_cases import Case, assert_matches_reference, make_inputs
 from tests.test_triton_forward import GRID, PATH_SPLITS, run
 
@@ -55,3 +55,24 @@ def test_offsets_beyond_int32():
     out, _ = attention_forward(q, k, v, mask, None, dim ** -0.5, False)
     tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
     assert_matches_reference(out, tail)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3])
+@pytest.mark.parametrize("case", GRID[::3], ids=lambda c: f"q{c.num_queries}-k{c.num_keys}-d{c.head_dim_qk}x{c.head_dim_v}")
+def test_bfloat16_backward_grid(case, num_chunks, poisoned_empty):
+    from tests.test_triton_backward import assert_gradients_match, run_backward
+
+    inputs = make_inputs(Case(**{**case.__dict__, "dtype": torch.bfloat16}), "cuda")
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(run_backward(inputs, dout, num_chunks), inputs, dout)
+
+
+def test_backward_with_default_chunking_on_encode_and_decode_shapes():
+    from tests.test_triton_backward import assert_gradients_match, run_backward
+
+    for shape in [(2, 4, 256, 20_000), (2, 4, 20_000, 256)]:
+        batch, heads, nq, nk = shape
+        inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=64,
+                                  head_dim_v=64, dtype=torch.bfloat16, mask=True, residual=True), "cuda")
+        dout = torch.randn_like(inputs["residual"])
+        assert_gradients_match(run_backward(inputs, dout, None), inputs, dout)

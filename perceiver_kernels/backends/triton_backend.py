@@ -44,7 +44,7 @@ def _bfloat16_refusal(device_type: str, device_index: int | None) -> str:
 
 
 class TritonBackend(Backend):
-    """Forward only for now: training (inputs that require grad) goes to another backend."""
+    """Forward and backward (training) in Triton; deterministic (no atomics)."""
 
     name = "triton"
 
@@ -64,12 +64,10 @@ class TritonBackend(Backend):
             )
         if 0 in (problem.batch, problem.heads, problem.num_queries, problem.num_keys):
             reasons.append("an empty dimension (B, H, Nq or Nk is 0): nothing to launch")
-        if problem.requires_grad:
-            reasons.append("no Triton backward kernels yet: inputs that require grad go to backend='torch'")
         return reasons
 
     def describe(self, problem: Problem) -> str:
-        from ..triton_forward import plan_forward
+        from ..triton_launch import plan_forward
 
         plan = plan_forward(problem.batch, problem.heads, problem.num_queries, problem.num_keys,
                             problem.head_dim_v, problem.device)
@@ -79,5 +77,12 @@ class TritonBackend(Backend):
         from .. import ops
 
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, residual) if t is not None)
+        if residual is not None and training:
+            # The backward needs the attention output alone; recovering it as
+            # out - residual from the rounded output would lose precision when the
+            # residual is large, so training adds the residual outside the kernel.
+            out, _ = ops.triton_forward(q, k, v, key_padding_mask, None, scale, allow_tf32)
+            return out + residual
         out, _ = ops.triton_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32)
         return out

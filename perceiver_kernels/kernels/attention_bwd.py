@@ -1,0 +1,193 @@
+"""Backward kernels of fused cross-attention (Triton).
+
+With P_ij = exp(s_ij - lse_i) recomputed from the forward's log-sum-exp, the upstream
+gradient dO and Delta_i = sum_d dO_id * O_id (O without the residual):
+
+    dV_j = sum_i P_ij dO_i
+    dS_ij = P_ij * (dO_i . v_j - Delta_i)
+    dK_j = scale * sum_i dS_ij q_i
+    dQ_i = scale * sum_j dS_ij k_j
+
+Two kernels, each parallel over the blocks of what it writes and, optionally, split
+over the dimension it sums:
+- attention_bwd_dkdv_kernel: one program per (key block, query chunk, batch*head).
+  ENCODE has very many key blocks, so one chunk suffices; DECODE has few key blocks
+  and very many queries, so the queries are cut into chunks, each writing fp32
+  partial dK/dV that a second stage sums.
+- attention_bwd_dq_kernel: one program per (query block, key chunk, batch*head),
+  the mirror image: DECODE needs one chunk, ENCODE splits the keys.
+
+Partials plus a reduction (rather than fp32 atomics) keep the backward deterministic
+and its extra memory at (chunks x the gradient's size), which the plan keeps small.
+
+Rows whose keys are all padding have lse = -inf: their P is taken against +inf, so
+it is 0 and every gradient they contribute is exactly 0; padding keys get P = 0, so
+their dK and dV are exactly 0.
+"""
+
+import triton
+import triton.language as tl
+
+from .attention_fwd import AUTOTUNE
+
+INF: tl.constexpr = float("inf")
+
+
+def _keep_fitting_configs(configs, named_args, **kwargs):
+    """Inner blocks no longer than the range a program walks; small tiles for wide heads."""
+    args = {**named_args, **kwargs}
+    inner = max(16, triton.next_power_of_2(max(1, args["tuning_inner_length"])))
+    wide_head = max(args["BLOCK_DQK"], args["BLOCK_DV"]) > 128
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_INNER"] <= inner and not (wide_head and (c.kwargs["BLOCK_INNER"] > 32 or c.num_stages > 1))]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_INNER"], c.num_stages))]
+
+
+if AUTOTUNE:
+    _CONFIGS = [triton.Config({"BLOCK_INNER": n}, num_warps=w, num_stages=s)
+                for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+else:
+    _CONFIGS = [triton.Config({"BLOCK_INNER": 32}, num_warps=4, num_stages=1)]
+
+_TUNING_KEY = ["BLOCK_DQK", "BLOCK_DV", "BLOCK_OUTER", "tuning_inner_length", "HAS_MASK", "DOT_PRECISION"]
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
+                   mask=row_ok[:, None] & (offs_d < dim)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(ptr + rows[:, None] * stride_row + offs_d[None, :] * stride_d, value.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < dim)[None, :])
+
+
+@triton.jit
+def _usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
+    key_ok = keys < key_end
+    if HAS_MASK:
+        is_pad = tl.load(pad_ptr + keys * stride_pad_n, mask=key_ok, other=1)
+        key_ok = key_ok & (is_pad == 0)
+    return key_ok
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, rows, row_ok):
+    """lse in base 2 with +inf for rows without keys (so their P is 0), and Delta."""
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), INF, lse)
+    delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs})
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, PAD, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkc, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvc, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    heads, num_queries, num_keys, head_dim_qk, head_dim_v, scale, qk_scale_log2,
+    num_chunks, queries_per_chunk,
+    tuning_inner_length,
+    HAS_MASK: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
+):
+    """dK, dV of BLOCK_OUTER keys over one chunk of the queries; DK/DV[chunk] receive them."""
+    num_key_blocks = tl.cdiv(num_keys, BLOCK_OUTER)
+    pid = tl.program_id(0)
+    key_block = pid % num_key_blocks
+    chunk = (pid // num_key_blocks) % num_chunks
+    bh = (pid // (num_key_blocks * num_chunks)).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+
+    keys = (key_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)).to(tl.int64)
+    key_ok = _usable_keys(PAD + b * stride_pb, keys, num_keys, stride_pn, HAS_MASK)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
+
+    q_ptr = Q + b * stride_qb + h * stride_qh
+    do_ptr = DO + b * stride_dob + h * stride_doh
+    dk = tl.zeros([BLOCK_OUTER, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_OUTER, BLOCK_DV], dtype=tl.float32)
+    query_start = chunk * queries_per_chunk
+    query_end = tl.minimum(query_start + queries_per_chunk, num_queries)
+    for block_start in range(query_start, query_end, BLOCK_INNER):
+        rows = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
+        row_ok = rows < query_end
+        q = _load_rows(q_ptr, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+        do = _load_rows(do_ptr, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
+        lse, delta = _row_stats(LSE + bh * num_queries, DELTA + bh * num_queries, rows, row_ok)
+        # Transposed scores (keys x queries), so that P^T dO and dS^T Q need no transposes.
+        t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.where(key_ok[:, None], tl.math.exp2(t - lse[None, :]), 0.0)
+        dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[None, :])
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    written = keys < num_keys
+    _store_rows(DK + chunk * stride_dkc + b * stride_dkb + h * stride_dkh, dk * scale, keys, written,
+                stride_dkn, stride_dkd, head_dim_qk, BLOCK_DQK)
+    _store_rows(DV + chunk * stride_dvc + b * stride_dvb + h * stride_dvh, dv, keys, written,
+                stride_dvn, stride_dvd, head_dim_v, BLOCK_DV)
+
+
+@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs})
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, PAD, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqc, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    heads, num_queries, num_keys, head_dim_qk, head_dim_v, scale, qk_scale_log2,
+    num_chunks, keys_per_chunk,
+    tuning_inner_length,
+    HAS_MASK: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
+):
+    """dQ of BLOCK_OUTER queries over one chunk of the keys; DQ[chunk] receives it."""
+    num_query_blocks = tl.cdiv(num_queries, BLOCK_OUTER)
+    pid = tl.program_id(0)
+    query_block = pid % num_query_blocks
+    chunk = (pid // num_query_blocks) % num_chunks
+    bh = (pid // (num_query_blocks * num_chunks)).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+
+    rows = (query_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)).to(tl.int64)
+    row_ok = rows < num_queries
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
+    lse, delta = _row_stats(LSE + bh * num_queries, DELTA + bh * num_queries, rows, row_ok)
+
+    k_ptr = K + b * stride_kb + h * stride_kh
+    v_ptr = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_OUTER, BLOCK_DQK], dtype=tl.float32)
+    key_start = chunk * keys_per_chunk
+    key_end = tl.minimum(key_start + keys_per_chunk, num_keys)
+    for block_start in range(key_start, key_end, BLOCK_INNER):
+        keys = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
+        key_ok = _usable_keys(PAD + b * stride_pb, keys, key_end, stride_pn, HAS_MASK)
+        k = _load_rows(k_ptr, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
+        v = _load_rows(v_ptr, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
+        t = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.where(key_ok[None, :], tl.math.exp2(t - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    _store_rows(DQ + chunk * stride_dqc + b * stride_dqb + h * stride_dqh, dq * scale, rows, row_ok,
+                stride_dqm, stride_dqd, head_dim_qk, BLOCK_DQK)

@@ -1,0 +1,246 @@
+"""Launchers of the Triton kernels: tile sizes, the chunking (split) plans, grids."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from .kernels import attention_bwd, attention_fwd
+from .problem import allocate_output
+
+LOG2E = 1.4426950408889634
+
+# Chunking plan. A kernel parallel over the blocks of what it writes leaves most of
+# a GPU idle when those blocks are few: forward ENCODE has (query tiles x B*H)
+# programs (ENC-3: 2 tiles x 8 heads = 16 programs for 132 SMs), backward dQ the
+# same, backward dK/dV of DECODE (key blocks x B*H). Cutting the summed dimension
+# (keys, or queries for dK/dV) into S chunks multiplies the programs by S; we aim
+# for PROGRAMS_PER_SM programs per SM so that one program's loads overlap another's
+# math and the last partial wave costs little. Every chunk adds an fp32 partial
+# result and a reduction, so a chunk must hold at least MIN_CHUNK_LENGTH rows (a
+# few blocks) for that cost to stay small against the bytes it reads; MAX_CHUNKS
+# bounds the partial buffers and the reduction.
+PROGRAMS_PER_SM = 2
+MIN_CHUNK_LENGTH = 512
+MAX_CHUNKS = 128
+# Chunks of at least this many rows start on a multiple of it (every block size
+# the autotuner may choose divides it), so no block straddles two chunks.
+CHUNK_ALIGNMENT = 128
+# The interpreter has no SMs; a small nominal count makes the CPU tests exercise
+# the same split heuristic at small sizes.
+INTERPRETER_NOMINAL_SMS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_NOMINAL_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _query_tile_rows(num_queries: int, block_dv: int) -> int:
+    """Query rows per program of the split kernel: all the latents, up to a tile that fits."""
+    largest = 64 if block_dv > 128 else 128
+    return max(16, min(largest, triton.next_power_of_2(num_queries)))
+
+
+def _tuning_bucket(length_per_program: int) -> int:
+    """Autotuning key: the rows a program walks rounded up to a power of two, so that
+    variable lengths share one tuned config instead of retuning for every length."""
+    return triton.next_power_of_2(max(1, length_per_program))
+
+
+def plan_chunks(programs: int, length: int, device: torch.device, num_chunks: Optional[int] = None) -> tuple[int, int]:
+    """(number of chunks, rows per chunk) for cutting `length` rows summed by `programs` programs.
+
+    num_chunks forces a count (tests, tuning); the result never has an empty chunk
+    unless there are fewer rows than chunks.
+    """
+    if num_chunks is None:
+        wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessor_count(device), max(1, programs))
+        num_chunks = max(1, min(wanted, length // MIN_CHUNK_LENGTH, MAX_CHUNKS))
+    elif num_chunks < 1:
+        raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
+    per_chunk = max(1, triton.cdiv(length, num_chunks))
+    if per_chunk >= CHUNK_ALIGNMENT:
+        per_chunk = triton.cdiv(per_chunk, CHUNK_ALIGNMENT) * CHUNK_ALIGNMENT
+    return triton.cdiv(max(1, length), per_chunk), per_chunk
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How a forward call runs: unsplit (num_splits == 1) or split-KV."""
+
+    num_splits: int
+    keys_per_split: int
+    query_tile_rows: int  # rows per program of the split kernel; the tile kernel autotunes its own
+
+    def describe(self) -> str:
+        if self.num_splits == 1:
+            return "one program per query tile over all keys"
+        return f"split-KV: {self.num_splits} chunks of {self.keys_per_split} keys, then a merge"
+
+
+def plan_forward(
+    batch: int, heads: int, num_queries: int, num_keys: int, head_dim_v: int,
+    device: torch.device, num_splits: Optional[int] = None,
+) -> ForwardPlan:
+    """Chooses the number of key splits of the forward (see plan_chunks)."""
+    tile_rows = _query_tile_rows(num_queries, triton.next_power_of_2(head_dim_v))
+    programs = triton.cdiv(num_queries, tile_rows) * batch * heads
+    num_splits, keys_per_split = plan_chunks(programs, num_keys, device, num_splits)
+    return ForwardPlan(num_splits, keys_per_split, tile_rows)
+
+
+def _shared_arguments(q, v, key_padding_mask, allow_tf32) -> tuple[torch.Tensor, tuple, dict]:
+    """The mask pointer and strides, and the constexprs every kernel takes."""
+    # Absent mask: any valid pointer with zero strides; HAS_MASK keeps it unread.
+    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    # fp32 inputs are computed in full precision unless the user allowed TF32, as in PyTorch.
+    dot_precision = "tf32" if (q.dtype != torch.float32 or allow_tf32) else "ieee"
+    constexprs = dict(
+        BLOCK_DQK=max(16, triton.next_power_of_2(q.shape[-1])),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
+        DOT_PRECISION=dot_precision,
+        HAS_MASK=key_padding_mask is not None,
+    )
+    return pad, pad_strides, constexprs
+
+
+def _device_context(x: torch.Tensor):
+    """Triton launches on the current device: make it the tensors' device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    scale: float,
+    allow_tf32: bool,
+    num_splits: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the forward kernels on validated inputs; returns (out, lse natural-log)."""
+    batch, heads, num_queries, head_dim_qk = q.shape
+    num_keys, head_dim_v = v.shape[2], v.shape[3]
+    out, lse = allocate_output(q, head_dim_v)
+    plan = plan_forward(batch, heads, num_queries, num_keys, head_dim_v, q.device, num_splits)
+
+    pad, pad_strides, common = _shared_arguments(q, v, key_padding_mask, allow_tf32)
+    # Absent residual: any valid pointer with zero strides; HAS_RESIDUAL keeps it unread.
+    res = residual if residual is not None else out
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    common["HAS_RESIDUAL"] = residual is not None
+    qk_scale_log2 = scale * LOG2E
+
+    with _device_context(q):
+        if plan.num_splits == 1:
+            grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+            attention_fwd.attention_fwd_kernel[grid](
+                q, k, v, pad, res, out, lse,
+                *q.stride(), *k.stride(), *v.stride(), *pad_strides, *res_strides, *out.stride(),
+                heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
+                _tuning_bucket(num_keys),
+                **common,
+            )
+            return out, lse
+
+        tiles = triton.cdiv(num_queries, plan.query_tile_rows)
+        part_out = torch.empty((batch * heads, plan.num_splits, num_queries, head_dim_v),
+                               dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch * heads, plan.num_splits, num_queries), dtype=torch.float32, device=q.device)
+        attention_fwd.attention_fwd_split_kernel[(tiles * plan.num_splits * batch * heads,)](
+            q, k, v, pad, part_out, part_lse,
+            *q.stride(), *k.stride(), *v.stride(), *pad_strides,
+            heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
+            plan.num_splits, plan.keys_per_split,
+            _tuning_bucket(plan.keys_per_split),
+            BLOCK_M=plan.query_tile_rows,
+            **common,
+        )
+        merge_rows = min(64, plan.query_tile_rows)
+        attention_fwd.merge_splits_kernel[(triton.cdiv(num_queries, merge_rows) * batch * heads,)](
+            part_out, part_lse, res, out, lse,
+            *res_strides, *out.stride(),
+            heads, num_queries, head_dim_v, plan.num_splits,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=merge_rows, BLOCK_DV=common["BLOCK_DV"],
+        )
+    return out, lse
+
+
+
+def _backward_block(block_d: int) -> int:
+    """Rows of what one backward program writes; wide heads halve it to fit registers."""
+    return 32 if block_d > 128 else 64
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    allow_tf32: bool,
+    num_chunks: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) from the forward's out and lse; the residual's gradient is dout.
+
+    num_chunks forces the number of chunks of the summed dimension in both kernels
+    (tests); by default plan_chunks picks it per kernel.
+    """
+    batch, heads, num_queries, head_dim_qk = q.shape
+    num_keys, head_dim_v = v.shape[2], v.shape[3]
+    # Delta_i = dO_i . O_i over the attention output alone (out holds the residual too).
+    attention_out = out.float() if residual is None else out.float() - residual.float()
+    delta = (dout.float() * attention_out).sum(-1).contiguous()
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    pad, pad_strides, common = _shared_arguments(q, v, key_padding_mask, allow_tf32)
+    block = _backward_block(max(common["BLOCK_DQK"], common["BLOCK_DV"]))
+    inputs = (*q.stride(), *k.stride(), *v.stride(), *pad_strides, *dout.stride())
+    sizes = (heads, num_queries, num_keys, head_dim_qk, head_dim_v, scale, scale * LOG2E)
+
+    def chunk_targets(final: tuple[torch.Tensor, ...], chunks: int) -> tuple[torch.Tensor, ...]:
+        # One chunk writes the gradients in place; several write fp32 partials summed below.
+        if chunks == 1:
+            return tuple(g.unsqueeze(0) for g in final)
+        return tuple(torch.empty((chunks, *g.shape), dtype=torch.float32, device=g.device) for g in final)
+
+    with _device_context(q):
+        key_blocks = triton.cdiv(num_keys, block)
+        chunks, per_chunk = plan_chunks(key_blocks * batch * heads, num_queries, q.device, num_chunks)
+        part_dk, part_dv = chunk_targets((dk, dv), chunks)
+        attention_bwd.attention_bwd_dkdv_kernel[(key_blocks * chunks * batch * heads,)](
+            q, k, v, pad, dout, lse, delta, part_dk, part_dv,
+            *inputs, *part_dk.stride(), *part_dv.stride(), *sizes,
+            chunks, per_chunk, _tuning_bucket(per_chunk),
+            BLOCK_OUTER=block, **common,
+        )
+        if chunks > 1:
+            dk.copy_(part_dk.sum(0))
+            dv.copy_(part_dv.sum(0))
+
+        query_blocks = triton.cdiv(num_queries, block)
+        chunks, per_chunk = plan_chunks(query_blocks * batch * heads, num_keys, q.device, num_chunks)
+        (part_dq,) = chunk_targets((dq,), chunks)
+        attention_bwd.attention_bwd_dq_kernel[(query_blocks * chunks * batch * heads,)](
+            q, k, v, pad, dout, lse, delta, part_dq,
+            *inputs, *part_dq.stride(), *sizes,
+            chunks, per_chunk, _tuning_bucket(per_chunk),
+            BLOCK_OUTER=block, **common,
+        )
+        if chunks > 1:
+            dq.copy_(part_dq.sum(0))
+    return dq, dk, dv
