@@ -47,6 +47,11 @@ class Problem:
         return ", ".join(parts)
 
 
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will record a call on these tensors (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _check_tensor(name: str, x, expected: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
@@ -125,7 +130,6 @@ def validate(
             raise ValueError(f"scale must be finite, got {scale}")
         scale = float(scale)
 
-    tensors = (q, k, v) if residual is None else (q, k, v, residual)
     problem = Problem(
         device=q.device,
         dtype=q.dtype,
@@ -137,7 +141,7 @@ def validate(
         head_dim_v=head_dim_v,
         has_mask=key_padding_mask is not None,
         has_residual=residual is not None,
-        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+        requires_grad=needs_grad(q, k, v, residual),
     )
     return problem, scale
 

@@ -7,7 +7,7 @@ import importlib.util
 import torch
 
 from ..machine import machine_fact
-from ..problem import Problem
+from ..problem import Problem, needs_grad
 from .base import Backend
 
 MAX_HEAD_DIM = 256
@@ -77,8 +77,7 @@ class TritonBackend(Backend):
         from .. import ops
 
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, residual) if t is not None)
-        if residual is not None and training:
+        if residual is not None and needs_grad(q, k, v, residual):
             # The backward needs the attention output alone; recovering it as
             # out - residual from the rounded output would lose precision when the
             # residual is large, so training adds the residual outside the kernel.
