@@ -1,0 +1,213 @@
+"""Attention modules on top of perceiver_kernels.cross_attention.
+
+- CrossAttention: a drop-in replacement for perceiver-pytorch's `Attention`.
+- MultiHeadAttention: the Perceiver IO attention of the paper (HF / DeepMind):
+  LayerNorm on queries and on keys/values, q/k/v projections with biases,
+  qk_channels != v_channels, output projection and an optional query residual.
+
+Both call the fused op through its public API only; attention-probability dropout
+in training goes to PyTorch SDPA (the fused kernels have no dropout).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import perceiver_kernels as pk
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H*D) -> (B, H, L, D) as a view: the op takes any strides."""
+    batch, length, channels = x.shape
+    return x.view(batch, length, heads, channels // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H*D); free for the op's output, laid out as (B, L, H, D)."""
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    dropout: float,
+    backend: str,
+) -> torch.Tensor:
+    """The fused op, or SDPA with dropout when attention dropout is active (training)."""
+    if dropout > 0.0:
+        attn_mask = None
+        if key_padding_mask is not None:
+            # Rows whose keys are all padding attend to everything and are zeroed
+            # afterwards, as the op does (0 output, no NaN).
+            all_padding = key_padding_mask.all(dim=1)
+            attn_mask = (~key_padding_mask | all_padding[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        if key_padding_mask is not None:
+            out = out.masked_fill(all_padding[:, None, None, None], 0.0)
+        return out
+    return pk.cross_attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend)
+
+
+class CrossAttention(nn.Module):
+    """Drop-in replacement for `perceiver_pytorch.perceiver_io.Attention`.
+
+    Same constructor, parameter names and shapes (`to_q`, `to_kv` holding K then V,
+    `to_out`), same `forward(x, context=None, mask=None)` with mask bool (B, Nk),
+    True = keep; state dicts load in both directions. Differences: a query whose keys
+    are all masked gets to_out(0) (its bias) instead of an average of every value.
+
+    Extras, all off by default: `value_dim_head` (Dv != Dqk), `qkv_bias`,
+    `key_padding_mask` (True = padding, the op's own convention), `backend`.
+    `dropout` drops attention probabilities in training (through PyTorch SDPA).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: Optional[int] = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        *,
+        value_dim_head: Optional[int] = None,
+        qkv_bias: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        context_dim = query_dim if context_dim is None else context_dim
+        value_dim_head = dim_head if value_dim_head is None else value_dim_head
+        self.heads = heads
+        self.dim_head = dim_head
+        self.value_dim_head = value_dim_head
+        self.scale = dim_head**-0.5
+        self.dropout = dropout
+        self.backend = backend
+        self.to_q = nn.Linear(query_dim, heads * dim_head, bias=qkv_bias)
+        self.to_kv = nn.Linear(context_dim, heads * (dim_head + value_dim_head), bias=qkv_bias)
+        self.to_out = nn.Linear(heads * value_dim_head, query_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        *,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        context = x if context is None else context
+        if mask is not None and key_padding_mask is not None:
+            raise ValueError("pass either mask (True = keep) or key_padding_mask (True = padding), not both")
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor (B, Nk) with True = keep, got {mask.dtype}")
+            key_padding_mask = ~mask.reshape(mask.shape[0], -1)
+        q = split_heads(self.to_q(x), self.heads)
+        k, v = self.to_kv(context).split([self.heads * self.dim_head, self.heads * self.value_dim_head], dim=-1)
+        out = attend(q, split_heads(k, self.heads), split_heads(v, self.heads), key_padding_mask,
+                     self.dropout if self.training else 0.0, self.backend)
+        return self.to_out(merge_heads(out))
+
+
+class MultiHeadAttention(nn.Module):
+    """Perceiver IO attention: LN(q), LN(kv), projections, fused attention, output, residual.
+
+    qk_channels / v_channels are totals over heads (defaults: q_dim). The output
+    projection maps v_channels to output_channels (default q_dim); with
+    use_query_residual the un-normalised queries are added inside that projection's
+    GEMM (torch.addmm), not in an extra pass. Self-attention (cross_attention=False)
+    takes keys and values from the normalised queries.
+
+    project_kv() and attend() split the work so that a decoder can project the
+    latents' keys and values once and attend many query chunks to them.
+    """
+
+    def __init__(
+        self,
+        q_dim: int,
+        kv_dim: Optional[int] = None,
+        *,
+        qk_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        num_heads: int = 1,
+        output_channels: Optional[int] = None,
+        use_query_residual: bool = True,
+        cross_attention: bool = True,
+        dropout: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        kv_dim = q_dim if kv_dim is None else kv_dim
+        qk_channels = q_dim if qk_channels is None else qk_channels
+        v_channels = qk_channels if v_channels is None else v_channels
+        output_channels = q_dim if output_channels is None else output_channels
+        for name, channels in (("qk_channels", qk_channels), ("v_channels", v_channels)):
+            if channels % num_heads:
+                raise ValueError(f"{name} ({channels}) must be divisible by num_heads ({num_heads})")
+        if use_query_residual and output_channels != q_dim:
+            raise ValueError(f"use_query_residual needs output_channels == q_dim ({q_dim}), got {output_channels}")
+        if not cross_attention and kv_dim != q_dim:
+            raise ValueError(f"self-attention takes keys from the queries: kv_dim must equal q_dim ({q_dim})")
+        self.num_heads = num_heads
+        self.cross_attention = cross_attention
+        self.use_query_residual = use_query_residual
+        self.dropout = dropout
+        self.backend = backend
+        self.query_norm = nn.LayerNorm(q_dim)
+        self.kv_norm = nn.LayerNorm(kv_dim) if cross_attention else nn.Identity()
+        self.query = nn.Linear(q_dim, qk_channels)
+        self.key = nn.Linear(kv_dim, qk_channels)
+        self.value = nn.Linear(kv_dim, v_channels)
+        self.output = nn.Linear(v_channels, output_channels)
+
+    def project_kv(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Nk, kv_dim) -> keys (B, H, Nk, Dqk) and values (B, H, Nk, Dv)."""
+        normed = self.kv_norm(inputs)
+        return split_heads(self.key(normed), self.num_heads), split_heads(self.value(normed), self.num_heads)
+
+    def attend(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        normed_queries: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Attention of (B, Nq, q_dim) queries to projected keys and values."""
+        normed = self.query_norm(queries) if normed_queries is None else normed_queries
+        q = split_heads(self.query(normed), self.num_heads)
+        context = merge_heads(attend(q, keys, values, key_padding_mask,
+                                     self.dropout if self.training else 0.0, self.backend))
+        if not self.use_query_residual:
+            return self.output(context)
+        # The residual enters as the GEMM's C operand; the bias is added in place.
+        flat = context.reshape(-1, context.shape[-1])
+        out = torch.addmm(queries.reshape(-1, queries.shape[-1]), flat, self.output.weight.t())
+        return out.add_(self.output.bias).view(*context.shape[:-1], -1)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        inputs: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Cross-attention of queries (B, Nq, q_dim) to inputs (B, Nk, kv_dim), or self-attention.
+
+        key_padding_mask: bool (B, Nk), True = padding.
+        """
+        if self.cross_attention:
+            if inputs is None:
+                raise ValueError("cross-attention needs inputs (B, Nk, kv_dim)")
+            keys, values = self.project_kv(inputs)
+            return self.attend(queries, keys, values, key_padding_mask)
+        if inputs is not None:
+            raise ValueError("self-attention takes no inputs: keys and values come from the queries")
+        normed = self.query_norm(queries)
+        keys, values = self.project_kv(normed)
+        return self.attend(queries, keys, values, key_padding_mask, normed_queries=normed)

@@ -1,0 +1,127 @@
+"""Position encodings, which double as decoder query providers.
+
+A query provider builds the queries for any subset of output indices on demand,
+so a decoder never materialises the full (O, C) query array: call it with
+`index` (a LongTensor of flat output indices, or None for all of them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class QueryProvider(nn.Module):
+    """Builds (B, n, num_channels) queries for n output indices of `num_queries`."""
+
+    num_queries: int
+    num_channels: int
+
+    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
+                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def linear_positions(index: torch.Tensor, index_dims: Sequence[int]) -> torch.Tensor:
+    """Coordinates in [-1, 1] of flat indices into an array of shape index_dims: (n, len(index_dims)).
+
+    Row i of a full table equals torch.linspace(-1, 1, size) per dimension on the
+    meshgrid of index_dims, so a subset is exactly the same rows of the full table.
+    """
+    coords = torch.unravel_index(index, tuple(index_dims))
+    columns = [(-1.0 + 2.0 * c.float() / (size - 1)) if size > 1 else torch.full_like(c, -1.0, dtype=torch.float32)
+               for c, size in zip(coords, index_dims)]
+    return torch.stack(columns, dim=-1)
+
+
+def fourier_features(positions: torch.Tensor, num_bands: int, max_resolution: Sequence[int],
+                     concat_pos: bool = True, sine_only: bool = False) -> torch.Tensor:
+    """Fourier features of (n, d) positions, as in the paper (and HF / DeepMind):
+
+    frequencies f_k linearly spaced from 1 to max_resolution_d / 2 per dimension;
+    channels [pos (if concat_pos), sin(pi f x) for every (d, k), cos(pi f x) (unless sine_only)].
+    """
+    bands = torch.stack([torch.linspace(1.0, res / 2, num_bands, device=positions.device) for res in max_resolution])
+    scaled = (positions[:, :, None] * bands[None]).reshape(positions.shape[0], -1)
+    features = [torch.sin(math.pi * scaled)] if sine_only else [torch.sin(math.pi * scaled), torch.cos(math.pi * scaled)]
+    if concat_pos:
+        features.insert(0, positions)
+    return torch.cat(features, dim=-1)
+
+
+class FourierPositionEncoding(QueryProvider):
+    """Fourier features of the positions of an array of shape index_dims (e.g. (H, W)).
+
+    max_resolution defaults to index_dims. The full table is built once per device and
+    dtype on that device and cached; a subset (`index`) is computed directly, so that
+    huge outputs never build the full table.
+    """
+
+    def __init__(self, index_dims: Sequence[int], num_bands: int, max_resolution: Optional[Sequence[int]] = None,
+                 concat_pos: bool = True, sine_only: bool = False):
+        super().__init__()
+        self.index_dims = tuple(index_dims)
+        self.num_bands = num_bands
+        self.max_resolution = tuple(max_resolution) if max_resolution is not None else self.index_dims
+        if len(self.max_resolution) != len(self.index_dims):
+            raise ValueError(f"max_resolution {self.max_resolution} must have one entry per dimension of {self.index_dims}")
+        self.concat_pos = concat_pos
+        self.sine_only = sine_only
+        self.num_queries = math.prod(self.index_dims)
+        dims = len(self.index_dims)
+        self.num_channels = dims * num_bands * (1 if sine_only else 2) + (dims if concat_pos else 0)
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def _features(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        positions = linear_positions(index, self.index_dims)
+        return fourier_features(positions, self.num_bands, self.max_resolution, self.concat_pos,
+                                self.sine_only).to(dtype)
+
+    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
+                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
+        if index is not None:
+            return self._features(index.to(device), dtype).expand(batch_size, -1, -1)
+        key = (device, dtype)
+        if key not in self._tables:
+            self._tables[key] = self._features(torch.arange(self.num_queries, device=device), dtype)
+        return self._tables[key].expand(batch_size, -1, -1)
+
+
+class TrainablePositionEncoding(QueryProvider):
+    """A learned (num_positions, num_channels) table, initialised N(0, init_scale^2)."""
+
+    def __init__(self, num_positions: int, num_channels: int, init_scale: float = 0.02):
+        super().__init__()
+        self.num_queries = num_positions
+        self.num_channels = num_channels
+        self.position_embeddings = nn.Parameter(torch.randn(num_positions, num_channels) * init_scale)
+
+    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
+                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        table = self.position_embeddings if index is None else self.position_embeddings[index]
+        return table.expand(batch_size, -1, -1)
+
+
+class TensorQueries(QueryProvider):
+    """Queries given as a tensor: (B, O, C), or (O, C) shared by the batch."""
+
+    def __init__(self, queries: torch.Tensor):
+        super().__init__()
+        if queries.dim() not in (2, 3):
+            raise ValueError(f"queries must be (B, O, C) or (O, C), got shape {tuple(queries.shape)}")
+        if isinstance(queries, nn.Parameter):
+            self.queries = queries
+        else:
+            self.register_buffer("queries", queries, persistent=False)
+        self.num_queries = queries.shape[-2]
+        self.num_channels = queries.shape[-1]
+
+    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
+                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        queries = self.queries if index is None else self.queries[..., index.to(self.queries.device), :]
+        return queries.expand(batch_size, -1, -1) if queries.dim() == 2 else queries

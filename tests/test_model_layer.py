@@ -1,0 +1,173 @@
+"""The perceiver model layer: drop-in parity, layer semantics, chunked and subsampled decoding."""
+
+import pytest
+import torch
+from perceiver_pytorch.perceiver_io import Attention as LucidrainsAttention
+
+import perceiver
+from perceiver import (CrossAttention, FourierPositionEncoding, PerceiverDecoder, PerceiverEncoder, PerceiverIO,
+                       PerceiverProcessor, TrainablePositionEncoding)
+
+
+@pytest.mark.parametrize("context_dim,heads,dim_head", [(None, 8, 64), (24, 3, 16), (40, 1, 7)])
+def test_cross_attention_matches_perceiver_pytorch_both_ways(context_dim, heads, dim_head):
+    torch.manual_seed(0)
+    theirs = LucidrainsAttention(32, context_dim, heads=heads, dim_head=dim_head)
+    ours = CrossAttention(32, context_dim, heads=heads, dim_head=dim_head)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 9, 32)
+    context = torch.randn(2, 17, context_dim) if context_dim else None
+    mask = torch.rand(2, 17 if context_dim else 9) > 0.3
+    mask[:, 0] = True  # every query keeps a key: perceiver-pytorch averages all values otherwise
+    for kwargs in ({}, {"mask": mask}):
+        torch.testing.assert_close(ours(x, context, **kwargs), theirs(x, context, **kwargs))
+
+    other = CrossAttention(32, context_dim, heads=heads, dim_head=dim_head)
+    theirs.load_state_dict(other.state_dict())
+    torch.testing.assert_close(theirs(x, context), other(x, context))
+    assert [name for name, _ in ours.named_parameters()] == [name for name, _ in theirs.named_parameters()]
+
+
+def test_cross_attention_extras_and_mask_conventions():
+    torch.manual_seed(0)
+    attention = CrossAttention(16, 12, heads=2, dim_head=8, value_dim_head=5, qkv_bias=True)
+    assert attention.to_kv.out_features == 2 * (8 + 5) and attention.to_out.in_features == 10
+    x, context = torch.randn(3, 4, 16), torch.randn(3, 6, 12)
+    keep = torch.rand(3, 6) > 0.5
+    keep[2] = False  # batch 2: nothing to attend to -> to_out(0) = its bias
+    out = attention(x, context, mask=keep)
+    torch.testing.assert_close(out, attention(x, context, key_padding_mask=~keep))
+    torch.testing.assert_close(out[2], attention.to_out.bias.expand(4, -1))
+    with pytest.raises(ValueError, match="not both"):
+        attention(x, context, mask=keep, key_padding_mask=~keep)
+    with pytest.raises(TypeError, match="True = keep"):
+        attention(x, context, mask=keep.float())
+
+
+def test_attention_dropout_runs_only_in_training():
+    attention = CrossAttention(16, heads=2, dim_head=8, dropout=0.5)
+    x = torch.randn(2, 5, 16)
+    attention.eval()
+    torch.testing.assert_close(attention(x), attention(x))
+    attention.train()
+    torch.manual_seed(1)
+    first = attention(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(first, attention(x))
+
+
+def hf_style_reference(layer: perceiver.PerceiverLayer, queries, inputs=None):
+    """The HF PerceiverLayer computation written out with plain ops."""
+    attention = layer.attention
+    normed_q = attention.query_norm(queries)
+    normed_kv = attention.kv_norm(inputs) if inputs is not None else normed_q
+    heads = attention.num_heads
+
+    def split(x):
+        return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+    q, k, v = split(attention.query(normed_q)), split(attention.key(normed_kv)), split(attention.value(normed_kv))
+    probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    context = (probs @ v).transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1)
+    out = attention.output(context)
+    if attention.use_query_residual:
+        out = out + queries
+    return out + layer.mlp(layer.layernorm(out))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_layer_semantics_with_different_qk_and_v_channels(residual):
+    torch.manual_seed(0)
+    layer = perceiver.PerceiverLayer(24, 40, qk_channels=16, v_channels=32, num_heads=4, widening_factor=2,
+                                     use_query_residual=residual)
+    queries, inputs = torch.randn(2, 5, 24), torch.randn(2, 11, 40)
+    torch.testing.assert_close(layer(queries, inputs), hf_style_reference(layer, queries, inputs))
+    self_layer = perceiver.self_attention_layer(24, num_heads=3, qk_channels=12)
+    torch.testing.assert_close(self_layer(queries), hf_style_reference(self_layer, queries))
+
+
+def test_encoder_processor_decoder_shapes_and_weight_sharing():
+    encoder = PerceiverEncoder(input_dim=10, num_latents=8, latent_dim=16, num_heads=2)
+    processor = PerceiverProcessor(16, num_layers_per_block=2, num_blocks=3, num_heads=4)
+    assert len(processor.layers) == 2  # three blocks share the weights of two layers
+    decoder = PerceiverDecoder(query_dim=12, latent_dim=16, output_dim=3)
+    inputs = torch.randn(2, 50, 10)
+    mask = torch.zeros(2, 50, dtype=torch.bool)
+    mask[1, 30:] = True
+    latents = processor(encoder(inputs, mask))
+    assert latents.shape == (2, 8, 16)
+    queries = torch.randn(2, 70, 12)
+    assert decoder(latents, queries).shape == (2, 70, 3)
+    # Padding keys do not change the result.
+    trimmed = processor(encoder(inputs[1:, :30]))
+    torch.testing.assert_close(latents[1:], trimmed, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider_kind", ["tensor", "fourier", "trainable"])
+def test_chunked_and_subsampled_decoding_equal_the_full_decode(provider_kind):
+    torch.manual_seed(0)
+    if provider_kind == "tensor":
+        provider = torch.randn(2, 103, 22)
+    elif provider_kind == "fourier":
+        provider = FourierPositionEncoding((7, 15), num_bands=5)  # 2 + 2 * 2 * 5 = 22 channels
+    else:
+        provider = TrainablePositionEncoding(103, 22, init_scale=1.0)
+    channels = 22
+    decoder = PerceiverDecoder(query_dim=channels, latent_dim=16, output_dim=4, num_heads=1)
+    latents = torch.randn(2, 8, 16)
+    full = decoder(latents, provider)
+    total = full.shape[1]
+    torch.testing.assert_close(decoder(latents, provider, chunk_size=10), full, rtol=1e-5, atol=1e-6)
+    index = torch.randperm(total)[:37]
+    torch.testing.assert_close(decoder(latents, provider, index=index), full[:, index], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decoder(latents, provider, index=index, chunk_size=8), full[:, index],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_decoding_never_builds_the_full_query_array(monkeypatch):
+    provider = FourierPositionEncoding((1000, 1000), num_bands=4)  # a million outputs
+    requested = []
+    real_forward = provider.forward
+
+    def spy(batch_size, index=None, **kwargs):
+        requested.append(None if index is None else index.numel())
+        return real_forward(batch_size, index, **kwargs)
+
+    monkeypatch.setattr(provider, "forward", spy)
+    decoder = PerceiverDecoder(query_dim=provider.num_channels, latent_dim=8, output_dim=2)
+    index = torch.arange(0, 1_000_000, 997)
+    with torch.no_grad():
+        out = decoder(torch.randn(1, 4, 8), provider, index=index, chunk_size=256)
+    assert out.shape == (1, index.numel(), 2)
+    assert None not in requested and max(requested) == 256
+
+
+def test_fourier_features_match_huggingface():
+    from transformers.models.perceiver.modeling_perceiver import PerceiverFourierPositionEncoding
+
+    for kwargs in ({}, {"concat_pos": False}, {"sine_only": True}):
+        theirs = PerceiverFourierPositionEncoding(num_bands=6, max_resolution=(9, 13), **kwargs)
+        ours = FourierPositionEncoding((9, 13), num_bands=6, **kwargs)
+        expected = theirs((9, 13), batch_size=2, device="cpu", dtype=torch.float32)
+        assert ours.num_channels == theirs.output_size() == expected.shape[-1]
+        # HF drops the batch dimension when concat_pos is False.
+        torch.testing.assert_close(ours(2), expected.expand(2, 9 * 13, -1), rtol=0, atol=2e-6)
+
+
+def test_perceiver_io_composes_and_trains():
+    torch.manual_seed(0)
+    queries = TrainablePositionEncoding(6, 12)
+    model = PerceiverIO(
+        encoder=PerceiverEncoder(input_dim=5, num_latents=4, latent_dim=16),
+        processor=PerceiverProcessor(16, num_layers_per_block=1, num_heads=2),
+        decoder=PerceiverDecoder(query_dim=12, latent_dim=16, output_dim=3),
+        queries=queries,
+        input_adapter=torch.nn.Linear(2, 5),
+    )
+    inputs = torch.randn(3, 20, 2)
+    out = model(inputs)
+    assert out.shape == (3, 6, 3)
+    out.square().mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches {missing}"
+    torch.testing.assert_close(model.decode(model.encode(inputs), index=torch.tensor([4, 1])), out[:, [4, 1]])
