@@ -5,10 +5,12 @@ the "torch" backend and on GPUs through the fused kernels.
 """
 
 from .attention import CrossAttention, MultiHeadAttention
+from .interop import from_hf
 from .layers import MLP, PerceiverLayer, self_attention_layer
 from .model import PerceiverDecoder, PerceiverEncoder, PerceiverIO, PerceiverProcessor
 from .position import (
     FourierPositionEncoding,
+    MultimodalQueries,
     QueryProvider,
     TensorQueries,
     TrainablePositionEncoding,
@@ -20,6 +22,7 @@ __all__ = [
     "CrossAttention",
     "FourierPositionEncoding",
     "MLP",
+    "MultimodalQueries",
     "MultiHeadAttention",
     "PerceiverDecoder",
     "PerceiverEncoder",
@@ -30,6 +33,7 @@ __all__ = [
     "TensorQueries",
     "TrainablePositionEncoding",
     "fourier_features",
+    "from_hf",
     "linear_positions",
     "self_attention_layer",
 ]

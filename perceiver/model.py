@@ -44,8 +44,9 @@ class PerceiverEncoder(nn.Module):
 
     def forward(self, inputs: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """inputs (B, M, input_dim), key_padding_mask bool (B, M) True = padding -> (B, N, latent_dim)."""
-        if inputs.dim() != 3:
-            raise ValueError(f"inputs must be (B, M, input_dim), got shape {tuple(inputs.shape)}")
+        input_dim = self.cross_attention.attention.kv_norm.normalized_shape[0]
+        if inputs.dim() != 3 or inputs.shape[-1] != input_dim:
+            raise ValueError(f"inputs must be (B, M, input_dim={input_dim}), got shape {tuple(inputs.shape)}")
         latents = self.latents.expand(inputs.shape[0], -1, -1)
         return self.cross_attention(latents, inputs, key_padding_mask)
 
@@ -134,6 +135,12 @@ class PerceiverDecoder(nn.Module):
         chunk_size: Optional[int] = None,
     ) -> torch.Tensor:
         provider = queries if isinstance(queries, QueryProvider) else TensorQueries(queries)
+        query_dim = self.cross_attention.attention.query_norm.normalized_shape[0]
+        latent_dim = self.cross_attention.attention.kv_norm.normalized_shape[0]
+        if provider.num_channels != query_dim:
+            raise ValueError(f"queries must have query_dim={query_dim} channels, got {provider.num_channels}")
+        if latents.dim() != 3 or latents.shape[-1] != latent_dim:
+            raise ValueError(f"latents must be (B, N, latent_dim={latent_dim}), got shape {tuple(latents.shape)}")
         batch = latents.shape[0]
         total = provider.num_queries if index is None else index.shape[0]
         chunk_size = chunk_size if chunk_size is not None else self.chunk_size
@@ -162,10 +169,11 @@ class PerceiverDecoder(nn.Module):
 class PerceiverIO(nn.Module):
     """input adapter -> encoder -> processor -> decoder -> output adapter.
 
-    The input adapter maps raw inputs to (B, M, input_dim) (and may return a key
-    padding mask); the output adapter maps decoder outputs to the task's outputs.
-    `queries` is the decoder's QueryProvider (or tensor). encode() and decode() can be
-    used on their own, e.g. to decode a subset or in chunks.
+    The input adapter maps raw inputs to (B, M, input_dim), or to a tuple
+    (inputs, key_padding_mask); the output adapter maps decoder outputs to the task's
+    outputs. `queries` is the decoder's QueryProvider (or a tensor); None makes the
+    adapted inputs the queries (one output per input, as in optical flow).
+    encode() and decode() can be used on their own, e.g. to decode a subset or in chunks.
     """
 
     def __init__(
@@ -173,7 +181,7 @@ class PerceiverIO(nn.Module):
         encoder: PerceiverEncoder,
         processor: PerceiverProcessor,
         decoder: PerceiverDecoder,
-        queries: Union[torch.Tensor, QueryProvider],
+        queries: Union[torch.Tensor, QueryProvider, None],
         input_adapter: Optional[nn.Module] = None,
         output_adapter: Optional[nn.Module] = None,
     ):
@@ -182,20 +190,31 @@ class PerceiverIO(nn.Module):
         self.encoder = encoder
         self.processor = processor
         self.decoder = decoder
-        self.queries = queries if isinstance(queries, QueryProvider) else TensorQueries(queries)
+        self.queries = queries if queries is None or isinstance(queries, QueryProvider) else TensorQueries(queries)
         self.output_adapter = output_adapter if output_adapter is not None else nn.Identity()
 
-    def encode(self, inputs, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def adapt(self, inputs, key_padding_mask: Optional[torch.Tensor] = None):
+        """Raw inputs -> (B, M, input_dim) and the combined key padding mask."""
         adapted = self.input_adapter(inputs)
         if isinstance(adapted, tuple):
             adapted, adapter_mask = adapted
-            key_padding_mask = adapter_mask if key_padding_mask is None else key_padding_mask | adapter_mask
-        return self.processor(self.encoder(adapted, key_padding_mask))
+            if adapter_mask is not None:
+                key_padding_mask = adapter_mask if key_padding_mask is None else key_padding_mask | adapter_mask
+        return adapted, key_padding_mask
 
-    def decode(self, latents: torch.Tensor, index: Optional[torch.Tensor] = None,
-               chunk_size: Optional[int] = None) -> torch.Tensor:
-        return self.output_adapter(self.decoder(latents, self.queries, index=index, chunk_size=chunk_size))
+    def encode(self, inputs, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.processor(self.encoder(*self.adapt(inputs, key_padding_mask)))
+
+    def decode(self, latents: torch.Tensor, index: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+               queries: Union[torch.Tensor, QueryProvider, None] = None) -> torch.Tensor:
+        queries = self.queries if queries is None else queries
+        if queries is None:
+            raise ValueError("this model takes its queries from its inputs: pass queries= (the adapted inputs)")
+        return self.output_adapter(self.decoder(latents, queries, index=index, chunk_size=chunk_size))
 
     def forward(self, inputs, key_padding_mask: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,
                 chunk_size: Optional[int] = None) -> torch.Tensor:
-        return self.decode(self.encode(inputs, key_padding_mask), index=index, chunk_size=chunk_size)
+        adapted, key_padding_mask = self.adapt(inputs, key_padding_mask)
+        latents = self.processor(self.encoder(adapted, key_padding_mask))
+        queries = adapted if self.queries is None else self.queries
+        return self.decode(latents, index=index, chunk_size=chunk_size, queries=queries)

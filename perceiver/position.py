@@ -25,15 +25,22 @@ class QueryProvider(nn.Module):
         raise NotImplementedError
 
 
-def linear_positions(index: torch.Tensor, index_dims: Sequence[int]) -> torch.Tensor:
+def linear_positions(index: torch.Tensor, index_dims: Sequence[int], endpoint: bool = True) -> torch.Tensor:
     """Coordinates in [-1, 1] of flat indices into an array of shape index_dims: (n, len(index_dims)).
 
-    Row i of a full table equals torch.linspace(-1, 1, size) per dimension on the
-    meshgrid of index_dims, so a subset is exactly the same rows of the full table.
+    Per dimension of size n, coordinate i is torch.linspace(-1, 1, n)[i] (endpoint=True,
+    the paper's full-array grid; bitwise as HF and DeepMind build it, which matters:
+    the highest Fourier bands turn a one-ulp difference into 1e-2) or -1 + 2 i / n
+    (endpoint=False, the grid DeepMind's subsampled multimodal decoder was trained
+    with). Computed per index, so a subset equals the same rows of the full table.
     """
     coords = torch.unravel_index(index, tuple(index_dims))
-    columns = [(-1.0 + 2.0 * c.float() / (size - 1)) if size > 1 else torch.full_like(c, -1.0, dtype=torch.float32)
-               for c, size in zip(coords, index_dims)]
+    columns = []
+    for c, size in zip(coords, index_dims):
+        if endpoint:
+            columns.append(torch.linspace(-1.0, 1.0, size, device=index.device)[c])
+        else:
+            columns.append(-1.0 + 2.0 * c.float() / size)
     return torch.stack(columns, dim=-1)
 
 
@@ -55,13 +62,13 @@ def fourier_features(positions: torch.Tensor, num_bands: int, max_resolution: Se
 class FourierPositionEncoding(QueryProvider):
     """Fourier features of the positions of an array of shape index_dims (e.g. (H, W)).
 
-    max_resolution defaults to index_dims. The full table is built once per device and
-    dtype on that device and cached; a subset (`index`) is computed directly, so that
-    huge outputs never build the full table.
+    max_resolution defaults to index_dims; endpoint as in linear_positions. The full
+    table is built once per device and dtype on that device and cached; a subset
+    (`index`) is computed directly, so that huge outputs never build the full table.
     """
 
     def __init__(self, index_dims: Sequence[int], num_bands: int, max_resolution: Optional[Sequence[int]] = None,
-                 concat_pos: bool = True, sine_only: bool = False):
+                 concat_pos: bool = True, sine_only: bool = False, endpoint: bool = True):
         super().__init__()
         self.index_dims = tuple(index_dims)
         self.num_bands = num_bands
@@ -70,13 +77,14 @@ class FourierPositionEncoding(QueryProvider):
             raise ValueError(f"max_resolution {self.max_resolution} must have one entry per dimension of {self.index_dims}")
         self.concat_pos = concat_pos
         self.sine_only = sine_only
+        self.endpoint = endpoint
         self.num_queries = math.prod(self.index_dims)
         dims = len(self.index_dims)
         self.num_channels = dims * num_bands * (1 if sine_only else 2) + (dims if concat_pos else 0)
         self._tables: dict[tuple, torch.Tensor] = {}
 
     def _features(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        positions = linear_positions(index, self.index_dims)
+        positions = linear_positions(index, self.index_dims, self.endpoint)
         return fourier_features(positions, self.num_bands, self.max_resolution, self.concat_pos,
                                 self.sine_only).to(dtype)
 
@@ -125,3 +133,60 @@ class TensorQueries(QueryProvider):
                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         queries = self.queries if index is None else self.queries[..., index.to(self.queries.device), :]
         return queries.expand(batch_size, -1, -1) if queries.dim() == 2 else queries
+
+
+class MultimodalQueries(QueryProvider):
+    """Queries of several modalities in one array, in the order of `providers`.
+
+    Each modality's queries are padded to a common width (the widest modality plus
+    min_padding_size) with a learned per-modality padding vector, as in the paper's
+    multimodal decoder. An `index` may mix modalities: each index is served by its
+    modality's provider, so subsets are built without the full array.
+    """
+
+    def __init__(self, providers: dict[str, QueryProvider], min_padding_size: int = 2):
+        super().__init__()
+        self.providers = nn.ModuleDict(providers)
+        self.num_channels = max(p.num_channels for p in providers.values()) + min_padding_size
+        self.padding = nn.ParameterDict({
+            name: nn.Parameter(torch.randn(1, self.num_channels - p.num_channels)) for name, p in providers.items()
+        })
+        self.sizes = {name: p.num_queries for name, p in providers.items()}
+        self.num_queries = sum(self.sizes.values())
+
+    def _padded(self, name: str, batch_size: int, index: Optional[torch.Tensor], device, dtype) -> torch.Tensor:
+        queries = self.providers[name](batch_size, index, device=device, dtype=dtype)
+        padding = self.padding[name].to(queries.dtype).expand(batch_size, queries.shape[1], -1)
+        return torch.cat([queries, padding], dim=-1)
+
+    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
+                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if index is None:
+            return torch.cat([self._padded(name, batch_size, None, device, dtype) for name in self.providers], dim=1)
+        out = None
+        start = 0
+        for name, size in self.sizes.items():
+            selected = (index >= start) & (index < start + size)
+            local = index[selected] - start
+            start += size
+            if local.numel() == 0:
+                continue
+            part = self._padded(name, batch_size, local, device, dtype)
+            if out is None:
+                out = part.new_empty(batch_size, index.numel(), self.num_channels)
+            out[:, selected] = part
+        return out
+
+    def index_of(self, points: dict[str, Optional[torch.Tensor]]) -> tuple[torch.Tensor, dict[str, int]]:
+        """Flat indices of per-modality output points (None: all of that modality), and their counts.
+
+        The indices follow the modality order, so the decoder's output splits by the counts.
+        """
+        parts, sizes, start = [], {}, 0
+        for name, size in self.sizes.items():
+            local = points.get(name)
+            local = torch.arange(size) if local is None else local.reshape(-1).cpu()
+            parts.append(local + start)
+            sizes[name] = local.numel()
+            start += size
+        return torch.cat(parts), sizes

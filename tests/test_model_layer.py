@@ -171,3 +171,21 @@ def test_perceiver_io_composes_and_trains():
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient reaches {missing}"
     torch.testing.assert_close(model.decode(model.encode(inputs), index=torch.tensor([4, 1])), out[:, [4, 1]])
+
+
+def test_bad_inputs_name_the_argument():
+    encoder = PerceiverEncoder(input_dim=10, num_latents=4, latent_dim=16)
+    decoder = PerceiverDecoder(query_dim=12, latent_dim=16, output_dim=3)
+    with pytest.raises(ValueError, match="input_dim=10"):
+        encoder(torch.randn(2, 30, 11))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        encoder(torch.randn(2, 30, 10), torch.zeros(2, 29, dtype=torch.bool))
+    latents = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match="query_dim=12"):
+        decoder(latents, torch.randn(2, 5, 13))
+    with pytest.raises(ValueError, match="latent_dim=16"):
+        decoder(torch.randn(2, 4, 15), torch.randn(2, 5, 12))
+    with pytest.raises(ValueError, match="chunk_size"):
+        decoder(latents, torch.randn(2, 5, 12), chunk_size=0)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        perceiver.MultiHeadAttention(16, qk_channels=10, num_heads=4)
