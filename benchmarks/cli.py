@@ -1,4 +1,4 @@
-"""Command line: python -m benchmarks [--size quick|full] [--device auto|cpu|cuda] [--out DIR]."""
+"""Command line: python -m benchmarks [--suite op,scaling,model] [--size quick|full] [--device ...] [--out DIR]."""
 
 from __future__ import annotations
 
@@ -9,27 +9,69 @@ from pathlib import Path
 
 import torch
 
-from . import harness, op_suite, report
+from . import harness, model_suite, op_suite, report, scaling_suite
+
+SUITES = {"op": op_suite, "scaling": scaling_suite, "model": model_suite}
+
+
+class Progress:
+    """A one-line progress bar on stderr: [#####.....] done/total, the case being measured."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+
+    def __call__(self, message: str) -> None:
+        self.done += 1
+        filled = int(20 * self.done / max(self.total, self.done))
+        end = "\n" if not sys.stderr.isatty() else ""
+        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{max(self.total, self.done)} {message:<60}",
+              end=end, file=sys.stderr, flush=True)
+
+
+def _count_cases(device: torch.device, size: str, suites: list[str]) -> int:
+    """An estimate of the cases to measure, for the progress bar."""
+    total = 0
+    if "op" in suites:
+        shapes = op_suite.CPU_SHAPES if device.type != "cuda" else op_suite.GPU_SHAPES
+        if device.type == "cuda" and size == "quick":
+            shapes = [s for s in shapes if s.name in op_suite.QUICK_GPU]
+        backward = len(shapes) if device.type != "cuda" else len([s for s in shapes if s.name in op_suite.BACKWARD_GPU])
+        total += (len(shapes) + backward) * len(op_suite.providers(device))
+    if "scaling" in suites:
+        config = scaling_suite.CPU_CONFIG if device.type != "cuda" else (
+            scaling_suite.GPU_FULL if size == "full" else scaling_suite.GPU_QUICK)
+        total += 2 * len(config.sizes)
+    if "model" in suites:
+        total += 6
+    return total
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--suite", default="op,scaling,model",
+                        help="comma-separated suites among op, scaling, model (default: all)")
     parser.add_argument("--size", choices=("quick", "full"), default="quick",
-                        help="quick: the headline shapes (GPU) / small shapes (CPU); full: every anchor shape")
+                        help="quick: headline shapes (GPU) / small shapes (CPU); full: every anchor shape and size")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/<time>)")
     args = parser.parse_args(argv)
 
+    suites = [name.strip() for name in args.suite.split(",") if name.strip()]
+    unknown = [name for name in suites if name not in SUITES]
+    if unknown or not suites:
+        parser.error(f"--suite takes names among {', '.join(SUITES)}, got {args.suite!r}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     out_dir = args.out or Path("bench-out") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
-    def progress(message: str) -> None:
-        print(f"  {message}", file=sys.stderr, flush=True)
-
     print(f"measuring ceilings on {device} ...", file=sys.stderr)
     ceilings = harness.ceilings(device)
-    rows = op_suite.run_suite(device, args.size, ceilings, progress)
+    progress = Progress(_count_cases(device, args.size, suites))
+    rows = []
+    for name in suites:
+        rows += SUITES[name].run_suite(device, args.size, ceilings, progress)
+    print(file=sys.stderr)
     table = report.write(out_dir, report.environment(device, ceilings), rows)
-    print(f"\nresults in {out_dir}/ (results.json, report.md)\n")
+    print(f"\nresults in {out_dir}/ (results.json, report.md, plots)\n")
     print(table)

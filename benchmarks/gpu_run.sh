@@ -4,9 +4,13 @@
 # full benchmark suite, write every log and result into OUT_DIR and print a short
 # table last.
 #
-#   bash benchmarks/gpu_run.sh OUT_DIR
+#   bash benchmarks/gpu_run.sh OUT_DIR                 # install, tests, benchmarks
+#   STAGES="install bench" bash benchmarks/gpu_run.sh OUT_DIR
 #
-# Copy OUT_DIR/bench into benchmarks/results/<date>-<device>/ and commit it.
+# STAGES splits the work over calls when one call has a time limit (the install is
+# needed once per machine). BENCH_SUITES (default op,scaling,model) and BENCH_SIZE
+# (default full) pick the benchmarks. Copy OUT_DIR/bench into
+# benchmarks/results/<date>-<device>/ and commit it.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -15,6 +19,12 @@ cd "$(dirname "$0")/.."
 
 step() { echo "== $* ($(date -u +%H:%M:%S))"; }
 
+STAGES=${STAGES:-install tests bench}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+tests_rc=skipped
+bench_rc=skipped
+
+if has install; then
 step "install (offline, extension for sm_90a)"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 if ! PERCEIVER_KERNELS_FORCE_CUDA=1 PERCEIVER_KERNELS_CUDA_ARCHS="${PERCEIVER_KERNELS_CUDA_ARCHS:-90a}" \
@@ -23,20 +33,25 @@ if ! PERCEIVER_KERNELS_FORCE_CUDA=1 PERCEIVER_KERNELS_CUDA_ARCHS="${PERCEIVER_KE
 fi
 python -c "import perceiver_kernels as pk, torch, triton; print(pk.build_info()); print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/build_info.txt"
+fi
 
+if has tests; then
 step "tests on the GPU (one kernel config per shape: tuning is the benchmark's job)"
 PERCEIVER_KERNELS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-330}" python -m pytest -q -rs -x --durations=15 \
   > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -25 "$OUT/tests.log"
+fi
 
-step "benchmarks (${BENCH_SIZE:-full})"
-timeout "${BENCH_TIMEOUT:-400}" python -m benchmarks --size "${BENCH_SIZE:-full}" --out "$OUT/bench" \
-  > "$OUT/bench.log" 2> "$OUT/bench.progress"
+if has bench; then
+step "benchmarks (${BENCH_SUITES:-op,scaling,model}, ${BENCH_SIZE:-full})"
+timeout "${BENCH_TIMEOUT:-480}" python -m benchmarks --suite "${BENCH_SUITES:-op,scaling,model}" \
+  --size "${BENCH_SIZE:-full}" --out "$OUT/bench" > "$OUT/bench.log" 2> "$OUT/bench.progress"
 bench_rc=$?
 tail -5 "$OUT/bench.progress"
+fi
 
 step "summary"
 echo "tests exit code: $tests_rc   benchmarks exit code: $bench_rc"
-grep -E "passed|failed" "$OUT/tests.log" | tail -1
-cat "$OUT/bench.log"
+[ -f "$OUT/tests.log" ] && grep -E "passed|failed" "$OUT/tests.log" | tail -1
+[ -f "$OUT/bench.log" ] && cat "$OUT/bench.log"

@@ -1,13 +1,18 @@
 """Measurement discipline shared by every suite: warm, median of many runs, peak memory.
 
-GPU: triton.testing.do_bench (CUDA events, L2 flushed before each run, median).
-CPU: a monotonic clock with the same discipline (warm-up, median over repeats).
+GPU: triton.testing.do_bench (CUDA events, L2 flushed before each run, median); peak
+memory from the CUDA allocator.
+CPU: a monotonic clock with the same discipline (warm-up, median over repeats); peak
+memory as the growth of the process's peak resident set during one call (Linux:
+reset through /proc/self/clear_refs, read from VmHWM), an upper bound on what the
+case allocated.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -26,6 +31,25 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
     return cuts[1], statistics.median(samples), cuts[7]
 
 
+def _status_mib(field: str) -> Optional[float]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> Optional[float]:
+    """Resets the peak resident set to the current one; returns that (MiB), None where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_mib("VmRSS")
+
+
 def measure(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.3) -> Timing:
     """Times fn (inputs already on device). Raises torch.OutOfMemoryError unchanged."""
     if device.type == "cuda":
@@ -39,8 +63,12 @@ def measure(fn: Callable[[], object], device: torch.device, min_seconds: float =
         peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         p20, median, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
         return Timing(median, (p80 - p20) / 2, peak)
-    for _ in range(2):
-        fn()
+    peak = None
+    resident = _reset_peak_rss()
+    fn()
+    if resident is not None and _status_mib("VmHWM") is not None:
+        peak = _status_mib("VmHWM") - resident  # what the case added on top of the process
+    fn()
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < 5 or (time.perf_counter() - start < min_seconds and len(samples) < 200):
@@ -48,7 +76,22 @@ def measure(fn: Callable[[], object], device: torch.device, min_seconds: float =
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     p20, median, p80 = _quantiles(samples)
-    return Timing(median, (p80 - p20) / 2, None)
+    return Timing(median, (p80 - p20) / 2, peak)
+
+
+def guarded_measure(fn: Callable[[], object], device: torch.device, flops: int) -> dict:
+    """measure() as result fields; out of memory and refusals become a status, not a crash."""
+    try:
+        timing = measure(fn, device)
+    except torch.OutOfMemoryError:
+        return {"status": "out of memory"}
+    except RuntimeError as error:  # e.g. an SDPA backend that refuses these inputs
+        return {"status": "unsupported: " + str(error).splitlines()[0][:120]}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"status": "ok", "median_ms": timing.median_ms, "spread_ms": timing.spread_ms, "peak_mib": timing.peak_mib,
+            "tflops": flops / (timing.median_ms * 1e-3) / 1e12}
 
 
 def ceilings(device: torch.device) -> dict[str, float]:

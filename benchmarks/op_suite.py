@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 import perceiver_kernels as pk
 
-from .harness import measure
+from .flops import BACKWARD_FACTOR
+from .flops import attention as attention_flops
+from .harness import guarded_measure
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,9 @@ class Shape:
     masked: bool = False
 
     def flops(self, backward: bool) -> int:
-        """4 B H Nq Nk d for the forward; the backward costs 2.5x that on top."""
-        forward = 4 * self.batch * self.heads * self.num_queries * self.num_keys * self.head_dim
-        return int(forward * 3.5) if backward else forward
+        """The forward's count, plus BACKWARD_FACTOR times it for the backward."""
+        forward = attention_flops(self.batch, self.heads, self.num_queries, self.num_keys, self.head_dim)
+        return int(forward * (1 + BACKWARD_FACTOR)) if backward else forward
 
     def min_bytes(self, element_size: int, backward: bool) -> int:
         """The roofline's traffic: the forward reads q, k, v and writes out once; the
@@ -108,7 +110,10 @@ def _timed_call(fn: Callable[[dict], torch.Tensor], inputs: dict, backward: bool
         return lambda: fn(inputs)
     leaves = {name: inputs[name].detach().requires_grad_() for name in ("q", "k", "v")}
     inputs = {**inputs, **leaves}
-    dout = torch.randn_like(fn(inputs))
+    try:
+        dout = torch.randn_like(fn(inputs))
+    except RuntimeError:  # a backend that refuses these inputs: let the measurement say so
+        return lambda: fn(inputs)
     # autograd.grad rather than .backward(): no gradient accumulation inside the timing.
     return lambda: torch.autograd.grad(fn(inputs), tuple(leaves.values()), dout)
 
@@ -124,33 +129,23 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
     for shape, backward in passes:
         inputs = make_inputs(shape, device, dtype)
         element_size = inputs["q"].element_size()
-        flops = shape.flops(backward)
-        roofline_ms = 1e3 * max(flops / (ceilings["matmul_tflops"] * 1e12),
+        case_flops = shape.flops(backward)
+        roofline_ms = 1e3 * max(case_flops / (ceilings["matmul_tflops"] * 1e12),
                                 shape.min_bytes(element_size, backward) / (ceilings["copy_gbps"] * 1e9))
         for name, fn in providers(device).items():
             pass_name = "forward+backward" if backward else "forward"
             progress(f"{shape.name} {pass_name} / {name}")
-            row = {"suite": "op", "pass": pass_name, "shape": shape.name, "provider": name,
+            row = {"suite": "op", "pass": pass_name, "case": shape.name, "provider": name,
                    "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
                    "d": shape.head_dim, "masked": shape.masked, "dtype": str(dtype).replace("torch.", ""),
-                   "flops": flops, "roofline_ms": roofline_ms}
-            try:
-                call = _timed_call(fn, inputs, backward)
-                if name == "perceiver_kernels":
-                    q = inputs["q"].detach().requires_grad_(backward)
-                    row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"]).path
-                timing = measure(call, device)
-            except torch.OutOfMemoryError:
-                row["status"] = "out of memory"
-            except RuntimeError as error:  # an SDPA backend that refuses these inputs
-                row["status"] = "unsupported: " + str(error).splitlines()[0][:120]
-            else:
-                row.update(status="ok", median_ms=timing.median_ms, spread_ms=timing.spread_ms,
-                           peak_mib=timing.peak_mib, tflops=flops / (timing.median_ms * 1e-3) / 1e12,
-                           roofline_pct=100 * roofline_ms / timing.median_ms)
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                   "flops": case_flops, "roofline_ms": roofline_ms}
+            call = _timed_call(fn, inputs, backward)
+            if name == "perceiver_kernels":
+                q = inputs["q"].detach().requires_grad_(backward)
+                row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"]).path
+            row.update(guarded_measure(call, device, case_flops))
+            if row["status"] == "ok":
+                row["roofline_pct"] = 100 * roofline_ms / row["median_ms"]
             rows.append(row)
         del inputs
     return rows

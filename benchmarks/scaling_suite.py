@@ -1,0 +1,97 @@
+"""The `scaling` suite: cost against input size M for a Perceiver IO stack and a standard Transformer.
+
+Both have the same width and depth: the Perceiver IO stack encodes M inputs into N
+latents, processes them with `depth` self-attention layers and decodes M outputs
+(queries = the inputs), so its cost is linear in M; nn.TransformerEncoder runs
+depth + 2 layers of self-attention over all M tokens, quadratic in M. Each is
+measured up to the first size where it runs out of memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+import perceiver
+
+from . import flops
+from .harness import guarded_measure
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    width: int
+    heads: int
+    num_latents: int
+    depth: int
+    sizes: tuple[int, ...]
+    batch: int = 1
+
+
+CPU_CONFIG = ScalingConfig(width=64, heads=4, num_latents=64, depth=2, sizes=(256, 512, 1024, 2048, 4096))
+GPU_QUICK = ScalingConfig(width=256, heads=8, num_latents=256, depth=4, sizes=(1024, 4096, 16384, 65536))
+GPU_FULL = ScalingConfig(width=256, heads=8, num_latents=256, depth=4,
+                         sizes=(1024, 4096, 16384, 65536, 131072, 262144, 524288))
+
+
+def perceiver_stack(config: ScalingConfig) -> perceiver.PerceiverIO:
+    w = config.width
+    return perceiver.PerceiverIO(
+        encoder=perceiver.PerceiverEncoder(input_dim=w, num_latents=config.num_latents, latent_dim=w),
+        processor=perceiver.PerceiverProcessor(w, num_layers_per_block=config.depth, num_heads=config.heads),
+        decoder=perceiver.PerceiverDecoder(query_dim=w, latent_dim=w),
+        queries=None,
+    )
+
+
+def perceiver_flops(config: ScalingConfig, size: int) -> int:
+    w, b, n = config.width, config.batch, config.num_latents
+    return (flops.perceiver_layer(b, n, size, w, w, w, w, 1, 1)
+            + config.depth * flops.perceiver_layer(b, n, n, w, w, w, w, config.heads, 4)
+            + flops.perceiver_layer(b, size, n, w, w, w, w, 1, 1))
+
+
+def transformer(config: ScalingConfig) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(config.width, config.heads, dim_feedforward=4 * config.width,
+                                       batch_first=True, norm_first=True, dropout=0.0)
+    return nn.TransformerEncoder(layer, num_layers=config.depth + 2, enable_nested_tensor=False)
+
+
+def transformer_flops(config: ScalingConfig, size: int) -> int:
+    layer = flops.transformer_encoder_layer(config.batch, size, config.width, config.heads, 4 * config.width)
+    return (config.depth + 2) * layer
+
+
+def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
+    config = CPU_CONFIG if device.type != "cuda" else (GPU_FULL if size == "full" else GPU_QUICK)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = {
+        "perceiver_io": (perceiver_stack(config), perceiver_flops),
+        "transformer": (transformer(config), transformer_flops),
+    }
+    rows = []
+    for name, (model, count) in models.items():
+        model = model.to(device=device, dtype=dtype).eval()
+        out_of_memory = False
+        for length in config.sizes:
+            progress(f"scaling M={length} / {name}")
+            row = {"suite": "scaling", "case": f"M={length}", "M": length, "pass": "inference", "provider": name,
+                   "width": config.width, "depth": config.depth, "num_latents": config.num_latents,
+                   "dtype": str(dtype).replace("torch.", ""), "flops": count(config, length)}
+            if out_of_memory:
+                row["status"] = "out of memory (a smaller M already was)"
+            else:
+                inputs = torch.randn(config.batch, length, config.width, device=device, dtype=dtype)
+
+                def forward():
+                    with torch.no_grad():
+                        return model(inputs)
+
+                row.update(guarded_measure(forward, device, row["flops"]))
+                out_of_memory = row["status"] == "out of memory"
+                del inputs
+            rows.append(row)
+    return rows
