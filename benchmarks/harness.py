@@ -67,7 +67,7 @@ def measure(fn: Callable[[], object], device: torch.device, min_seconds: float =
     resident = _reset_peak_rss()
     fn()
     if resident is not None and _status_mib("VmHWM") is not None:
-        peak = _status_mib("VmHWM") - resident  # what the case added on top of the process
+        peak = max(0.0, _status_mib("VmHWM") - resident)  # what the case added on top of the process
     fn()
     samples: list[float] = []
     start = time.perf_counter()
