@@ -5,8 +5,8 @@
   LayerNorm on queries and on keys/values, q/k/v projections with biases,
   qk_channels != v_channels, output projection and an optional query residual.
 
-Both call the fused op through its public API only; attention-probability dropout
-in training goes to PyTorch SDPA (the fused kernels have no dropout).
+Both call the fused op through its public API only; with attention-probability
+dropout in training the op runs on its "torch" backend (SDPA), the one with dropout.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import perceiver_kernels as pk
@@ -30,29 +29,6 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, D) -> (B, L, H*D); free for the op's output, laid out as (B, L, H, D)."""
     batch, heads, length, dim = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * dim)
-
-
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    dropout: float,
-    backend: str,
-) -> torch.Tensor:
-    """The fused op, or SDPA with dropout when attention dropout is active (training)."""
-    if dropout > 0.0:
-        attn_mask = None
-        if key_padding_mask is not None:
-            # Rows whose keys are all padding attend to everything and are zeroed
-            # afterwards, as the op does (0 output, no NaN).
-            all_padding = key_padding_mask.all(dim=1)
-            attn_mask = (~key_padding_mask | all_padding[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        if key_padding_mask is not None:
-            out = out.masked_fill(all_padding[:, None, None, None], 0.0)
-        return out
-    return pk.cross_attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend)
 
 
 class CrossAttention(nn.Module):
@@ -110,8 +86,9 @@ class CrossAttention(nn.Module):
             key_padding_mask = ~mask.reshape(mask.shape[0], -1)
         q = split_heads(self.to_q(x), self.heads)
         k, v = self.to_kv(context).split([self.heads * self.dim_head, self.heads * self.value_dim_head], dim=-1)
-        out = attend(q, split_heads(k, self.heads), split_heads(v, self.heads), key_padding_mask,
-                     self.dropout if self.training else 0.0, self.backend)
+        out = pk.cross_attention(q, split_heads(k, self.heads), split_heads(v, self.heads),
+                                 key_padding_mask=key_padding_mask, dropout_p=self.dropout if self.training else 0.0,
+                                 backend=self.backend)
         return self.to_out(merge_heads(out))
 
 
@@ -182,8 +159,9 @@ class MultiHeadAttention(nn.Module):
         """Attention of (B, Nq, q_dim) queries to projected keys and values."""
         normed = self.query_norm(queries) if normed_queries is None else normed_queries
         q = split_heads(self.query(normed), self.num_heads)
-        context = merge_heads(attend(q, keys, values, key_padding_mask,
-                                     self.dropout if self.training else 0.0, self.backend))
+        context = merge_heads(pk.cross_attention(q, keys, values, key_padding_mask=key_padding_mask,
+                                                 dropout_p=self.dropout if self.training else 0.0,
+                                                 backend=self.backend))
         if not self.use_query_residual:
             return self.output(context)
         # The residual enters as the GEMM's C operand; the bias is added in place.

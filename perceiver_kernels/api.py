@@ -18,6 +18,7 @@ def cross_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v (+ residual), for the asymmetric shapes of Perceiver IO.
@@ -30,6 +31,8 @@ def cross_attention(
             query whose keys are all padding gets 0 (+ residual) and zero gradients.
         residual: (B, H, Nq, Dv), added to the output in the kernels' epilogue.
         scale: multiplies q k^T; default 1 / sqrt(Dqk).
+        dropout_p: attention-probability dropout (pass 0 in evaluation). The fused
+            kernels have none: a call with dropout_p > 0 runs on "torch" (SDPA).
         backend: "auto" (the first of triton, cuda, torch that accepts the input),
             or one of them explicitly (raises BackendRefusedError saying why if it
             cannot serve the input). explain() shows the choice.
@@ -37,9 +40,9 @@ def cross_attention(
     Any strides are accepted: a (B, L, H, D) tensor viewed with .transpose(1, 2)
     works without a copy. Returns (B, H, Nq, Dv) in the dtype of q.
     """
-    problem, scale = validate(q, k, v, key_padding_mask, residual, scale)
+    problem, scale = validate(q, k, v, key_padding_mask, residual, scale, dropout_p)
     impl = dispatch.select(problem, backend)
-    return impl.forward(q, k, v, key_padding_mask, residual, scale)
+    return impl.forward(q, k, v, key_padding_mask, residual, scale, dropout_p)
 
 
 def explain(
@@ -50,11 +53,12 @@ def explain(
     key_padding_mask: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> dispatch.Explanation:
     """Which backend cross_attention would run for these arguments, and why not the others.
 
     Takes the arguments of cross_attention; computes nothing. print() the result.
     """
-    problem, _ = validate(q, k, v, key_padding_mask, residual, scale)
+    problem, _ = validate(q, k, v, key_padding_mask, residual, scale, dropout_p)
     return dispatch.explain_problem(problem, backend)

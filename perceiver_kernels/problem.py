@@ -30,6 +30,7 @@ class Problem:
     has_mask: bool
     has_residual: bool
     requires_grad: bool
+    dropout: bool
 
     def describe(self) -> str:
         parts = [
@@ -44,6 +45,8 @@ class Problem:
             parts.append("residual")
         if self.requires_grad:
             parts.append("requires_grad")
+        if self.dropout:
+            parts.append("dropout")
         return ", ".join(parts)
 
 
@@ -66,6 +69,7 @@ def validate(
     key_padding_mask: Optional[torch.Tensor],
     residual: Optional[torch.Tensor],
     scale: Optional[float],
+    dropout_p: float = 0.0,
 ) -> tuple[Problem, float]:
     """Checks the arguments of cross_attention; returns the problem and the resolved scale."""
     _check_tensor("q", q, "(B, H, Nq, Dqk)")
@@ -130,6 +134,11 @@ def validate(
             raise ValueError(f"scale must be finite, got {scale}")
         scale = float(scale)
 
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a Python float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
     problem = Problem(
         device=q.device,
         dtype=q.dtype,
@@ -142,6 +151,7 @@ def validate(
         has_mask=key_padding_mask is not None,
         has_residual=residual is not None,
         requires_grad=needs_grad(q, k, v, residual),
+        dropout=dropout_p > 0.0,
     )
     return problem, scale
 

@@ -69,6 +69,21 @@ def test_training_through_auto():
     assert torch.count_nonzero(q.grad[0]) == 0  # batch 0: every key is padding
 
 
+def test_dropout_runs_on_the_torch_backend_and_keeps_padding_rows_zero():
+    inputs = make_inputs(Case(num_queries=6, num_keys=40, mask=True, residual=True), KERNEL_DEVICE)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    explanation = pk.explain(q, k, v, dropout_p=0.5)
+    assert explanation.chosen == "torch"
+    assert any("dropout" in reason for reason in explanation.refusals["triton"])
+    with pytest.raises(pk.BackendRefusedError, match="dropout"):
+        pk.cross_attention(q, k, v, dropout_p=0.5, backend="triton")
+    dropped = pk.cross_attention(q, k, v, key_padding_mask=inputs["key_padding_mask"], residual=inputs["residual"],
+                                 dropout_p=0.5)
+    plain = pk.cross_attention(q, k, v, key_padding_mask=inputs["key_padding_mask"], residual=inputs["residual"])
+    assert not torch.allclose(dropped, plain)
+    torch.testing.assert_close(dropped[0], inputs["residual"][0], rtol=0, atol=0)
+
+
 TORCH_CASES = [
     Case(dtype=torch.float32, mask=True, residual=True, transposed=True),
     Case(dtype=torch.float16, num_queries=64, num_keys=5, mask=True),

@@ -46,6 +46,9 @@ def call(**overrides):
         (dict(scale=float("nan")), ValueError, ["scale", "finite"]),
         (dict(scale=True), TypeError, ["scale"]),
         (dict(backend="flash"), ValueError, ["backend", "'auto'", "'triton'", "'cuda'", "'torch'"]),
+        (dict(dropout_p=1.0), ValueError, ["dropout_p", "[0, 1)"]),
+        (dict(dropout_p=-0.1), ValueError, ["dropout_p"]),
+        (dict(dropout_p="0.1"), TypeError, ["dropout_p", "float"]),
     ],
     ids=lambda x: x.__name__ if isinstance(x, type) else None,
 )

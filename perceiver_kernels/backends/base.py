@@ -31,6 +31,7 @@ class Backend:
         key_padding_mask: Optional[torch.Tensor],
         residual: Optional[torch.Tensor],
         scale: float,
+        dropout_p: float,
     ) -> torch.Tensor:
         raise NotImplementedError
 

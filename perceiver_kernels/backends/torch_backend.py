@@ -15,6 +15,8 @@ from .base import Backend
 class TorchBackend(Backend):
     """SDPA where it fits; the exact reference where it does not (no keys at all).
 
+    The only backend with attention dropout (SDPA's).
+
     SDPA's handling of rows whose keys are all padding differs between its kernels
     (0 on some, NaN on others), so those rows never reach it: their keys are
     unmasked for the call and their output is zeroed afterwards, which also gives
@@ -31,7 +33,7 @@ class TorchBackend(Backend):
             return "torch (exact reference: no keys)"
         return "torch (scaled_dot_product_attention)"
 
-    def forward(self, q, k, v, key_padding_mask: Optional[torch.Tensor], residual, scale):
+    def forward(self, q, k, v, key_padding_mask: Optional[torch.Tensor], residual, scale, dropout_p):
         if k.shape[2] == 0:
             return reference_attention(q, k, v, key_padding_mask=key_padding_mask, residual=residual, scale=scale)
         attn_mask = None
@@ -39,7 +41,7 @@ class TorchBackend(Backend):
             all_padding = key_padding_mask.all(dim=1)
             attend = ~key_padding_mask | all_padding[:, None]
             attn_mask = attend[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
         if key_padding_mask is not None:
             out = out.masked_fill(all_padding[:, None, None, None], 0.0)
         if residual is not None:

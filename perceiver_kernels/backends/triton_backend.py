@@ -62,6 +62,8 @@ class TritonBackend(Backend):
                 f"head dims up to {MAX_HEAD_DIM} are supported, got Dqk={problem.head_dim_qk} Dv={problem.head_dim_v} "
                 "(the tiles of larger heads do not fit in registers and shared memory)"
             )
+        if problem.dropout:
+            reasons.append("attention dropout is not fused: dropout_p > 0 runs on backend='torch' (SDPA)")
         if 0 in (problem.batch, problem.heads, problem.num_queries, problem.num_keys):
             reasons.append("an empty dimension (B, H, Nq or Nk is 0): nothing to launch")
         return reasons
@@ -73,7 +75,7 @@ class TritonBackend(Backend):
                             problem.head_dim_v, problem.device)
         return f"triton ({plan.describe()})"
 
-    def forward(self, q, k, v, key_padding_mask, residual, scale):
+    def forward(self, q, k, v, key_padding_mask, residual, scale, dropout_p):
         from .. import ops
 
         allow_tf32 = torch.backends.cuda.matmul.allow_tf32
