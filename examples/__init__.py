@@ -1,0 +1,1 @@
+"""Training examples: Perceiver IO models from this package learning real tasks, offline."""
