@@ -136,8 +136,10 @@ class TensorQueries(QueryProvider):
 
 
 class MultimodalQueries(QueryProvider):
-    """Queries of several modalities in one array, in the order of `providers`.
+    """Queries of several modalities in one array, modalities in sorted name order.
 
+    Sorted like the multimodal input and output adapters (and HF), so that a decoder
+    output splits by modality the same way whatever order the dict was written in.
     Each modality's queries are padded to a common width (the widest modality plus
     min_padding_size) with a learned per-modality padding vector, as in the paper's
     multimodal decoder. An `index` may mix modalities: each index is served by its
@@ -146,6 +148,7 @@ class MultimodalQueries(QueryProvider):
 
     def __init__(self, providers: dict[str, QueryProvider], min_padding_size: int = 2):
         super().__init__()
+        providers = dict(sorted(providers.items()))
         self.providers = nn.ModuleDict(providers)
         self.num_channels = max(p.num_channels for p in providers.values()) + min_padding_size
         self.padding = nn.ParameterDict({
