@@ -92,9 +92,19 @@ class Timer:
 
 
 def finish(name: str, out_dir: Path, metrics: dict, seconds: float, device: torch.device) -> str:
-    """Writes metrics.json and returns the final metrics line."""
+    """Writes metrics.json and returns the final metrics line (both without the loss history)."""
+    metrics = {k: v for k, v in metrics.items() if k != "loss_history"}
     metrics = {**metrics, "seconds": round(seconds, 1), "device": str(device), "torch": torch.__version__}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     return f"RESULT {name}: {fields}"
+
+
+def run_example(name: str, description: str, default_config, full_config, train: Callable) -> None:
+    """The command line of every example: parse, train (timed), print the RESULT line."""
+    args, config = parse_args(name, description, default_config, full_config)
+    device = pick_device(args.device)
+    with Timer() as timer:
+        metrics = train(config, args.out, device, seed=args.seed)
+    print(finish(name, args.out, metrics, timer.seconds, device))

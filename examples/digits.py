@@ -109,12 +109,7 @@ def train(config: DigitsConfig, out_dir: Path, device, seed: int = 0, show_progr
 
 
 def main() -> None:
-    args, config = common.parse_args("digits", __doc__, DEFAULT, FULL)
-    device = common.pick_device(args.device)
-    with common.Timer() as timer:
-        metrics = train(config, args.out, device, seed=args.seed)
-    metrics.pop("loss_history")
-    print(common.finish("digits", args.out, metrics, timer.seconds, device))
+    common.run_example("digits", __doc__, DEFAULT, FULL, train)
 
 
 if __name__ == "__main__":

@@ -242,17 +242,8 @@ def train(config: FlowConfig, out_dir: Path, device, seed: int = 0, show_progres
     return {**metrics, "loss_history": loss_history}
 
 
-def result_line(metrics: dict, out_dir: Path, seconds: float, device: torch.device) -> str:
-    """Writes out_dir/metrics.json (without the loss history) and returns the RESULT line."""
-    return common.finish(NAME, out_dir, {k: v for k, v in metrics.items() if k != "loss_history"}, seconds, device)
-
-
 def main() -> None:
-    args, config = common.parse_args(NAME, "Perceiver IO optical flow on generated image pairs", DEFAULT, FULL)
-    device = common.pick_device(args.device)
-    with common.Timer() as timer:
-        metrics = train(config, args.out, device, seed=args.seed)
-    print(result_line(metrics, args.out, timer.seconds, device))
+    common.run_example(NAME, "Perceiver IO optical flow on generated image pairs", DEFAULT, FULL, train)
 
 
 if __name__ == "__main__":

@@ -332,12 +332,7 @@ def train(config: MultimodalConfig, out_dir: Path, device: torch.device, seed: i
 
 
 def main() -> None:
-    args, config = common.parse_args(NAME, __doc__.splitlines()[0], DEFAULT, FULL)
-    device = common.pick_device(args.device)
-    with common.Timer() as timer:
-        metrics = train(config, args.out, device, seed=args.seed)
-    printed = {name: value for name, value in metrics.items() if name != "loss_history"}
-    print(common.finish(NAME, args.out, printed, timer.seconds, device))
+    common.run_example(NAME, __doc__.splitlines()[0], DEFAULT, FULL, train)
 
 
 if __name__ == "__main__":

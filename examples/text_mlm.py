@@ -150,12 +150,7 @@ def train(config: TextConfig, out_dir: Path, device, seed: int = 0, show_progres
 
 
 def main() -> None:
-    args, config = common.parse_args("text_mlm", __doc__, DEFAULT, FULL)
-    device = common.pick_device(args.device)
-    with common.Timer() as timer:
-        metrics = train(config, args.out, device, seed=args.seed)
-    metrics.pop("loss_history")
-    print(common.finish("text_mlm", args.out, metrics, timer.seconds, device))
+    common.run_example("text_mlm", __doc__, DEFAULT, FULL, train)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def test_tiny_run_trains_saves_and_reloads(tmp_path, monkeypatch, one_thread):
     metrics = example.train(TINY, tmp_path, device, seed=0, show_progress=False)
     monkeypatch.undo()
     model = built[0]
-    line = example.result_line(metrics, tmp_path, 1.0, device)
+    line = common.finish(example.NAME, tmp_path, metrics, 1.0, device)
 
     history = metrics["loss_history"]
     assert len(history) == TINY.steps
