@@ -85,7 +85,7 @@ def guarded_measure(fn: Callable[[], object], device: torch.device, flops: int) 
         timing = measure(fn, device)
     except torch.OutOfMemoryError:
         return {"status": "out of memory"}
-    except RuntimeError as error:  # e.g. an SDPA backend that refuses these inputs
+    except (RuntimeError, ValueError) as error:  # an SDPA backend or ours (BackendRefusedError) refusing
         return {"status": "unsupported: " + str(error).splitlines()[0][:120]}
     finally:
         if device.type == "cuda":

@@ -93,11 +93,20 @@ def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
     return run
 
 
+# Our providers and the backend each runs: "auto" as users get it, and on a GPU the
+# CUDA C++ kernels explicitly (auto does not choose them yet).
+OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[cuda]": "cuda"}
+
+
+def _ours(backend: str) -> Callable[[dict], torch.Tensor]:
+    return lambda x: pk.cross_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"], backend=backend)
+
+
 def providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]:
-    ours = {
-        "perceiver_kernels": lambda x: pk.cross_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"]),
-        "naive": lambda x: pk.reference_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"]),
-    }
+    ours = {"perceiver_kernels": _ours("auto")}
+    if device.type == "cuda":
+        ours["perceiver_kernels[cuda]"] = _ours("cuda")
+    ours["naive"] = lambda x: pk.reference_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"])
     if device.type != "cuda":
         return {**ours, "sdpa": _sdpa(None)}
     sdpa = {f"sdpa-{name.lower()}": _sdpa(name)
@@ -112,7 +121,7 @@ def _timed_call(fn: Callable[[dict], torch.Tensor], inputs: dict, backward: bool
     inputs = {**inputs, **leaves}
     try:
         dout = torch.randn_like(fn(inputs))
-    except RuntimeError:  # a backend that refuses these inputs: let the measurement say so
+    except (RuntimeError, ValueError):  # a backend that refuses these inputs: let the measurement say so
         return lambda: fn(inputs)
     # autograd.grad rather than .backward(): no gradient accumulation inside the timing.
     return lambda: torch.autograd.grad(fn(inputs), tuple(leaves.values()), dout)
@@ -140,9 +149,10 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
                    "d": shape.head_dim, "masked": shape.masked, "dtype": str(dtype).replace("torch.", ""),
                    "flops": case_flops, "roofline_ms": roofline_ms}
             call = _timed_call(fn, inputs, backward)
-            if name == "perceiver_kernels":
+            if name in OUR_BACKENDS:
                 q = inputs["q"].detach().requires_grad_(backward)
-                row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"]).path
+                row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"],
+                                         backend=OUR_BACKENDS[name]).path
             row.update(guarded_measure(call, device, case_flops))
             if row["status"] == "ok":
                 row["roofline_pct"] = 100 * roofline_ms / row["median_ms"]

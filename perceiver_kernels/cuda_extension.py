@@ -33,8 +33,9 @@ def _load() -> tuple[Optional[ModuleType], str]:
 def build_info() -> dict:
     """What was built: {"built": bool, "reason": str, and the extension's own fields}.
 
-    The extension's fields are cuda_version, cuda_archs, build_type, cudart_version
-    and attention_kernels (whether this build carries the CUDA attention kernels).
+    The extension's fields are cuda_version, cuda_archs, build_type, cudart_version,
+    attention_kernels (whether this build carries the CUDA attention kernels) and
+    forward_head_dims (the compiled (Dqk, Dv) pairs).
     """
     module, reason = _load()
     if module is None:
@@ -68,6 +69,50 @@ def build_problem() -> str:
     module, reason = _load()
     if module is None:
         return reason
-    if not module.build_info()["attention_kernels"]:
-        return "this build of perceiver_kernels._C carries no attention kernels yet"
+    if not module.build_info().get("attention_kernels"):
+        return "this build of perceiver_kernels._C predates the attention kernels; reinstall the package"
     return ""
+
+
+def module() -> ModuleType:
+    """The loaded extension; raises RuntimeError saying why when it is not built."""
+    loaded, reason = _load()
+    if loaded is None:
+        raise RuntimeError(reason)
+    return loaded
+
+
+@machine_fact
+def head_dims_problem(head_dim_qk: int, head_dim_v: int) -> str:
+    """Why no compiled kernel serves these head dims, or "" if one does."""
+    loaded = module()
+    if loaded.forward_head_dims(head_dim_qk, head_dim_v) is not None:
+        return ""
+    pairs = ", ".join(f"{qk}/{v}" for qk, v in loaded.build_info()["forward_head_dims"])
+    return (f"no compiled kernel for Dqk={head_dim_qk} Dv={head_dim_v}; the compiled Dqk/Dv pairs are {pairs} "
+            "(smaller dims run padded up to a pair)")
+
+
+@machine_fact
+def architecture_problem(device_index: int) -> str:
+    """Why this build has no code for the GPU `device_index`, or "" if it has.
+
+    A plain architecture ("80") carries SASS for its major version and PTX that newer
+    GPUs compile at load time; an arch-specific one ("90a") runs only on exactly that
+    GPU, a family-specific one ("100f") on its major version. The kernels use mma.sync with bf16, so they need compute capability 8.0.
+    """
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    device = major * 10 + minor
+    if device < 80:
+        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
+    archs = module().build_info()["cuda_archs"].split(",")
+    for arch in archs:
+        number = int(arch.rstrip("af"))
+        exact = arch.endswith("a") and number == device
+        family = arch.endswith("f") and number // 10 == device // 10 and number <= device
+        if exact or family or (arch.isdigit() and number <= device):
+            return ""
+    return (f"this build has code for sm_{', sm_'.join(archs)} only, not for this sm_{device} GPU; reinstall with "
+            f"PERCEIVER_KERNELS_CUDA_ARCHS=\"{device}\"")

@@ -2,8 +2,9 @@
 
 Each kernel entry point is a custom op with a fake (meta) implementation, so
 torch.compile traces a model that calls it without looking inside the kernels. The
-forward returns the log-sum-exp beside the output for the backward, which is itself
-a registered op: `torch.compile(fullgraph=True)` traces training steps too.
+forwards (Triton and CUDA C++) return the log-sum-exp beside the output for the
+backward, the Triton backward, which is itself a registered op:
+`torch.compile(fullgraph=True)` traces training steps too.
 """
 
 from __future__ import annotations
@@ -65,8 +66,40 @@ def _(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+@torch.library.custom_op("perceiver_kernels::cuda_forward", mutates_args=())
+def cuda_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA C++ forward on validated inputs: (out (B, H, Nq, Dv), lse (B, H, Nq) fp32).
+
+    Its fp32 kernel is exact (no TF32); its gradients come from the Triton backward.
+    """
+    from .cuda_launch import attention_forward
+
+    return attention_forward(q, k, v, key_padding_mask, residual, scale)
+
+
+@cuda_forward.register_fake
+def _(q, k, v, key_padding_mask, residual, scale):
+    return allocate_output(q, v.shape[-1])
+
+
 def _save_for_backward(ctx, inputs, output):
     q, k, v, key_padding_mask, residual, scale, allow_tf32 = inputs
+    _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output)
+
+
+def _save_cuda_forward_for_backward(ctx, inputs, output):
+    q, k, v, key_padding_mask, residual, scale = inputs
+    _save(ctx, q, k, v, key_padding_mask, residual, scale, torch.backends.cuda.matmul.allow_tf32, output)
+
+
+def _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output):
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, key_padding_mask, residual, out, lse)
@@ -74,11 +107,20 @@ def _save_for_backward(ctx, inputs, output):
     ctx.allow_tf32 = allow_tf32
 
 
-def _backward(ctx, dout, _dlse):
+def _gradients(ctx, dout):
     q, k, v, key_padding_mask, residual, out, lse = ctx.saved_tensors
     dq, dk, dv = triton_backward(dout, q, k, v, key_padding_mask, residual, out, lse, ctx.scale, ctx.allow_tf32)
     # out = attention + residual, so the residual's gradient is dout itself.
-    return dq, dk, dv, None, dout if residual is not None else None, None, None
+    return dq, dk, dv, None, dout if residual is not None else None
 
 
-triton_forward.register_autograd(_backward, setup_context=_save_for_backward)
+def _triton_forward_backward(ctx, dout, _dlse):
+    return *_gradients(ctx, dout), None, None
+
+
+def _cuda_forward_backward(ctx, dout, _dlse):
+    return *_gradients(ctx, dout), None
+
+
+triton_forward.register_autograd(_triton_forward_backward, setup_context=_save_for_backward)
+cuda_forward.register_autograd(_cuda_forward_backward, setup_context=_save_cuda_forward_for_backward)

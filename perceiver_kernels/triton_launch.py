@@ -3,44 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 
+from .chunking import plan_chunks
 from .kernels import attention_bwd, attention_fwd
 from .problem import allocate_output
 
 LOG2E = 1.4426950408889634
-
-# Chunking plan. A kernel parallel over the blocks of what it writes leaves most of
-# a GPU idle when those blocks are few: forward ENCODE has (query tiles x B*H)
-# programs (ENC-3: 2 tiles x 8 heads = 16 programs for 132 SMs), backward dQ the
-# same, backward dK/dV of DECODE (key blocks x B*H). Cutting the summed dimension
-# (keys, or queries for dK/dV) into S chunks multiplies the programs by S; we aim
-# for PROGRAMS_PER_SM programs per SM so that one program's loads overlap another's
-# math and the last partial wave costs little. Every chunk adds an fp32 partial
-# result and a reduction, so a chunk must hold at least MIN_CHUNK_LENGTH rows (a
-# few blocks) for that cost to stay small against the bytes it reads; MAX_CHUNKS
-# bounds the partial buffers and the reduction.
-PROGRAMS_PER_SM = 2
-MIN_CHUNK_LENGTH = 512
-MAX_CHUNKS = 128
-# Chunks of at least this many rows start on a multiple of it (every block size
-# the autotuner may choose divides it), so no block straddles two chunks.
-CHUNK_ALIGNMENT = 128
-# The interpreter has no SMs; a small nominal count makes the CPU tests exercise
-# the same split heuristic at small sizes.
-INTERPRETER_NOMINAL_SMS = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_NOMINAL_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _query_tile_rows(num_queries: int, block_dv: int) -> int:
@@ -53,23 +26,6 @@ def _tuning_bucket(length_per_program: int) -> int:
     """Autotuning key: the rows a program walks rounded up to a power of two, so that
     variable lengths share one tuned config instead of retuning for every length."""
     return triton.next_power_of_2(max(1, length_per_program))
-
-
-def plan_chunks(programs: int, length: int, device: torch.device, num_chunks: Optional[int] = None) -> tuple[int, int]:
-    """(number of chunks, rows per chunk) for cutting `length` rows summed by `programs` programs.
-
-    num_chunks forces a count (tests, tuning); the result never has an empty chunk
-    unless there are fewer rows than chunks.
-    """
-    if num_chunks is None:
-        wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessor_count(device), max(1, programs))
-        num_chunks = max(1, min(wanted, length // MIN_CHUNK_LENGTH, MAX_CHUNKS))
-    elif num_chunks < 1:
-        raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
-    per_chunk = max(1, triton.cdiv(length, num_chunks))
-    if per_chunk >= CHUNK_ALIGNMENT:
-        per_chunk = triton.cdiv(per_chunk, CHUNK_ALIGNMENT) * CHUNK_ALIGNMENT
-    return triton.cdiv(max(1, length), per_chunk), per_chunk
 
 
 @dataclass(frozen=True)

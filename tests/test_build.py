@@ -18,7 +18,8 @@ def test_extension_was_built_with_nvcc_and_reports_its_build():
     assert info["cuda_version"].split(".")[0].isdigit()
     assert info["cuda_archs"] and all(arch[:2].isdigit() for arch in info["cuda_archs"].split(","))
     assert info["build_type"] and info["cudart_version"] > 0
-    assert info["attention_kernels"] is False
+    assert info["attention_kernels"] is True
+    assert (32, 32) in info["forward_head_dims"] and (32, 160) in info["forward_head_dims"]
 
 
 def test_build_info_without_extension_says_why(monkeypatch):
@@ -38,7 +39,7 @@ def test_cuda_backend_refuses_cpu_tensors_with_a_clear_error():
     inputs = make_inputs(Case(), "cpu")
     with pytest.raises(pk.BackendRefusedError, match="backend='cuda' cannot serve") as raised:
         pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], backend="cuda")
-    assert "attention kernels" in str(raised.value) or "not built" in str(raised.value)
+    assert "need CUDA tensors" in str(raised.value) or "not built" in str(raised.value)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,125 @@
+// Pieces both forward kernels share: where a block works, tile loading with zero fill,
+// and the epilogue that writes a finished row (final output or split partial).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "device_utils.cuh"
+#include "forward.h"
+
+namespace pk {
+
+constexpr float kLn2 = 0.69314718055994531f;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// The (batch, head) and the key range of this block's split.
+struct BlockWork {
+  int batch, head, split;
+  int key_begin, key_end;
+
+  __device__ explicit BlockWork(const ForwardParams& p)
+      : batch(blockIdx.z / p.heads),
+        head(blockIdx.z % p.heads),
+        split(static_cast<int>(blockIdx.y)),
+        key_begin(split_boundary(p, split)),
+        key_end(split_boundary(p, split + 1)) {}
+
+  // First key of split `s` (num_keys past the last split), in 64 bits: the product
+  // may exceed int32 when splits are long.
+  __device__ static int split_boundary(const ForwardParams& p, int s) {
+    const int64_t key = static_cast<int64_t>(s) * p.keys_per_split;
+    return key < p.num_keys ? static_cast<int>(key) : p.num_keys;
+  }
+
+  template <typename T>
+  __device__ const T* rows(const void* base, const int64_t (&stride)[4]) const {
+    return static_cast<const T*>(base) + batch * stride[0] + head * stride[1];
+  }
+};
+
+// Copies rows [row0, row0 + ROWS) x channels [0, D) of a (row, channel) matrix in global
+// memory into a shared tile with SMEM_STRIDE elements per row. Rows at or past
+// rows_end, rows marked as padding, and channels at or past `channels` become 0, so
+// the padded parts of a tile add nothing (a padding key may even hold NaN). With
+// vector_loads every full 16-byte chunk is copied asynchronously (cp.async); the
+// caller commits and waits.
+template <typename T, int ROWS, int D, int SMEM_STRIDE, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* global, int64_t row_stride, int64_t channel_stride,
+                                          int row0, int rows_end, int channels, bool vector_loads,
+                                          const uint8_t* padding, int64_t padding_stride) {
+  constexpr int kChunk = 16 / sizeof(T);
+  static_assert(D % kChunk == 0 && SMEM_STRIDE % kChunk == 0, "tile rows must hold whole 16-byte chunks");
+  constexpr int kChunksPerRow = D / kChunk;
+#pragma unroll 2
+  for (int i = threadIdx.x; i < ROWS * kChunksPerRow; i += THREADS) {
+    const int r = i / kChunksPerRow;
+    const int c = (i % kChunksPerRow) * kChunk;
+    const int row = row0 + r;
+    T* dst = smem + r * SMEM_STRIDE + c;
+    const bool live = row < rows_end && (padding == nullptr || padding[row * padding_stride] == 0);
+    if (!live || c >= channels) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    } else if (vector_loads && c + kChunk <= channels) {
+      cp_async_16(dst, global + row * row_stride + c);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        dst[e] = c + e < channels ? global[row * row_stride + (c + e) * channel_stride] : from_float<T>(0.0f);
+      }
+    }
+  }
+}
+
+// Writes finished rows: with one split, out (+ residual) in T and lse; with several,
+// the split's fp32 partial output and lse, which merge_splits combines.
+template <typename T>
+struct RowWriter {
+  bool partial;
+  int head_dim_v;
+  T* out;
+  int64_t out_row_stride, out_channel_stride;
+  const T* residual;
+  int64_t residual_row_stride, residual_channel_stride;
+  float* lse;
+  float* partial_out;
+
+  __device__ RowWriter(const ForwardParams& p, const BlockWork& work)
+      : partial(p.num_splits > 1),
+        head_dim_v(p.head_dim_v),
+        out(static_cast<T*>(p.out) + work.batch * p.out_stride[0] + work.head * p.out_stride[1]),
+        out_row_stride(p.out_stride[2]),
+        out_channel_stride(p.out_stride[3]),
+        residual(p.residual == nullptr ? nullptr : work.rows<T>(p.residual, p.residual_stride)),
+        residual_row_stride(p.residual_stride[2]),
+        residual_channel_stride(p.residual_stride[3]) {
+    const int64_t bh = static_cast<int64_t>(work.batch) * p.heads + work.head;
+    if (partial) {
+      const int64_t rows = (bh * p.num_splits + work.split) * p.num_queries;
+      lse = p.partial_lse + rows;
+      partial_out = p.partial_out + rows * p.head_dim_v;
+    } else {
+      lse = p.lse + bh * p.num_queries;
+      partial_out = nullptr;
+    }
+  }
+
+  // Element (row, channel) of the normalised attention output.
+  __device__ __forceinline__ void value(int row, int channel, float x) const {
+    if (partial) {
+      partial_out[static_cast<int64_t>(row) * head_dim_v + channel] = x;
+      return;
+    }
+    if (residual != nullptr) x += to_float(residual[row * residual_row_stride + channel * residual_channel_stride]);
+    out[row * out_row_stride + channel * out_channel_stride] = from_float<T>(x);
+  }
+
+  // The row's log-sum-exp (natural log) from its running max (log2 domain) and sum;
+  // -inf for a row without attended keys.
+  __device__ __forceinline__ void log_sum_exp(int row, float max_log2, float sum) const {
+    lse[row] = sum > 0.0f ? (max_log2 + log2f(sum)) * kLn2 : -INFINITY;
+  }
+};
+
+}  // namespace pk

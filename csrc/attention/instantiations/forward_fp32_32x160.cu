@@ -1,0 +1,4 @@
+// One instantiation per file, so the kernels compile in parallel.
+#include "../forward_simt.cuh"
+
+PK_INSTANTIATE_SIMT_FORWARD(32, 160)

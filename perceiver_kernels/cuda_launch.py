@@ -1,0 +1,82 @@
+"""Launcher of the CUDA C++ kernels (perceiver_kernels._C): split plan, buffers, raw pointers.
+
+The extension takes no torch tensors: this module hands it device pointers, element
+strides, sizes and the current stream, and allocates every buffer itself (output,
+lse, split partials), so the caching allocator owns all memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import cuda_extension
+from .chunking import cdiv, plan_chunks
+from .problem import allocate_output
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# Query rows per block of the kernels (csrc/attention/forward_config.h): the split plan
+# counts blocks as query tiles x batch x heads.
+QUERY_TILE_ROWS = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+
+
+@dataclass(frozen=True)
+class CudaForwardPlan:
+    num_splits: int
+    keys_per_split: int
+
+    def describe(self) -> str:
+        if self.num_splits == 1:
+            return "one block per query tile over all keys"
+        return f"split-KV: {self.num_splits} chunks of {self.keys_per_split} keys, then a merge"
+
+
+def plan_forward(batch: int, heads: int, num_queries: int, num_keys: int, dtype: torch.dtype,
+                 device: torch.device, num_splits: Optional[int] = None) -> CudaForwardPlan:
+    """Chooses the number of key splits (see chunking.plan_chunks)."""
+    blocks = cdiv(num_queries, QUERY_TILE_ROWS[dtype]) * batch * heads
+    return CudaForwardPlan(*plan_chunks(blocks, num_keys, device, num_splits))
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    scale: float,
+    num_splits: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the CUDA forward on validated CUDA inputs; returns (out, lse natural-log)."""
+    batch, heads, num_queries, head_dim_qk = q.shape
+    num_keys, head_dim_v = v.shape[2], v.shape[3]
+    out, lse = allocate_output(q, head_dim_v)
+    plan = plan_forward(batch, heads, num_queries, num_keys, q.dtype, q.device, num_splits)
+    partial_out = partial_lse = None
+    if plan.num_splits > 1:
+        partial_out = torch.empty((batch * heads, plan.num_splits, num_queries, head_dim_v),
+                                  dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((batch * heads, plan.num_splits, num_queries), dtype=torch.float32, device=q.device)
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+
+    def pointer(x: Optional[torch.Tensor]) -> int:
+        return 0 if x is None else x.data_ptr()
+
+    def strides(x: Optional[torch.Tensor]) -> tuple[int, ...]:
+        return () if x is None else x.stride()
+
+    cuda_extension.module().forward(
+        dtype=DTYPE_NAMES[q.dtype], device=q.device.index, stream=torch.cuda.current_stream(q.device).cuda_stream,
+        q=q.data_ptr(), q_stride=q.stride(), k=k.data_ptr(), k_stride=k.stride(), v=v.data_ptr(), v_stride=v.stride(),
+        key_padding=pointer(mask), key_padding_stride=strides(mask),
+        residual=pointer(residual), residual_stride=strides(residual),
+        out=out.data_ptr(), out_stride=out.stride(), lse=lse.data_ptr(),
+        partial_out=pointer(partial_out), partial_lse=pointer(partial_lse),
+        batch=batch, heads=heads, num_queries=num_queries, num_keys=num_keys,
+        head_dim_qk=head_dim_qk, head_dim_v=head_dim_v, scale=scale,
+        num_splits=plan.num_splits, keys_per_split=plan.keys_per_split,
+    )
+    return out, lse
