@@ -159,11 +159,11 @@ def test_grid_with_mask_residual_transposed(case, dtype, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("dims", [(32, 32), (64, 64), (128, 128), (32, 96), (32, 160), (8, 8), (64, 120)])
+@pytest.mark.parametrize("dims", [(32, 32), (64, 64), (128, 128), (32, 96), (32, 160), (8, 8), (64, 120), (24, 7)])
 @pytest.mark.gpu
 @needs_extension
-def test_every_compiled_pair_contiguous_and_decode_resident(dims, dtype, poisoned_empty):
-    # 300 queries over 200 keys: several query tiles per block over resident K/V.
+def test_every_compiled_pair_and_an_odd_dv(dims, dtype, poisoned_empty):
+    # Dv = 7 is odd: the epilogue stores channels one by one instead of in pairs.
     case = Case(batch=2, heads=3, num_queries=300, num_keys=200, head_dim_qk=dims[0], head_dim_v=dims[1],
                 dtype=dtype, mask=True)
     inputs = make_inputs(case, "cuda")

@@ -44,11 +44,13 @@ struct BlockWork {
 // rows_end, rows marked as padding, and channels at or past `channels` become 0, so
 // the padded parts of a tile add nothing (a padding key may even hold NaN). With
 // vector_loads every full 16-byte chunk is copied asynchronously (cp.async); the
-// caller commits and waits.
+// caller commits and waits. When row_live is given, row_live[r] records whether row r
+// is live (in range and not padding), for the score mask.
 template <typename T, int ROWS, int D, int SMEM_STRIDE, int THREADS>
 __device__ __forceinline__ void load_tile(T* smem, const T* global, int64_t row_stride, int64_t channel_stride,
                                           int row0, int rows_end, int channels, bool vector_loads,
-                                          const uint8_t* padding, int64_t padding_stride) {
+                                          const uint8_t* padding, int64_t padding_stride,
+                                          uint8_t* row_live = nullptr) {
   constexpr int kChunk = 16 / sizeof(T);
   static_assert(D % kChunk == 0 && SMEM_STRIDE % kChunk == 0, "tile rows must hold whole 16-byte chunks");
   constexpr int kChunksPerRow = D / kChunk;
@@ -59,6 +61,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* global, int64_t row_
     const int row = row0 + r;
     T* dst = smem + r * SMEM_STRIDE + c;
     const bool live = row < rows_end && (padding == nullptr || padding[row * padding_stride] == 0);
+    if (row_live != nullptr && c == 0) row_live[r] = live;
     if (!live || c >= channels) {
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     } else if (vector_loads && c + kChunk <= channels) {
@@ -113,6 +116,20 @@ struct RowWriter {
     }
     if (residual != nullptr) x += to_float(residual[row * residual_row_stride + channel * residual_channel_stride]);
     out[row * out_row_stride + channel * out_channel_stride] = from_float<T>(x);
+  }
+
+  // Channels (channel, channel + 1), when LaunchPlan::paired_stores allows one store.
+  __device__ __forceinline__ void value_pair(int row, int channel, float x0, float x1) const {
+    if (partial) {
+      *reinterpret_cast<float2*>(partial_out + static_cast<int64_t>(row) * head_dim_v + channel) = make_float2(x0, x1);
+      return;
+    }
+    if (residual != nullptr) {
+      const T* r = residual + row * residual_row_stride + channel * residual_channel_stride;
+      x0 += to_float(r[0]);
+      x1 += to_float(r[residual_channel_stride]);
+    }
+    *reinterpret_cast<uint32_t*>(out + row * out_row_stride + channel) = pack_pair<T>(x0, x1);
   }
 
   // The row's log-sum-exp (natural log) from its running max (log2 domain) and sum;

@@ -33,10 +33,15 @@ constexpr int kSimtBlockN = 32;
 
 PK_HOST_DEVICE constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
 
-// Shared memory of the tensor-core kernel: the query tile plus `kv_slots` K/V tiles.
-constexpr size_t tensor_core_shared_bytes(HeadDims dims, int kv_slots) {
+// Shared memory of the tensor-core kernel: the query tile and `kv_slots` K/V tiles
+// (2-byte elements), then one byte per key of each slot saying whether it is attended.
+PK_HOST_DEVICE constexpr size_t tensor_core_tile_bytes(HeadDims dims, int kv_slots) {
   return 2 * (static_cast<size_t>(kTensorCoreBlockM) * (dims.qk + kSharedRowPad) +
               static_cast<size_t>(kv_slots) * kTensorCoreBlockN * (dims.qk + dims.v + 2 * kSharedRowPad));
+}
+
+constexpr size_t tensor_core_shared_bytes(HeadDims dims, int kv_slots) {
+  return tensor_core_tile_bytes(dims, kv_slots) + static_cast<size_t>(kv_slots) * kTensorCoreBlockN;
 }
 
 // Shared memory of the SIMT kernel: the query tile, a K tile with rows padded to an odd

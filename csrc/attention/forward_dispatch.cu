@@ -180,6 +180,10 @@ LaunchPlan plan_launch(const ForwardParams& p) {
     plan.threads = config::kTensorCoreThreads;
     plan.vector_loads = aligned_rows(p.q, p.q_stride, 2) && aligned_rows(p.k, p.k_stride, 2) &&
                         aligned_rows(p.v, p.v_stride, 2);
+    // Split partials are contiguous fp32 rows of Dv; out must hold aligned pairs itself.
+    const bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_stride[3] == 1 &&
+                           p.out_stride[0] % 2 == 0 && p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
+    plan.paired_stores = p.head_dim_v % 2 == 0 && (p.num_splits > 1 || out_pairs);
     const int query_tiles = config::cdiv(p.num_queries, config::kTensorCoreBlockM);
     const int key_tiles = config::cdiv(std::min(p.keys_per_split, p.num_keys), config::kTensorCoreBlockN);
     const size_t resident_bytes = config::tensor_core_shared_bytes(plan.dims, key_tiles);
@@ -193,9 +197,10 @@ LaunchPlan plan_launch(const ForwardParams& p) {
     plan.kv_resident = tiles_per_block >= 2 && resident_bytes <= resident_limit;
     if (plan.kv_resident) {
       plan.query_tiles_per_block = tiles_per_block;
+      plan.kv_slots = key_tiles;
       plan.shared_bytes = resident_bytes;
     } else {
-      plan.shared_bytes = config::tensor_core_shared_bytes(plan.dims, 2);
+      plan.shared_bytes = config::tensor_core_shared_bytes(plan.dims, plan.kv_slots);
     }
     plan.grid = dim3(config::cdiv(query_tiles, plan.query_tiles_per_block), splits, batch_heads);
   }

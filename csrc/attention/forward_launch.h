@@ -16,12 +16,16 @@ struct LaunchPlan {
   int threads = 0;
   size_t shared_bytes = 0;
   int query_tiles_per_block = 1;
+  int kv_slots = 2;  // K/V tiles in shared memory: 2 buffers, or every tile of a split
   // Each block loads its split's K/V once and keeps them on chip for all its query
   // tiles (DECODE: the latents' K/V); otherwise K/V tiles stream through two buffers.
   bool kv_resident = false;
   // q, k, v rows are 16-byte aligned with unit channel stride, so tiles are copied
   // with cp.async; otherwise element by element with any strides.
   bool vector_loads = false;
+  // Dv is even and out (or the split partials) holds channel pairs at 4-byte aligned
+  // addresses, so each lane stores its two adjacent channels at once.
+  bool paired_stores = false;
 };
 
 // Chooses tiles, grid and shared memory for `params` on its device.

@@ -31,6 +31,7 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
   extern __shared__ __align__(16) unsigned char shared_raw[];
   T* q_tile = reinterpret_cast<T*>(shared_raw);
   T* kv_tiles = q_tile + kBlockM * kQkStride;
+  uint8_t* key_live = shared_raw + config::tensor_core_tile_bytes(HeadDims{DQK, DV}, plan.kv_slots);
 
   const BlockWork work(p);
   const T* q = work.rows<T>(p.q, p.q_stride);
@@ -54,7 +55,8 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
     T* k_dst = kv_tiles + slot * kKvElements;
     const int key0 = work.key_begin + key_tile * kBlockN;
     load_tile<T, kBlockN, DQK, kQkStride, kThreads>(k_dst, k, p.k_stride[2], p.k_stride[3], key0, work.key_end,
-                                                    p.head_dim_qk, plan.vector_loads, padding, padding_stride);
+                                                    p.head_dim_qk, plan.vector_loads, padding, padding_stride,
+                                                    key_live + slot * kBlockN);
     load_tile<T, kBlockN, DV, kVStride, kThreads>(k_dst + kKElements, v, p.v_stride[2], p.v_stride[3], key0,
                                                   work.key_end, p.head_dim_v, plan.vector_loads, padding,
                                                   padding_stride);
@@ -97,7 +99,8 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
         load_kv((j + 1) & 1, j + 1);
         cp_async_commit();
       }
-      const T* k_tile = kv_tiles + (plan.kv_resident ? j : (j & 1)) * kKvElements;
+      const int slot = plan.kv_resident ? j : (j & 1);
+      const T* k_tile = kv_tiles + slot * kKvElements;
       const T* v_tile = k_tile + kKElements;
 
       // S = Q K^T: an x4 ldmatrix of K gives the B fragments of two 8-key tiles.
@@ -126,9 +129,7 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
         for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const int key = key0 + n * 8 + quad_col + c;
-            const bool attended = key < work.key_end && (padding == nullptr || padding[key * padding_stride] == 0);
-            if (!attended) s[n][c] = s[n][c + 2] = -INFINITY;
+            if (!key_live[slot * kBlockN + n * 8 + quad_col + c]) s[n][c] = s[n][c + 2] = -INFINITY;
           }
         }
       }
@@ -186,10 +187,16 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
         const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
 #pragma unroll
         for (int n = 0; n < DV / 8; ++n) {
+          const int channel = n * 8 + quad_col;
+          if (plan.paired_stores) {
+            if (channel < p.head_dim_v) {
+              writer.value_pair(row, channel, acc[n][2 * r] * inverse, acc[n][2 * r + 1] * inverse);
+            }
+            continue;
+          }
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const int channel = n * 8 + quad_col + c;
-            if (channel < p.head_dim_v) writer.value(row, channel, acc[n][2 * r + c] * inverse);
+            if (channel + c < p.head_dim_v) writer.value(row, channel + c, acc[n][2 * r + c] * inverse);
           }
         }
         if (lane % 4 == 0) writer.log_sum_exp(row, row_max[r], total);
