@@ -74,3 +74,21 @@ def assert_matches_reference(out: torch.Tensor, inputs: dict, lse: torch.Tensor 
         if finite.any():
             scale = 1 + truth_lse[finite].abs().max().item()
             assert max_error(lse[finite], truth_lse[finite]) <= 1e-5 * scale
+
+
+def far_keys_inputs() -> tuple[dict, dict]:
+    """Inputs whose answer lies beyond 32-bit element offsets, and the same answer's small inputs.
+
+    K and V of 2^25 keys x 64 channels x 2 heads (fp16, on the GPU): element offsets
+    reach 2^32. Only the last 1000 keys can be attended, so the answer depends on the
+    far end of K/V and equals attention over just those keys.
+    """
+    heads, num_keys, dim = 2, 2**25, 64
+    q = torch.randn(1, heads, 16, dim, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
+    mask = torch.ones(1, num_keys, dtype=torch.bool, device="cuda")
+    mask[0, -1000:] = False
+    full = dict(q=q, k=k, v=v, key_padding_mask=mask, residual=None, scale=dim ** -0.5)
+    tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
+    return full, tail

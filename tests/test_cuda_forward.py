@@ -16,7 +16,7 @@ import perceiver_kernels as pk
 from perceiver_kernels import cuda_extension
 from perceiver_kernels.backends.cuda_backend import NOT_YET_VALIDATED
 from perceiver_kernels.cuda_launch import attention_forward, plan_forward
-from tests.attention_cases import Case, assert_matches_reference, make_inputs
+from tests.attention_cases import Case, assert_matches_reference, far_keys_inputs, make_inputs
 from tests.conftest import HAS_GPU
 from tests.test_triton_forward import GRID
 
@@ -219,14 +219,8 @@ def test_arbitrary_strides_take_the_element_wise_path(poisoned_empty):
 @pytest.mark.gpu
 @needs_extension
 def test_offsets_beyond_int32():
-    heads, num_keys, dim = 2, 2**25, 64
-    q = torch.randn(1, heads, 16, dim, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
-    v = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
-    mask = torch.ones(1, num_keys, dtype=torch.bool, device="cuda")
-    mask[0, -1000:] = False
-    out, _ = attention_forward(q, k, v, mask, None, dim ** -0.5)
-    tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
+    full, tail = far_keys_inputs()
+    out, _ = attention_forward(full["q"], full["k"], full["v"], full["key_padding_mask"], None, full["scale"])
     assert_matches_reference(out, tail)
 
 

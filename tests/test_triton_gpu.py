@@ -5,7 +5,7 @@ import torch
 
 import perceiver_kernels as pk
 from perceiver_kernels.triton_launch import attention_forward
-from tests.attention_cases import Case, assert_matches_reference, make_inputs
+from tests.attention_cases import Case, assert_matches_reference, far_keys_inputs, make_inputs
 from tests.test_triton_forward import GRID, PATH_SPLITS, run
 
 pytestmark = pytest.mark.gpu
@@ -44,16 +44,8 @@ def test_tf32_is_used_only_when_allowed():
 
 
 def test_offsets_beyond_int32():
-    # K and V of 2^25 keys x 64 channels x 2 heads: element offsets reach 2^32.
-    heads, num_keys, dim = 2, 2**25, 64
-    q = torch.randn(1, heads, 16, dim, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
-    v = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
-    # Only the last 1000 keys can be attended, so the answer depends on the far end of K/V.
-    mask = torch.ones(1, num_keys, dtype=torch.bool, device="cuda")
-    mask[0, -1000:] = False
-    out, _ = attention_forward(q, k, v, mask, None, dim ** -0.5, False)
-    tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
+    full, tail = far_keys_inputs()
+    out, _ = attention_forward(full["q"], full["k"], full["v"], full["key_padding_mask"], None, full["scale"], False)
     assert_matches_reference(out, tail)
 
 
