@@ -9,6 +9,7 @@ that never splits the keys); the CPU runs scaled-down versions of the same shape
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -103,6 +104,14 @@ def _ours(backend: str) -> Callable[[dict], torch.Tensor]:
 
 
 def providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]:
+    """Every provider measured on `device`, less those named in BENCH_SKIP_PROVIDERS
+    (comma-separated; gpu_run.sh skips the CUDA kernels when their tests failed)."""
+    every = _all_providers(device)
+    skipped = {name.strip() for name in os.environ.get("BENCH_SKIP_PROVIDERS", "").split(",")}
+    return {name: fn for name, fn in every.items() if name not in skipped}
+
+
+def _all_providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]:
     ours = {"perceiver_kernels": _ours("auto")}
     if device.type == "cuda":
         ours["perceiver_kernels[cuda]"] = _ours("cuda")

@@ -94,3 +94,10 @@ def test_layer_and_model_flops_match_flop_counter():
     small = model_suite.ModelConfig(8, 4, 16, 2, 2, 2, batch=2, num_labels=3)
     hf_model = model_suite.build_models(small)["hf_transformers"]
     assert counted(lambda: hf_model(inputs=torch.randn(2, 3, 8, 8))) == model_suite.model_flops(small)
+
+
+def test_providers_named_in_bench_skip_providers_are_left_out(monkeypatch):
+    cpu = torch.device("cpu")
+    assert "naive" in op_suite.providers(cpu)
+    monkeypatch.setenv("BENCH_SKIP_PROVIDERS", "naive, sdpa")
+    assert set(op_suite.providers(cpu)) == {"perceiver_kernels"}
