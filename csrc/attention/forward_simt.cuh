@@ -129,15 +129,4 @@ __global__ void __launch_bounds__(config::kSimtThreads) forward_simt_kernel(cons
   }
 }
 
-template <int DQK, int DV>
-void launch_simt_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t stream) {
-  const void* kernel = reinterpret_cast<const void*>(&forward_simt_kernel<DQK, DV>);
-  allow_shared_memory(kernel, plan.shared_bytes, "forward_simt_kernel");
-  forward_simt_kernel<DQK, DV><<<plan.grid, plan.threads, plan.shared_bytes, stream>>>(params, plan);
-  check_launch("forward_simt_kernel");
-}
-
 }  // namespace pk
-
-#define PK_INSTANTIATE_SIMT_FORWARD(DQK, DV) \
-  template void pk::launch_simt_forward<DQK, DV>(const pk::ForwardParams&, const pk::LaunchPlan&, cudaStream_t);

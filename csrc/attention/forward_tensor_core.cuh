@@ -207,16 +207,4 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
   }
 }
 
-template <typename T, int DQK, int DV>
-void launch_tensor_core_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t stream) {
-  const void* kernel = reinterpret_cast<const void*>(&forward_tensor_core_kernel<T, DQK, DV>);
-  allow_shared_memory(kernel, plan.shared_bytes, "forward_tensor_core_kernel");
-  forward_tensor_core_kernel<T, DQK, DV><<<plan.grid, plan.threads, plan.shared_bytes, stream>>>(params, plan);
-  check_launch("forward_tensor_core_kernel");
-}
-
 }  // namespace pk
-
-#define PK_INSTANTIATE_TENSOR_CORE_FORWARD(T, DQK, DV)                                                        \
-  template void pk::launch_tensor_core_forward<T, DQK, DV>(const pk::ForwardParams&, const pk::LaunchPlan&, \
-                                                           cudaStream_t);

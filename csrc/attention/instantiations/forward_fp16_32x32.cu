@@ -1,4 +1,4 @@
 // One instantiation per file, so the kernels compile in parallel.
-#include "../forward_tensor_core.cuh"
+#include "../forward_launchers.cuh"
 
 PK_INSTANTIATE_TENSOR_CORE_FORWARD(__half, 32, 32)

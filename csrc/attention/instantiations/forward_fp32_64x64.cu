@@ -1,4 +1,4 @@
 // One instantiation per file, so the kernels compile in parallel.
-#include "../forward_simt.cuh"
+#include "../forward_launchers.cuh"
 
 PK_INSTANTIATE_SIMT_FORWARD(64, 64)

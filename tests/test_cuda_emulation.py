@@ -1,0 +1,143 @@
+"""The CUDA C++ kernels run on the CPU: their real source, compiled by g++ with the warp
+instructions emulated (tests/cuda_emulation/), against the float64 reference.
+
+This is how CI checks the kernels' arithmetic (fragment layouts, lane addressing,
+masking, online softmax, split partials and merge, resident K/V, strides) without a
+GPU. It does not model asynchronous copies, timing or the GPU's memory model; the
+`gpu`-marked tests in test_cuda_forward.py run the same kernels on a GPU.
+"""
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from perceiver_kernels import cuda_extension
+from tests import cuda_emulation
+from tests.attention_cases import Case, assert_matches_reference, make_inputs
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None or cuda_emulation.cuda_include_dir() is None or not pk.build_info()["built"],
+    reason="needs g++, the CUDA toolkit's headers and the built extension (for its head-dim pairs)",
+)
+
+# (path name, launch choices): streaming K/V unsplit, split-KV with a merge, and K/V
+# resident in shared memory for two query tiles per block.
+PATHS = {
+    "stream": dict(num_splits=1),
+    "split": dict(num_splits=3),
+    "resident": dict(num_splits=1, kv_resident=True, query_tiles_per_block=2),
+}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
+
+
+def run(emulator, inputs, path="stream", **choices):
+    q, v = inputs["q"], inputs["v"]
+    scale = inputs["scale"] if inputs["scale"] is not None else q.shape[-1] ** -0.5
+    dims = cuda_extension.module().forward_head_dims(q.shape[-1], v.shape[-1])
+    if q.dtype == torch.float32 and path == "resident":
+        path = "stream"  # the fp32 kernel always streams
+    return cuda_emulation.forward(emulator, q, inputs["k"], v, inputs["key_padding_mask"], inputs["residual"],
+                                  scale, dims, **{**PATHS[path], **choices})
+
+
+def _grid():
+    # Every (Nq, Nk, head dims) combination once; the dtype and the path rotate so that
+    # every dtype meets every path. Dims are the Triton grid's: all served by padding
+    # up to a compiled pair except 64/64 and 128/128, which are exact.
+    shapes = itertools.product((1, 7, 64, 100), (1, 5, 129, 300), ((16, 16), (40, 24), (64, 64), (100, 128), (128, 100)))
+    for i, (nq, nk, (dqk, dv)) in enumerate(shapes):
+        dtype = DTYPES[i % 3]
+        if dtype == torch.float32 and nq * nk > 64 * 129:
+            dtype = torch.float16  # the emulated fp32 kernel is slow; small fp32 cases suffice
+        yield Case(batch=2, heads=2, num_queries=nq, num_keys=nk, head_dim_qk=dqk, head_dim_v=dv, dtype=dtype,
+                   mask=True, residual=True, transposed=True), tuple(PATHS)[(i // 3) % 3]
+
+
+GRID = list(_grid())
+
+
+@pytest.mark.parametrize("case,path", GRID, ids=lambda x: x if isinstance(x, str) else
+                         f"q{x.num_queries}-k{x.num_keys}-d{x.head_dim_qk}x{x.head_dim_v}-{str(x.dtype)[6:]}")
+def test_grid_with_mask_residual_transposed(emulator, case, path, poisoned_empty):
+    inputs = make_inputs(case, "cpu")
+    out, lse = run(emulator, inputs, path)
+    assert_matches_reference(out, inputs, lse)
+
+
+@pytest.mark.parametrize("dims", [(32, 32), (64, 64), (32, 96), (32, 160), (128, 128), (24, 7)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_compiled_pair_contiguous(emulator, dims, dtype, poisoned_empty):
+    nq, nk = (40, 70) if dtype == torch.float32 else (100, 150)
+    inputs = make_inputs(Case(batch=1, heads=2, num_queries=nq, num_keys=nk, head_dim_qk=dims[0], head_dim_v=dims[1],
+                              dtype=dtype, mask=True), "cpu")
+    for path in PATHS:
+        out, lse = run(emulator, inputs, path)
+        assert_matches_reference(out, inputs, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_element_wise_loads_and_single_stores_on_aligned_inputs(emulator, dtype, poisoned_empty):
+    inputs = make_inputs(Case(num_queries=100, num_keys=150, head_dim_qk=64, head_dim_v=64, dtype=dtype, mask=True,
+                              residual=True), "cpu")
+    assert all(cuda_emulation.default_plan_flags(inputs["q"], inputs["k"], inputs["v"], inputs["q"], 1).values())
+    for path in PATHS:
+        out, lse = run(emulator, inputs, path, vector_loads=False, paired_stores=False)
+        assert_matches_reference(out, inputs, lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_padding_keys_holding_nan_do_not_leak(emulator, dtype, poisoned_empty):
+    case = Case(num_queries=70, num_keys=150, mask=True, dtype=dtype)
+    inputs = make_inputs(case, "cpu")
+    mask = inputs["key_padding_mask"][:, None, :].expand(-1, case.heads, -1)
+    inputs["k"][mask] = float("nan")
+    inputs["v"][mask] = float("nan")
+    clean = dict(inputs, k=inputs["k"].nan_to_num(0.0), v=inputs["v"].nan_to_num(0.0))
+    for path in PATHS:
+        out, _ = run(emulator, inputs, path)
+        assert_matches_reference(out, clean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_arbitrary_strides(emulator, dtype, poisoned_empty):
+    # Batch stride below head stride, a channel stride of 2, Dv as v's slowest
+    # dimension, a transposed residual and a strided mask.
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 3, 150, 64, generator=g).to(dtype)
+    q = torch.randn(3, 2, 70, 32, generator=g).to(dtype).transpose(0, 1)
+    v = torch.randn(2, 24, 150, 3, generator=g).to(dtype).permute(0, 3, 2, 1)
+    residual = torch.randn(2, 3, 24, 70, generator=g).to(dtype).transpose(-1, -2)
+    mask = (torch.rand(2, 300, generator=g) < 0.3)[:, ::2]
+    inputs = dict(q=q, k=wide[..., ::2], v=v, key_padding_mask=mask, residual=residual, scale=None)
+    for path in PATHS:
+        out, lse = run(emulator, inputs, path)
+        assert_matches_reference(out, inputs, lse)
+
+
+def test_splits_made_entirely_of_padding(emulator, poisoned_empty):
+    case = Case(batch=3, num_queries=20, num_keys=700, head_dim_qk=32, head_dim_v=48, mask=True, residual=True,
+                dtype=torch.float16)
+    inputs = make_inputs(case, "cpu")
+    mask = inputs["key_padding_mask"]
+    mask[1, :400] = True  # batch 1: the first splits hold only padding
+    mask[2, :] = False
+    mask[2, 350:] = True  # batch 2: the last splits hold only padding
+    for num_splits in (2, 5, 9):
+        out, lse = run(emulator, inputs, num_splits=num_splits)
+        assert_matches_reference(out, inputs, lse)
+
+
+def test_all_padding_rows_give_exactly_the_residual_and_minus_inf_lse(emulator, poisoned_empty):
+    inputs = make_inputs(Case(num_queries=70, num_keys=150, mask=True, residual=True, dtype=torch.bfloat16), "cpu")
+    for path in PATHS:
+        out, lse = run(emulator, inputs, path)
+        torch.testing.assert_close(out[0], inputs["residual"][0], rtol=0, atol=0)
+        assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
