@@ -92,3 +92,28 @@ def far_keys_inputs() -> tuple[dict, dict]:
     full = dict(q=q, k=k, v=v, key_padding_mask=mask, residual=None, scale=dim ** -0.5)
     tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
     return full, tail
+
+
+def strided_inputs(device, dtype: torch.dtype, num_queries: int) -> dict:
+    """Inputs with unusual strides: a batch stride below the head stride (q), a channel
+    stride of 2 (k, every other channel of a wider tensor), Dv as the slowest dimension
+    of v, a transposed residual and a strided mask."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 3, 150, 64, generator=g).to(device, dtype)
+    q = torch.randn(3, 2, num_queries, 32, generator=g).to(device, dtype).transpose(0, 1)
+    v = torch.randn(2, 24, 150, 3, generator=g).to(device, dtype).permute(0, 3, 2, 1)
+    residual = torch.randn(2, 3, 24, num_queries, generator=g).to(device, dtype).transpose(-1, -2)
+    mask = (torch.rand(2, 300, generator=g) < 0.3).to(device)[:, ::2]
+    inputs = dict(q=q, k=wide[..., ::2], v=v, key_padding_mask=mask, residual=residual, scale=None)
+    assert not (inputs["k"].is_contiguous() or v.is_contiguous() or mask.is_contiguous())
+    return inputs
+
+
+def nan_padding_inputs(case: Case, device) -> tuple[dict, dict]:
+    """Inputs whose padding keys hold NaN in k and v, and the same inputs with those NaN
+    replaced by 0 (the answer must not change: padding keys are ignored)."""
+    inputs = make_inputs(Case(**{**case.__dict__, "mask": True}), device)
+    mask = inputs["key_padding_mask"][:, None, :].expand(-1, case.heads, -1)
+    inputs["k"][mask] = float("nan")
+    inputs["v"][mask] = float("nan")
+    return inputs, dict(inputs, k=inputs["k"].nan_to_num(0.0), v=inputs["v"].nan_to_num(0.0))

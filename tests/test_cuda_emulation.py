@@ -16,7 +16,7 @@ import torch
 import perceiver_kernels as pk
 from perceiver_kernels import cuda_extension
 from tests import cuda_emulation
-from tests.attention_cases import Case, assert_matches_reference, make_inputs
+from tests.attention_cases import Case, assert_matches_reference, make_inputs, nan_padding_inputs, strided_inputs
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None or cuda_emulation.cuda_include_dir() is None or not pk.build_info()["built"],
@@ -95,12 +95,7 @@ def test_element_wise_loads_and_single_stores_on_aligned_inputs(emulator, dtype,
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_padding_keys_holding_nan_do_not_leak(emulator, dtype, poisoned_empty):
-    case = Case(num_queries=70, num_keys=150, mask=True, dtype=dtype)
-    inputs = make_inputs(case, "cpu")
-    mask = inputs["key_padding_mask"][:, None, :].expand(-1, case.heads, -1)
-    inputs["k"][mask] = float("nan")
-    inputs["v"][mask] = float("nan")
-    clean = dict(inputs, k=inputs["k"].nan_to_num(0.0), v=inputs["v"].nan_to_num(0.0))
+    inputs, clean = nan_padding_inputs(Case(num_queries=70, num_keys=150, dtype=dtype), "cpu")
     for path in PATHS:
         out, _ = run(emulator, inputs, path)
         assert_matches_reference(out, clean)
@@ -108,15 +103,7 @@ def test_padding_keys_holding_nan_do_not_leak(emulator, dtype, poisoned_empty):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_arbitrary_strides(emulator, dtype, poisoned_empty):
-    # Batch stride below head stride, a channel stride of 2, Dv as v's slowest
-    # dimension, a transposed residual and a strided mask.
-    g = torch.Generator().manual_seed(3)
-    wide = torch.randn(2, 3, 150, 64, generator=g).to(dtype)
-    q = torch.randn(3, 2, 70, 32, generator=g).to(dtype).transpose(0, 1)
-    v = torch.randn(2, 24, 150, 3, generator=g).to(dtype).permute(0, 3, 2, 1)
-    residual = torch.randn(2, 3, 24, 70, generator=g).to(dtype).transpose(-1, -2)
-    mask = (torch.rand(2, 300, generator=g) < 0.3)[:, ::2]
-    inputs = dict(q=q, k=wide[..., ::2], v=v, key_padding_mask=mask, residual=residual, scale=None)
+    inputs = strided_inputs("cpu", dtype, num_queries=70)
     for path in PATHS:
         out, lse = run(emulator, inputs, path)
         assert_matches_reference(out, inputs, lse)

@@ -6,7 +6,6 @@ case grid against the float64 reference.
 """
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import perceiver_kernels as pk
 from perceiver_kernels import cuda_extension
 from perceiver_kernels.backends.cuda_backend import NOT_YET_VALIDATED
 from perceiver_kernels.cuda_launch import attention_forward, plan_forward
-from tests.attention_cases import Case, assert_matches_reference, far_keys_inputs, make_inputs
+from tests.attention_cases import Case, assert_matches_reference, far_keys_inputs, make_inputs, nan_padding_inputs, strided_inputs
 from tests.conftest import HAS_GPU
 from tests.test_triton_forward import GRID
 
@@ -188,12 +187,7 @@ def test_decode_shape_runs_several_query_tiles_over_resident_kv(dtype, poisoned_
 @needs_extension
 def test_padding_keys_holding_nan_do_not_leak(poisoned_empty):
     for dtype in (torch.float32, torch.bfloat16):
-        case = Case(num_queries=70, num_keys=200, mask=True, dtype=dtype)
-        inputs = make_inputs(case, "cuda")
-        mask = inputs["key_padding_mask"][:, None, :].expand(-1, case.heads, -1)
-        inputs["k"][mask] = float("nan")
-        inputs["v"][mask] = float("nan")
-        clean = dict(inputs, k=inputs["k"].nan_to_num(0.0), v=inputs["v"].nan_to_num(0.0))
+        inputs, clean = nan_padding_inputs(Case(num_queries=70, num_keys=200, dtype=dtype), "cuda")
         for path in PATH_SPLITS:
             out, _ = run(inputs, path)
             assert_matches_reference(out, clean)
@@ -202,15 +196,8 @@ def test_padding_keys_holding_nan_do_not_leak(poisoned_empty):
 @pytest.mark.gpu
 @needs_extension
 def test_arbitrary_strides_take_the_element_wise_path(poisoned_empty):
-    g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.float16):
-        wide = torch.randn(2, 3, 150, 64, generator=g).to("cuda", dtype)
-        q = torch.randn(3, 2, 133, 32, generator=g).to("cuda", dtype).transpose(0, 1)
-        k = wide[..., ::2]
-        v = torch.randn(2, 24, 150, 3, generator=g).to("cuda", dtype).permute(0, 3, 2, 1)
-        residual = torch.randn(2, 3, 24, 133, generator=g).to("cuda", dtype).transpose(-1, -2)
-        mask = (torch.rand(2, 300, generator=g) < 0.3).to("cuda")[:, ::2]
-        inputs = dict(q=q, k=k, v=v, key_padding_mask=mask, residual=residual, scale=None)
+        inputs = strided_inputs("cuda", dtype, num_queries=133)
         for path in PATH_SPLITS:
             out, lse = run(inputs, path)
             assert_matches_reference(out, inputs, lse)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from perceiver_kernels.triton_launch import attention_forward, plan_forward
-from tests.attention_cases import Case, assert_matches_reference, make_inputs
+from tests.attention_cases import Case, assert_matches_reference, make_inputs, nan_padding_inputs, strided_inputs
 from tests.conftest import KERNEL_DEVICE
 
 NUM_QUERIES = (1, 7, 64, 300)
@@ -83,31 +83,15 @@ def test_all_padding_gives_zero_plus_residual_and_minus_inf_lse(poisoned_empty):
 
 
 def test_padding_keys_holding_nan_do_not_leak(poisoned_empty):
-    case = Case(num_queries=5, num_keys=200, mask=True)
-    inputs = make_inputs(case, KERNEL_DEVICE)
-    mask = inputs["key_padding_mask"]
-    inputs["k"][:, :, :][mask[:, None, :].expand(-1, case.heads, -1)] = float("nan")
-    inputs["v"][mask[:, None, :].expand(-1, case.heads, -1)] = float("nan")
+    inputs, clean = nan_padding_inputs(Case(num_queries=5, num_keys=200), KERNEL_DEVICE)
     for path in PATH_SPLITS:
         out, _ = run(inputs, path)
         assert not out.isnan().any()
-        clean = dict(inputs, k=inputs["k"].nan_to_num(0.0), v=inputs["v"].nan_to_num(0.0))
         assert_matches_reference(out, clean)
 
 
 def test_arbitrary_strides(poisoned_empty):
-    # Batch stride smaller than head stride, a head-dim stride of 2 (every other
-    # channel of a wider tensor), Dv as the slowest dimension of v, a transposed
-    # residual and a strided mask.
-    g = torch.Generator().manual_seed(3)
-    wide = torch.randn(2, 3, 150, 64, generator=g).to(KERNEL_DEVICE)
-    q = torch.randn(3, 2, 33, 32, generator=g).to(KERNEL_DEVICE).transpose(0, 1)  # batch stride < head stride
-    k = wide[..., ::2]
-    v = torch.randn(2, 24, 150, 3, generator=g).to(KERNEL_DEVICE).permute(0, 3, 2, 1)  # Dv stride != 1
-    residual = torch.randn(2, 3, 24, 33, generator=g).to(KERNEL_DEVICE).transpose(-1, -2)
-    mask = (torch.rand(2, 300, generator=g) < 0.3).to(KERNEL_DEVICE)[:, ::2]
-    inputs = dict(q=q, k=k, v=v, key_padding_mask=mask, residual=residual, scale=None)
-    assert not (k.is_contiguous() or v.is_contiguous() or mask.is_contiguous())
+    inputs = strided_inputs(KERNEL_DEVICE, torch.float32, num_queries=33)
     for path in PATH_SPLITS:
         out, lse = run(inputs, path)
         assert_matches_reference(out, inputs, lse)

@@ -77,6 +77,13 @@ void merge(const ForwardParams& p) {
            [&] { merge_splits_kernel<T>(p); });
 }
 
+// The forward, then the merge when split, as run_forward does on a GPU.
+template <typename T>
+void run(const ForwardParams& p, const LaunchPlan& plan) {
+  forward_for_dims<T>(p, plan);
+  if (p.num_splits > 1) merge<T>(p);
+}
+
 }  // namespace
 }  // namespace pk
 
@@ -145,16 +152,9 @@ extern "C" int pk_emulate_forward(int dtype, const void* q, const int64_t* q_str
     }
     if (plan.shared_bytes > kSharedBufferBytes) throw std::invalid_argument("plan needs too much shared memory");
     switch (p.dtype) {
-      case DType::kFloat32: forward_for_dims<float>(p, plan); break;
-      case DType::kFloat16: forward_for_dims<__half>(p, plan); break;
-      case DType::kBFloat16: forward_for_dims<__nv_bfloat16>(p, plan); break;
-    }
-    if (num_splits > 1) {
-      switch (p.dtype) {
-        case DType::kFloat32: merge<float>(p); break;
-        case DType::kFloat16: merge<__half>(p); break;
-        case DType::kBFloat16: merge<__nv_bfloat16>(p); break;
-      }
+      case DType::kFloat32: run<float>(p, plan); break;
+      case DType::kFloat16: run<__half>(p, plan); break;
+      case DType::kBFloat16: run<__nv_bfloat16>(p, plan); break;
     }
     return 0;
   } catch (const std::exception& e) {
