@@ -32,8 +32,8 @@ def cuda_include_dir() -> Optional[Path]:
 
 def build(directory: Path) -> ctypes.CDLL:
     """Stages the kernel headers with the emulated device_utils.cuh and compiles them."""
-    for header in [*KERNELS.glob("*.h"), *KERNELS.glob("*.cuh")]:
-        shutil.copy(header, directory)
+    for source in [*KERNELS.glob("*.h"), *KERNELS.glob("*.cuh"), KERNELS / "forward_dispatch.cu"]:
+        shutil.copy(source, directory)
     for name in ("device_utils.cuh", "fibers.h", "emulator.cpp"):  # device_utils.cuh replaces the device one
         shutil.copy(HERE / name, directory)
     library = directory / "libemulator.so"
@@ -53,17 +53,6 @@ def _pointer(x: Optional[torch.Tensor]):
     return None if x is None else ctypes.c_void_p(x.data_ptr())
 
 
-def default_plan_flags(q, k, v, out, num_splits) -> dict:
-    """vector_loads and paired_stores as csrc/attention/forward_dispatch.cu decides them."""
-    def aligned_rows(x):
-        chunk = 16 // x.element_size()
-        return x.data_ptr() % 16 == 0 and x.stride(3) == 1 and all(s % chunk == 0 for s in x.stride()[:3])
-
-    out_pairs = out.data_ptr() % 4 == 0 and out.stride(3) == 1 and all(s % 2 == 0 for s in out.stride()[:3])
-    return dict(vector_loads=q.dtype != torch.float32 and all(aligned_rows(x) for x in (q, k, v)),
-                paired_stores=q.dtype != torch.float32 and v.shape[3] % 2 == 0 and (num_splits > 1 or out_pairs))
-
-
 def forward(
     library: ctypes.CDLL,
     q: torch.Tensor,
@@ -72,22 +61,15 @@ def forward(
     key_padding_mask: Optional[torch.Tensor],
     residual: Optional[torch.Tensor],
     scale: float,
-    compiled_dims: tuple[int, int],
     num_splits: int = 1,
-    kv_resident: bool = False,
-    query_tiles_per_block: int = 1,
-    **plan_flags: bool,
+    multiprocessors: int = 132,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CUDA forward on CPU tensors, with the launch plan's choices given explicitly.
-
-    plan_flags may force vector_loads / paired_stores off (on only where the real
-    planner would allow them); by default they are what the planner would choose.
-    """
+    """The CUDA forward path (pk::run_forward) on CPU tensors, on an emulated GPU with
+    `multiprocessors` SMs; num_splits is forced (the split planner is Python's)."""
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     out, lse = allocate_output(q, head_dim_v)
     num_splits, keys_per_split = plan_chunks(1, num_keys, q.device, num_splits)
-    flags = {**default_plan_flags(q, k, v, out, num_splits), **plan_flags}
     partial_out = partial_lse = None
     if num_splits > 1:
         partial_out = torch.empty((batch * heads, num_splits, num_queries, head_dim_v), dtype=torch.float32)
@@ -98,13 +80,22 @@ def forward(
         DTYPE_CODES[q.dtype], _pointer(q), _strides(q), _pointer(k), _strides(k), _pointer(v), _strides(v),
         _pointer(mask), _strides(mask), _pointer(residual), _strides(residual), _pointer(out), _strides(out),
         _pointer(lse), _pointer(partial_out), _pointer(partial_lse),
-        batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, *compiled_dims,
-        ctypes.c_float(scale), num_splits, keys_per_split, int(kv_resident), query_tiles_per_block,
-        int(flags["vector_loads"]), int(flags["paired_stores"]), error, len(error),
+        batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v,
+        ctypes.c_float(scale), num_splits, keys_per_split, multiprocessors, error, len(error),
     )
     if status != 0:
         raise RuntimeError(error.value.decode())
     return out, lse
 
 
-__all__ = ["build", "cuda_include_dir", "default_plan_flags", "forward"]
+def plan(library: ctypes.CDLL, dtype: torch.dtype, batch: int, heads: int, num_queries: int, num_keys: int,
+         head_dims: tuple[int, int], num_splits: int, keys_per_split: int, multiprocessors: int) -> dict:
+    """The launch plan pk::plan_launch makes on the emulated GPU."""
+    resident, tiles, grid_x = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    library.pk_emulate_plan(DTYPE_CODES[dtype], batch, heads, num_queries, num_keys, *head_dims, num_splits,
+                            keys_per_split, multiprocessors, ctypes.byref(resident), ctypes.byref(tiles),
+                            ctypes.byref(grid_x))
+    return dict(kv_resident=bool(resident.value), query_tiles_per_block=tiles.value, grid_x=grid_x.value)
+
+
+__all__ = ["build", "cuda_include_dir", "forward", "plan"]

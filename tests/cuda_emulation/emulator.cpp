@@ -1,16 +1,16 @@
-// Runs the real forward kernels of csrc/attention/ on the CPU, for tests without a GPU.
+// Runs the real forward path of csrc/attention/ on the CPU, for tests without a GPU.
 //
-// The kernel headers are compiled by the host compiler next to the emulated
-// device_utils.cuh of this folder (tests/cuda_emulation/__init__.py stages them):
-// every CUDA thread of a block is a fiber, __syncthreads is a barrier, and warp-wide
-// instructions are collectives. Blocks run one after another and share one buffer as
-// shared memory. cp.async completes at once, so asynchronous-copy races are not
-// modelled; everything else (lane addressing, fragment layouts, masking, the online
-// softmax, the epilogue, split partials and the merge, strides, resident K/V over
-// several query tiles) runs as written.
-//
-// The C entry point takes the launch plan's choices as arguments, so tests can force
-// each path (resident or streaming K/V, vector or element-wise loads, paired stores).
+// The kernel headers and forward_dispatch.cu are compiled by the host compiler next to
+// the emulated device_utils.cuh of this folder (tests/cuda_emulation/__init__.py stages
+// them). What runs is the production code: argument checks, head-dim selection, the
+// launch plan (tiles per block, resident or streaming K/V, vector loads, paired
+// stores), the kernels and the merge. This file supplies only what a GPU would:
+//   - the launchers, which run a grid block after block, every CUDA thread a fiber,
+//     __syncthreads a barrier, warp-wide instructions collectives (device_utils.cuh);
+//   - the few CUDA runtime calls the dispatch makes, answering for emulated devices:
+//     device N has N multiprocessors (the dispatch caches limits per device), and few
+//     SMs make small problems take the resident-K/V plan a real GPU takes for large ones.
+// cp.async completes at once, so asynchronous-copy races are not modelled.
 #include "device_utils.cuh"
 #include "forward_simt.cuh"
 #include "forward_tensor_core.cuh"
@@ -24,13 +24,18 @@ namespace pk {
 constexpr size_t kSharedBufferBytes = 1 << 20;
 alignas(16) unsigned char shared_raw[kSharedBufferBytes];
 
-namespace {
+namespace emulation {
+
+// The emulated devices: an H100's shared memory, as many SMs as the device index.
+constexpr int kSharedPerBlock = 227 * 1024;
+constexpr int kSharedPerSm = 228 * 1024;
 
 template <typename Body>
-void run_grid(dim3 grid, int threads, Body body) {
-  emulation::Barrier block(threads);
-  std::vector<emulation::Warp> warps(threads / 32);
-  std::vector<emulation::ThreadState> initial(threads);
+void run_grid(dim3 grid, int threads, size_t shared_bytes, Body body) {
+  if (shared_bytes > kSharedBufferBytes) throw std::invalid_argument("the plan needs more shared memory than emulated");
+  Barrier block(threads);
+  std::vector<Warp> warps(threads / 32);
+  std::vector<ThreadState> initial(threads);
   for (int t = 0; t < threads; ++t) {
     initial[t].thread_index = make_uint3(t, 0, 0);
     initial[t].warp = &warps[t / 32];
@@ -38,8 +43,8 @@ void run_grid(dim3 grid, int threads, Body body) {
   }
   gridDim = grid;
   blockDim = dim3(threads);
-  emulation::block_barrier = &block;
-  emulation::run_fibers(initial, [&] {
+  block_barrier = &block;
+  run_fibers(initial, [&] {
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
@@ -52,50 +57,66 @@ void run_grid(dim3 grid, int threads, Body body) {
   });
 }
 
+}  // namespace emulation
+
 template <typename T, int DQK, int DV>
-void forward(const ForwardParams& p, const LaunchPlan& plan) {
-  if constexpr (std::is_same_v<T, float>) {
-    run_grid(plan.grid, plan.threads, [&] { forward_simt_kernel<DQK, DV>(p, plan); });
-  } else {
-    run_grid(plan.grid, plan.threads, [&] { forward_tensor_core_kernel<T, DQK, DV>(p, plan); });
+void launch_tensor_core_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t) {
+  emulation::run_grid(plan.grid, plan.threads, plan.shared_bytes,
+                      [&] { forward_tensor_core_kernel<T, DQK, DV>(params, plan); });
+}
+
+template <int DQK, int DV>
+void launch_simt_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t) {
+  emulation::run_grid(plan.grid, plan.threads, plan.shared_bytes, [&] { forward_simt_kernel<DQK, DV>(params, plan); });
+}
+
+template <typename T>
+void emulate_merge(const ForwardParams& p) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.num_queries;
+  emulation::run_grid(dim3(static_cast<unsigned>((rows + kMergeWarps - 1) / kMergeWarps)), 32 * kMergeWarps, 0,
+                      [&] { merge_splits_kernel<T>(p); });
+}
+
+void merge_splits(const ForwardParams& params, cudaStream_t) {
+  switch (params.dtype) {
+    case DType::kFloat32: return emulate_merge<float>(params);
+    case DType::kFloat16: return emulate_merge<__half>(params);
+    case DType::kBFloat16: return emulate_merge<__nv_bfloat16>(params);
   }
 }
 
-template <typename T>
-void forward_for_dims(const ForwardParams& p, const LaunchPlan& plan) {
-#define PK_EMULATE_IF_DIMS(DQK, DV) \
-  if (plan.dims.qk == DQK && plan.dims.v == DV) return forward<T, DQK, DV>(p, plan);
-  PK_FORWARD_HEAD_DIMS(PK_EMULATE_IF_DIMS)
-#undef PK_EMULATE_IF_DIMS
-  throw std::invalid_argument("no compiled pair " + std::to_string(plan.dims.qk) + "/" + std::to_string(plan.dims.v));
-}
-
-template <typename T>
-void merge(const ForwardParams& p) {
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.num_queries;
-  run_grid(dim3(static_cast<unsigned>((rows + kMergeWarps - 1) / kMergeWarps)), 32 * kMergeWarps,
-           [&] { merge_splits_kernel<T>(p); });
-}
-
-// The forward, then the merge when split, as run_forward does on a GPU.
-template <typename T>
-void run(const ForwardParams& p, const LaunchPlan& plan) {
-  forward_for_dims<T>(p, plan);
-  if (p.num_splits > 1) merge<T>(p);
-}
-
-}  // namespace
 }  // namespace pk
 
-extern "C" int pk_emulate_forward(int dtype, const void* q, const int64_t* q_stride, const void* k,
-                                  const int64_t* k_stride, const void* v, const int64_t* v_stride,
-                                  const uint8_t* key_padding, const int64_t* key_padding_stride, const void* residual,
-                                  const int64_t* residual_stride, void* out, const int64_t* out_stride, float* lse,
-                                  float* partial_out, float* partial_lse, int batch, int heads, int num_queries,
-                                  int num_keys, int head_dim_qk, int head_dim_v, int compiled_qk, int compiled_v,
-                                  float scale, int num_splits, int keys_per_split, int kv_resident,
-                                  int query_tiles_per_block, int vector_loads, int paired_stores, char* error,
-                                  int error_size) {
+#include "forward_dispatch.cu"
+
+// The CUDA runtime as forward_dispatch.cu sees it: one emulated device, no errors.
+extern "C" {
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount: *value = device; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = pk::emulation::kSharedPerBlock; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = pk::emulation::kSharedPerSm; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+cudaError_t cudaGetLastError() { return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
+const char* cudaGetErrorString(cudaError_t) { return "emulated device"; }
+
+// The fields of pk::ForwardParams, flat for ctypes; returns 0, or 1 with the message.
+int pk_emulate_forward(int dtype, const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
+                       const void* v, const int64_t* v_stride, const uint8_t* key_padding,
+                       const int64_t* key_padding_stride, const void* residual, const int64_t* residual_stride,
+                       void* out, const int64_t* out_stride, float* lse, float* partial_out, float* partial_lse,
+                       int batch, int heads, int num_queries, int num_keys, int head_dim_qk, int head_dim_v,
+                       float scale, int num_splits, int keys_per_split, int multiprocessors, char* error,
+                       int error_size) {
   using namespace pk;
   try {
     ForwardParams p;
@@ -109,17 +130,12 @@ extern "C" int pk_emulate_forward(int dtype, const void* q, const int64_t* q_str
     p.lse = lse;
     p.partial_out = partial_out;
     p.partial_lse = partial_lse;
-    for (int i = 0; i < 4; ++i) {
-      p.q_stride[i] = q_stride[i];
-      p.k_stride[i] = k_stride[i];
-      p.v_stride[i] = v_stride[i];
-      p.out_stride[i] = out_stride[i];
-      if (residual != nullptr) p.residual_stride[i] = residual_stride[i];
-    }
-    if (key_padding != nullptr) {
-      p.key_padding_stride[0] = key_padding_stride[0];
-      p.key_padding_stride[1] = key_padding_stride[1];
-    }
+    std::copy(q_stride, q_stride + 4, p.q_stride);
+    std::copy(k_stride, k_stride + 4, p.k_stride);
+    std::copy(v_stride, v_stride + 4, p.v_stride);
+    std::copy(out_stride, out_stride + 4, p.out_stride);
+    if (residual != nullptr) std::copy(residual_stride, residual_stride + 4, p.residual_stride);
+    if (key_padding != nullptr) std::copy(key_padding_stride, key_padding_stride + 2, p.key_padding_stride);
     p.batch = batch;
     p.heads = heads;
     p.num_queries = num_queries;
@@ -129,36 +145,34 @@ extern "C" int pk_emulate_forward(int dtype, const void* q, const int64_t* q_str
     p.scale = scale;
     p.num_splits = num_splits;
     p.keys_per_split = keys_per_split;
-
-    LaunchPlan plan;
-    plan.dims = HeadDims{compiled_qk, compiled_v};
-    plan.vector_loads = vector_loads != 0;
-    plan.paired_stores = paired_stores != 0;
-    const unsigned batch_heads = static_cast<unsigned>(batch * heads);
-    if (p.dtype == DType::kFloat32) {
-      plan.threads = config::kSimtThreads;
-      plan.shared_bytes = config::simt_shared_bytes(plan.dims);
-      plan.grid = dim3(config::cdiv(num_queries, config::kSimtBlockM), num_splits, batch_heads);
-    } else {
-      plan.threads = config::kTensorCoreThreads;
-      plan.kv_resident = kv_resident != 0;
-      plan.query_tiles_per_block = query_tiles_per_block;
-      if (plan.kv_resident) {
-        plan.kv_slots = config::cdiv(std::min(keys_per_split, num_keys), config::kTensorCoreBlockN);
-      }
-      plan.shared_bytes = config::tensor_core_shared_bytes(plan.dims, plan.kv_slots);
-      plan.grid = dim3(config::cdiv(config::cdiv(num_queries, config::kTensorCoreBlockM), query_tiles_per_block),
-                       num_splits, batch_heads);
-    }
-    if (plan.shared_bytes > kSharedBufferBytes) throw std::invalid_argument("plan needs too much shared memory");
-    switch (p.dtype) {
-      case DType::kFloat32: run<float>(p, plan); break;
-      case DType::kFloat16: run<__half>(p, plan); break;
-      case DType::kBFloat16: run<__nv_bfloat16>(p, plan); break;
-    }
+    p.device = multiprocessors;
+    run_forward(p, nullptr);
     return 0;
   } catch (const std::exception& e) {
     std::snprintf(error, error_size, "%s", e.what());
     return 1;
   }
+}
+
+// The plan run_forward would launch with, for tests of the planner.
+int pk_emulate_plan(int dtype, int batch, int heads, int num_queries, int num_keys, int head_dim_qk, int head_dim_v,
+                    int num_splits, int keys_per_split, int multiprocessors, int* kv_resident,
+                    int* query_tiles_per_block, int* grid_x) {
+  pk::ForwardParams p;
+  p.dtype = static_cast<pk::DType>(dtype);
+  p.batch = batch;
+  p.heads = heads;
+  p.num_queries = num_queries;
+  p.num_keys = num_keys;
+  p.head_dim_qk = head_dim_qk;
+  p.head_dim_v = head_dim_v;
+  p.num_splits = num_splits;
+  p.keys_per_split = keys_per_split;
+  p.device = multiprocessors;
+  const pk::LaunchPlan plan = pk::plan_launch(p);
+  *kv_resident = plan.kv_resident;
+  *query_tiles_per_block = plan.query_tiles_per_block;
+  *grid_x = static_cast<int>(plan.grid.x);
+  return 0;
+}
 }
