@@ -82,7 +82,7 @@ inline uint32_t pair_bits(uint16_t low, uint16_t high) { return low | (static_ca
 template <typename T>
 float b16_to_float(uint16_t x) {
   T value;
-  std::memcpy(&value, &x, 2);
+  std::memcpy(static_cast<void*>(&value), &x, 2);
   return static_cast<float>(value);
 }
 
