@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -23,18 +24,9 @@ namespace py = pybind11;
 
 namespace {
 
-// Rows are indexed with 32-bit integers inside a tile loop; this bound leaves room
-// for the tile arithmetic past the last row.
+// Sizes become 32-bit integers (rows are indexed with them inside tile loops); this
+// bound leaves room for the tile arithmetic past the last row.
 constexpr int64_t kMaxRows = int64_t{1} << 30;
-
-std::string compiled_pairs_text() {
-  std::string text;
-  for (const pk::HeadDims& dims : pk::compiled_head_dims()) {
-    if (!text.empty()) text += ", ";
-    text += std::to_string(dims.qk) + "/" + std::to_string(dims.v);
-  }
-  return text;
-}
 
 std::vector<std::pair<int, int>> compiled_head_dims() {
   std::vector<std::pair<int, int>> pairs;
@@ -125,7 +117,7 @@ void check_device_pointer(uintptr_t pointer, const char* name, int device) {
   }
 }
 
-void forward(const std::string& dtype, int device, uintptr_t stream, uintptr_t q, const std::vector<int64_t>& q_stride,
+void forward(const std::string& dtype, int64_t device, uintptr_t stream, uintptr_t q, const std::vector<int64_t>& q_stride,
              uintptr_t k, const std::vector<int64_t>& k_stride, uintptr_t v, const std::vector<int64_t>& v_stride,
              uintptr_t key_padding, const std::vector<int64_t>& key_padding_stride, uintptr_t residual,
              const std::vector<int64_t>& residual_stride, uintptr_t out, const std::vector<int64_t>& out_stride,
@@ -134,25 +126,14 @@ void forward(const std::string& dtype, int device, uintptr_t stream, uintptr_t q
              int64_t num_splits, int64_t keys_per_split) {
   pk::ForwardParams p;
   p.dtype = parse_dtype(dtype);
-  check_range(batch, 1, 65535, "batch");
-  check_range(heads, 1, 65535, "heads");
-  check_range(batch * heads, 1, 65535, "batch * heads");
-  check_range(num_queries, 1, kMaxRows, "num_queries");
-  check_range(num_keys, 1, kMaxRows, "num_keys");
-  check_range(head_dim_qk, 1, 1 << 16, "head_dim_qk");
-  check_range(head_dim_v, 1, 1 << 16, "head_dim_v");
-  if (pk::select_head_dims(static_cast<int>(head_dim_qk), static_cast<int>(head_dim_v)).qk == 0) {
-    throw py::value_error("no compiled kernel serves head dims Dqk=" + std::to_string(head_dim_qk) +
-                          " Dv=" + std::to_string(head_dim_v) + "; compiled Dqk/Dv pairs (smaller dims are padded up): " +
-                          compiled_pairs_text());
-  }
-  check_range(num_splits, 1, 65535, "num_splits");
-  check_range(keys_per_split, 1, kMaxRows, "keys_per_split");
-  if (num_splits * keys_per_split < num_keys || (num_splits - 1) * keys_per_split >= num_keys) {
-    throw py::value_error("num_splits chunks of keys_per_split keys must cover num_keys=" + std::to_string(num_keys) +
-                          ", each starting inside it; got " + std::to_string(num_splits) + " * " +
-                          std::to_string(keys_per_split));
-  }
+  // Ranges that make the int conversions below exact; what the kernels support is
+  // checked by pk::check_forward_params.
+  const std::pair<int64_t, const char*> sizes[] = {
+      {batch, "batch"},         {heads, "heads"},           {num_queries, "num_queries"},
+      {num_keys, "num_keys"},   {head_dim_qk, "head_dim_qk"}, {head_dim_v, "head_dim_v"},
+      {num_splits, "num_splits"}, {keys_per_split, "keys_per_split"}};
+  for (const auto& [value, name] : sizes) check_range(value, 1, kMaxRows, name);
+  check_range(device, 0, std::numeric_limits<int>::max(), "device");
   if (!std::isfinite(static_cast<float>(scale))) throw py::value_error("scale must be finite in float32");
   copy_strides(p.q_stride, q_stride, "q_stride");
   copy_strides(p.k_stride, k_stride, "k_stride");
@@ -160,26 +141,7 @@ void forward(const std::string& dtype, int device, uintptr_t stream, uintptr_t q
   copy_strides(p.out_stride, out_stride, "out_stride");
   if (key_padding != 0) copy_strides(p.key_padding_stride, key_padding_stride, "key_padding_stride");
   if (residual != 0) copy_strides(p.residual_stride, residual_stride, "residual_stride");
-  const std::pair<uintptr_t, const char*> required[] = {{q, "q"}, {k, "k"}, {v, "v"}, {out, "out"}, {lse, "lse"}};
-  for (const auto& [pointer, name] : required) {
-    if (pointer == 0) throw py::value_error(std::string(name) + " is a null pointer");
-  }
-  if (num_splits > 1 && (partial_out == 0 || partial_lse == 0)) {
-    throw py::value_error("num_splits > 1 needs partial_out and partial_lse buffers");
-  }
-
-  const int count = device_count();
-  if (count == 0) throw std::runtime_error("no CUDA device is visible; the CUDA kernels need a GPU");
-  check_range(device, 0, count - 1, "device");
-  const std::pair<uintptr_t, const char*> pointers[] = {
-      {q, "q"},     {k, "k"},     {v, "v"},           {key_padding, "key_padding"},
-      {residual, "residual"}, {out, "out"}, {lse, "lse"}, {partial_out, "partial_out"},
-      {partial_lse, "partial_lse"}};
-  for (const auto& [pointer, name] : pointers) {
-    if (pointer != 0) check_device_pointer(pointer, name, device);
-  }
-
-  p.device = device;
+  p.device = static_cast<int>(device);
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
   p.v = reinterpret_cast<const void*>(v);
@@ -198,6 +160,21 @@ void forward(const std::string& dtype, int device, uintptr_t stream, uintptr_t q
   p.scale = static_cast<float>(scale);
   p.num_splits = static_cast<int>(num_splits);
   p.keys_per_split = static_cast<int>(keys_per_split);
+  pk::check_forward_params(p);
+
+  const int count = device_count();
+  if (count == 0) throw std::runtime_error("no CUDA device is visible; the CUDA kernels need a GPU");
+  if (device >= count) {
+    throw py::value_error("device must be below the " + std::to_string(count) + " visible CUDA devices, got " +
+                          std::to_string(device));
+  }
+  const std::pair<uintptr_t, const char*> pointers[] = {
+      {q, "q"},     {k, "k"},     {v, "v"},           {key_padding, "key_padding"},
+      {residual, "residual"}, {out, "out"}, {lse, "lse"}, {partial_out, "partial_out"},
+      {partial_lse, "partial_lse"}};
+  for (const auto& [pointer, name] : pointers) {
+    if (pointer != 0) check_device_pointer(pointer, name, static_cast<int>(device));
+  }
   pk::run_forward(p, reinterpret_cast<cudaStream_t>(stream));
 }
 

@@ -56,7 +56,7 @@ def _arguments(**overrides):
     (dict(head_dim_qk=200), "no compiled kernel serves head dims Dqk=200 Dv=64; compiled Dqk/Dv pairs"),
     (dict(head_dim_v=0), "head_dim_v must be in"),
     (dict(num_keys=0), "num_keys must be in"),
-    (dict(batch=300, heads=300), r"batch \* heads must be in"),
+    (dict(batch=300, heads=300), r"batch \* heads must be at most 65535"),
     (dict(num_splits=2, keys_per_split=4), "must cover num_keys=16"),
     (dict(num_splits=3, keys_per_split=8), "each starting inside it"),
     (dict(num_splits=2, keys_per_split=8), "needs partial_out and partial_lse"),

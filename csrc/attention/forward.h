@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace pk {
@@ -66,6 +67,10 @@ HeadDims select_head_dims(int head_dim_qk, int head_dim_v);
 
 // Every compiled pair, in order of cost.
 std::vector<HeadDims> compiled_head_dims();
+
+// Throws std::invalid_argument saying what is wrong with `params` (sizes, head dims,
+// splits, missing buffers); touches no GPU. run_forward calls it first.
+void check_forward_params(const ForwardParams& params);
 
 // Runs the forward (and the merge when split) on `stream`. Throws std::invalid_argument
 // for unsupported parameters and std::runtime_error for CUDA errors.

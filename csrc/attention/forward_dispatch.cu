@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "forward.h"
 #include "forward_config.h"
@@ -98,32 +99,6 @@ void launch_for_dims(const ForwardParams& p, const LaunchPlan& plan, cudaStream_
                               std::to_string(plan.dims.v));
 }
 
-void check_params(const ForwardParams& p) {
-  if (p.batch < 1 || p.heads < 1 || p.num_queries < 1 || p.num_keys < 1) {
-    throw std::invalid_argument("batch, heads, num_queries and num_keys must all be at least 1");
-  }
-  const HeadDims dims = select_head_dims(p.head_dim_qk, p.head_dim_v);
-  if (dims.qk == 0) {
-    throw std::invalid_argument("no compiled kernel serves head dims Dqk=" + std::to_string(p.head_dim_qk) +
-                                " Dv=" + std::to_string(p.head_dim_v));
-  }
-  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr) {
-    throw std::invalid_argument("q, k, v, out and lse must be device pointers, got a null pointer");
-  }
-  if (p.num_splits < 1 || p.num_splits > 65535 || p.keys_per_split < 1 ||
-      static_cast<int64_t>(p.num_splits) * p.keys_per_split < p.num_keys ||
-      static_cast<int64_t>(p.num_splits - 1) * p.keys_per_split >= p.num_keys) {
-    throw std::invalid_argument(
-        "num_splits (1..65535) chunks of keys_per_split keys must cover num_keys, each starting inside it");
-  }
-  if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) {
-    throw std::invalid_argument("num_splits > 1 needs the partial_out and partial_lse buffers");
-  }
-  if (static_cast<int64_t>(p.batch) * p.heads > 65535) {
-    throw std::invalid_argument("batch * heads must be at most 65535 (one grid dimension)");
-  }
-}
-
 }  // namespace
 
 std::vector<HeadDims> compiled_head_dims() {
@@ -143,6 +118,40 @@ HeadDims select_head_dims(int head_dim_qk, int head_dim_v) {
     if (head_dim_qk <= dims.qk && head_dim_v <= dims.v) return dims;
   }
   return {};
+}
+
+void check_forward_params(const ForwardParams& p) {
+  if (p.batch < 1 || p.heads < 1 || p.num_queries < 1 || p.num_keys < 1) {
+    throw std::invalid_argument("batch, heads, num_queries and num_keys must all be at least 1");
+  }
+  if (static_cast<int64_t>(p.batch) * p.heads > 65535) {
+    throw std::invalid_argument("batch * heads must be at most 65535 (one grid dimension), got " +
+                                std::to_string(static_cast<int64_t>(p.batch) * p.heads));
+  }
+  if (select_head_dims(p.head_dim_qk, p.head_dim_v).qk == 0) {
+    std::string pairs;
+    for (const HeadDims& dims : compiled_head_dims()) {
+      pairs += (pairs.empty() ? "" : ", ") + std::to_string(dims.qk) + "/" + std::to_string(dims.v);
+    }
+    throw std::invalid_argument("no compiled kernel serves head dims Dqk=" + std::to_string(p.head_dim_qk) +
+                                " Dv=" + std::to_string(p.head_dim_v) +
+                                "; compiled Dqk/Dv pairs (smaller dims are padded up): " + pairs);
+  }
+  const std::pair<const void*, const char*> required[] = {
+      {p.q, "q"}, {p.k, "k"}, {p.v, "v"}, {p.out, "out"}, {p.lse, "lse"}};
+  for (const auto& [pointer, name] : required) {
+    if (pointer == nullptr) throw std::invalid_argument(std::string(name) + " is a null pointer");
+  }
+  if (p.num_splits < 1 || p.num_splits > 65535 || p.keys_per_split < 1 ||
+      static_cast<int64_t>(p.num_splits) * p.keys_per_split < p.num_keys ||
+      static_cast<int64_t>(p.num_splits - 1) * p.keys_per_split >= p.num_keys) {
+    throw std::invalid_argument("num_splits (1..65535) chunks of keys_per_split keys must cover num_keys=" +
+                                std::to_string(p.num_keys) + ", each starting inside it; got " +
+                                std::to_string(p.num_splits) + " * " + std::to_string(p.keys_per_split));
+  }
+  if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) {
+    throw std::invalid_argument("num_splits > 1 needs partial_out and partial_lse buffers");
+  }
 }
 
 void check_launch(const char* what) {
@@ -214,7 +223,7 @@ LaunchPlan plan_launch(const ForwardParams& p) {
 }
 
 void run_forward(const ForwardParams& params, cudaStream_t stream) {
-  check_params(params);
+  check_forward_params(params);
   DeviceGuard guard(params.device);
   const LaunchPlan plan = plan_launch(params);
   switch (params.dtype) {
