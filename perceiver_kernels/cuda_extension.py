@@ -11,6 +11,8 @@ import importlib
 from types import ModuleType
 from typing import Optional
 
+import torch
+
 from .machine import machine_fact
 
 NOT_BUILT = (
@@ -99,10 +101,9 @@ def architecture_problem(device_index: int) -> str:
 
     A plain architecture ("80") carries SASS for its major version and PTX that newer
     GPUs compile at load time; an arch-specific one ("90a") runs only on exactly that
-    GPU, a family-specific one ("100f") on its major version. The kernels use mma.sync with bf16, so they need compute capability 8.0.
+    GPU, a family-specific one ("100f") on its major version. The kernels use mma.sync
+    with bf16, so they need compute capability 8.0.
     """
-    import torch
-
     major, minor = torch.cuda.get_device_capability(device_index)
     device = major * 10 + minor
     if device < 80:
