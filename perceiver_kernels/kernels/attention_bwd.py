@@ -28,7 +28,7 @@ their dK and dV are exactly 0.
 import triton
 import triton.language as tl
 
-from .attention_fwd import AUTOTUNE
+from .attention_fwd import AUTOTUNE, _load_rows, _program_coordinates
 
 INF: tl.constexpr = float("inf")
 
@@ -50,13 +50,6 @@ else:
     _CONFIGS = [triton.Config({"BLOCK_INNER": 32}, num_warps=4, num_stages=1)]
 
 _TUNING_KEY = ["BLOCK_DQK", "BLOCK_DV", "BLOCK_OUTER", "tuning_inner_length", "HAS_MASK", "DOT_PRECISION"]
-
-
-@triton.jit
-def _load_rows(ptr, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    return tl.load(ptr + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
-                   mask=row_ok[:, None] & (offs_d < dim)[None, :], other=0.0)
 
 
 @triton.jit
@@ -102,13 +95,7 @@ def attention_bwd_dkdv_kernel(
     BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
 ):
     """dK, dV of BLOCK_OUTER keys over one chunk of the queries; DK/DV[chunk] receive them."""
-    num_key_blocks = tl.cdiv(num_keys, BLOCK_OUTER)
-    pid = tl.program_id(0)
-    key_block = pid % num_key_blocks
-    chunk = (pid // num_key_blocks) % num_chunks
-    bh = (pid // (num_key_blocks * num_chunks)).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
+    key_block, chunk, bh, b, h = _program_coordinates(tl.cdiv(num_keys, BLOCK_OUTER), num_chunks, heads)
 
     keys = (key_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)).to(tl.int64)
     key_ok = _usable_keys(PAD + b * stride_pb, keys, num_keys, stride_pn, HAS_MASK)
@@ -159,13 +146,7 @@ def attention_bwd_dq_kernel(
     BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
 ):
     """dQ of BLOCK_OUTER queries over one chunk of the keys; DQ[chunk] receives it."""
-    num_query_blocks = tl.cdiv(num_queries, BLOCK_OUTER)
-    pid = tl.program_id(0)
-    query_block = pid % num_query_blocks
-    chunk = (pid // num_query_blocks) % num_chunks
-    bh = (pid // (num_query_blocks * num_chunks)).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
+    query_block, chunk, bh, b, h = _program_coordinates(tl.cdiv(num_queries, BLOCK_OUTER), num_chunks, heads)
 
     rows = (query_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)).to(tl.int64)
     row_ok = rows < num_queries

@@ -153,10 +153,22 @@ def _write_rows(
 
 
 @triton.jit
-def _load_query_tile(q_ptr, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK: tl.constexpr):
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    return tl.load(q_ptr + rows[:, None] * stride_qm + offs_dqk[None, :] * stride_qd,
-                   mask=row_ok[:, None] & (offs_dqk < head_dim_qk)[None, :], other=0.0)
+def _program_coordinates(num_blocks, num_chunks, heads):
+    """(block, chunk, bh, b, h) of this program. Programs enumerate blocks fastest, then
+    chunks, then batch*head, so the programs running together share one head's data in L2."""
+    pid = tl.program_id(0)
+    block = pid % num_blocks
+    chunk = (pid // num_blocks) % num_chunks
+    bh = (pid // (num_blocks * num_chunks)).to(tl.int64)
+    return block, chunk, bh, bh // heads, bh % heads
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
+    """Rows `rows` x channels [0, BLOCK_D) of a strided matrix; masked rows and channels read 0."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
+                   mask=row_ok[:, None] & (offs_d < dim)[None, :], other=0.0)
 
 
 @triton.autotune(configs=_TILE_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs})
@@ -176,17 +188,11 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query tile, batch*head), all keys; writes out and lse (B, H, Nq)."""
-    # Query tiles vary fastest, so the programs running together share one head's K/V in L2.
-    num_tiles = tl.cdiv(num_queries, BLOCK_M)
-    pid = tl.program_id(0)
-    tile = pid % num_tiles
-    bh = (pid // num_tiles).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
+    tile, _, bh, b, h = _program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
 
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
-    q = _load_query_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -229,17 +235,11 @@ def attention_fwd_split_kernel(
     its lse in base 2 to PART_LSE (B*H, S, Nq), both contiguous. HAS_RESIDUAL is only
     part of the tuning key here: the merge adds the residual.
     """
-    num_tiles = tl.cdiv(num_queries, BLOCK_M)
-    pid = tl.program_id(0)
-    tile = pid % num_tiles
-    chunk = (pid // num_tiles) % num_splits
-    bh = (pid // (num_tiles * num_splits)).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
+    tile, chunk, bh, b, h = _program_coordinates(tl.cdiv(num_queries, BLOCK_M), num_splits, heads)
 
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
-    q = _load_query_tile(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
 
     key_start = chunk * keys_per_split
     key_end = tl.minimum(key_start + keys_per_split, num_keys)
@@ -272,12 +272,7 @@ def merge_splits_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Combines the S partials of each row: out = sum_s 2^(lse_s - LSE) o_s, + residual."""
-    num_tiles = tl.cdiv(num_queries, BLOCK_M)
-    pid = tl.program_id(0)
-    tile = pid % num_tiles
-    bh = (pid // num_tiles).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
+    tile, _, bh, b, h = _program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
 
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
