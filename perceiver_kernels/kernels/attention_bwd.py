@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .attention_fwd import AUTOTUNE, _load_rows, _program_coordinates
 
-INF: tl.constexpr = float("inf")
+INF = tl.constexpr(float("inf"))
 
 
 def _keep_fitting_configs(configs, named_args, **kwargs):

@@ -35,7 +35,7 @@ import os
 import triton
 import triton.language as tl
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Triton reads TRITON_INTERPRET when it decorates kernels, so the configs are decided
 # at import too. The interpreter (the CPU test path) runs in numpy where tuning means
