@@ -16,10 +16,19 @@ from .problem import allocate_output
 LOG2E = 1.4426950408889634
 
 
-def _query_tile_rows(num_queries: int, block_dv: int) -> int:
-    """Query rows per program of the split kernel: all the latents, up to a tile that fits."""
-    largest = 64 if block_dv > 128 else 128
+def _query_tile_rows(num_queries: int, block_dv: int, exact_fp32: bool) -> int:
+    """Query rows per program of the split kernel: all the latents, up to a tile that fits.
+
+    Exact fp32 dots run on CUDA cores with their operands in registers; taller tiles
+    than 64 rows spill there (sm_80 and sm_90, see tests/triton_compile.py).
+    """
+    largest = 64 if block_dv > 128 or exact_fp32 else 128
     return max(16, min(largest, triton.next_power_of_2(num_queries)))
+
+
+def is_exact_fp32(dtype: torch.dtype, allow_tf32: bool) -> bool:
+    """fp32 inputs are computed in full precision unless the user allowed TF32, as in PyTorch."""
+    return dtype == torch.float32 and not allow_tf32
 
 
 def _tuning_bucket(length_per_program: int) -> int:
@@ -44,10 +53,10 @@ class ForwardPlan:
 
 def plan_forward(
     batch: int, heads: int, num_queries: int, num_keys: int, head_dim_v: int,
-    device: torch.device, num_splits: Optional[int] = None,
+    device: torch.device, num_splits: Optional[int] = None, exact_fp32: bool = False,
 ) -> ForwardPlan:
     """Chooses the number of key splits of the forward (see plan_chunks)."""
-    tile_rows = _query_tile_rows(num_queries, triton.next_power_of_2(head_dim_v))
+    tile_rows = _query_tile_rows(num_queries, triton.next_power_of_2(head_dim_v), exact_fp32)
     programs = triton.cdiv(num_queries, tile_rows) * batch * heads
     num_splits, keys_per_split = plan_chunks(programs, num_keys, device, num_splits)
     return ForwardPlan(num_splits, keys_per_split, tile_rows)
@@ -58,8 +67,7 @@ def _shared_arguments(q, v, key_padding_mask, allow_tf32) -> tuple[torch.Tensor,
     # Absent mask: any valid pointer with zero strides; HAS_MASK keeps it unread.
     pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    # fp32 inputs are computed in full precision unless the user allowed TF32, as in PyTorch.
-    dot_precision = "tf32" if (q.dtype != torch.float32 or allow_tf32) else "ieee"
+    dot_precision = "ieee" if is_exact_fp32(q.dtype, allow_tf32) else "tf32"  # tf32 is ignored for 16-bit inputs
     constexprs = dict(
         BLOCK_DQK=max(16, triton.next_power_of_2(q.shape[-1])),
         BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
@@ -88,7 +96,8 @@ def attention_forward(
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     out, lse = allocate_output(q, head_dim_v)
-    plan = plan_forward(batch, heads, num_queries, num_keys, head_dim_v, q.device, num_splits)
+    plan = plan_forward(batch, heads, num_queries, num_keys, head_dim_v, q.device, num_splits,
+                        is_exact_fp32(q.dtype, allow_tf32))
 
     pad, pad_strides, common = _shared_arguments(q, v, key_padding_mask, allow_tf32)
     # Absent residual: any valid pointer with zero strides; HAS_RESIDUAL keeps it unread.

@@ -118,3 +118,14 @@ def test_split_plan_fills_the_gpu(monkeypatch):
     assert dec1.num_splits == 1
     assert short.num_splits == 1
     assert enc3.keys_per_split % 128 == 0 and enc3.keys_per_split * enc3.num_splits >= 400_000
+
+
+def test_exact_fp32_splits_with_shorter_query_tiles(monkeypatch):
+    """Exact fp32 dots keep operands in registers: 64-row tiles, so twice the programs."""
+    from perceiver_kernels import chunking
+
+    monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    exact = plan_forward(1, 8, 256, 400_000, 64, gpu, exact_fp32=True)  # 32 programs unsplit
+    assert exact.query_tile_rows == 64 and exact.num_splits == 9
+    assert plan_forward(1, 8, 256, 400_000, 64, gpu).query_tile_rows == 128

@@ -69,10 +69,11 @@ class TritonBackend(Backend):
         return reasons
 
     def describe(self, problem: Problem) -> str:
-        from ..triton_launch import plan_forward
+        from ..triton_launch import is_exact_fp32, plan_forward
 
         plan = plan_forward(problem.batch, problem.heads, problem.num_queries, problem.num_keys,
-                            problem.head_dim_v, problem.device)
+                            problem.head_dim_v, problem.device,
+                            exact_fp32=is_exact_fp32(problem.dtype, torch.backends.cuda.matmul.allow_tf32))
         return f"triton ({plan.describe()})"
 
     def forward(self, q, k, v, key_padding_mask, residual, scale, dropout_p):

@@ -28,26 +28,33 @@ their dK and dV are exactly 0.
 import triton
 import triton.language as tl
 
-from .attention_fwd import AUTOTUNE, _load_rows, _program_coordinates
+from .attention_fwd import AUTOTUNE, AUTOTUNE_TIMER, _load_rows, _program_coordinates
 
 INF = tl.constexpr(float("inf"))
 
 
 def _keep_fitting_configs(configs, named_args, **kwargs):
-    """Inner blocks no longer than the range a program walks; small tiles for wide heads."""
+    """Inner blocks no longer than the range a program walks; small tiles for wide heads;
+    8 warps for exact fp32, whose CUDA-core dots spill with 4 (see the forward's pruning).
+    Without autotuning the first config that is kept runs."""
     args = {**named_args, **kwargs}
     inner = max(16, triton.next_power_of_2(max(1, args["tuning_inner_length"])))
     wide_head = max(args["BLOCK_DQK"], args["BLOCK_DV"]) > 128
+    exact_fp32 = args["DOT_PRECISION"] == "ieee"
     kept = [c for c in configs
-            if c.kwargs["BLOCK_INNER"] <= inner and not (wide_head and (c.kwargs["BLOCK_INNER"] > 32 or c.num_stages > 1))]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_INNER"], c.num_stages))]
+            if c.kwargs["BLOCK_INNER"] <= inner
+            and not (wide_head and (c.kwargs["BLOCK_INNER"] > 32 or c.num_stages > 1))
+            and not (exact_fp32 and c.num_warps < 8)]
+    kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_INNER"], c.num_stages))]
+    return kept if AUTOTUNE else kept[:1]
 
 
 if AUTOTUNE:
     _CONFIGS = [triton.Config({"BLOCK_INNER": n}, num_warps=w, num_stages=s)
                 for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
-else:
-    _CONFIGS = [triton.Config({"BLOCK_INNER": 32}, num_warps=4, num_stages=1)]
+else:  # one config for 16-bit inputs, then one for exact fp32 (the pruning picks)
+    _CONFIGS = [triton.Config({"BLOCK_INNER": 32}, num_warps=4, num_stages=1),
+                triton.Config({"BLOCK_INNER": 32}, num_warps=8, num_stages=1)]
 
 _TUNING_KEY = ["BLOCK_DQK", "BLOCK_DV", "BLOCK_OUTER", "tuning_inner_length", "HAS_MASK", "DOT_PRECISION"]
 
@@ -77,7 +84,8 @@ def _row_stats(lse_ptr, delta_ptr, rows, row_ok):
     return lse, delta
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs})
+@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs},
+                 do_bench=AUTOTUNE_TIMER)
 @triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, PAD, DO, LSE, DELTA, DK, DV,
@@ -129,7 +137,8 @@ def attention_bwd_dkdv_kernel(
                 stride_dvn, stride_dvd, head_dim_v, BLOCK_DV)
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs})
+@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs},
+                 do_bench=AUTOTUNE_TIMER)
 @triton.jit
 def attention_bwd_dq_kernel(
     Q, K, V, PAD, DO, LSE, DELTA, DQ,

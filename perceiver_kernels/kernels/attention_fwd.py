@@ -51,10 +51,15 @@ def _keep_fitting_configs(configs, named_args, **kwargs):
     - A key block larger than the keys a program sees only multiplies padding.
     - Head dims above 128 double the register/shared-memory cost of every tile:
       keep tiles of at most 64x64 and at most 2 pipeline stages there.
+    - Exact fp32 (DOT_PRECISION "ieee") multiplies on CUDA cores with both operands
+      in registers: tiles above 64x32 or fewer than 8 warps spill (ptxas for sm_80
+      and sm_90, tests/triton_compile.py).
+    Without autotuning the first config that is kept runs.
     """
     args = {**named_args, **kwargs}
     keys_per_program = max(16, triton.next_power_of_2(max(1, args["tuning_keys_per_program"])))
     wide_head = max(args["BLOCK_DQK"], args["BLOCK_DV"]) > 128
+    exact_fp32 = args["DOT_PRECISION"] == "ieee"
     kept = []
     for config in configs:
         block_n = config.kwargs["BLOCK_N"]
@@ -63,9 +68,21 @@ def _keep_fitting_configs(configs, named_args, **kwargs):
             continue
         if wide_head and (block_n > 64 or block_m > 64 or config.num_stages > 2):
             continue
+        if exact_fp32 and (block_n > 32 or block_m > 64 or config.num_warps < 8):
+            continue
         kept.append(config)
     # Tiny shapes prune everything above 16 keys: fall back to the smallest tile.
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_M", 0), c.num_stages))]
+    kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_M", 0), c.num_stages))]
+    return kept if AUTOTUNE else kept[:1]
+
+
+def _no_benchmark(kernel_call, quantiles):
+    """The autotuners' timer without autotuning: the pruning leaves one config, which
+    older Triton releases still time at every new tuning key; this times nothing."""
+    return [0.0] * len(quantiles)
+
+
+AUTOTUNE_TIMER = None if AUTOTUNE else _no_benchmark
 
 
 def _configs(block_ms, block_ns, warps, stages):
@@ -81,9 +98,10 @@ def _configs(block_ms, block_ns, warps, stages):
 if AUTOTUNE:
     _TILE_CONFIGS = _configs((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
     _SPLIT_CONFIGS = _configs((None,), (32, 64, 128), (4, 8), (2, 3, 4))
-else:
-    _TILE_CONFIGS = _configs((32 if INTERPRETED else 64,), (64,), (4,), (2,))
-    _SPLIT_CONFIGS = _configs((None,), (64,), (4,), (2,))
+else:  # one config for 16-bit inputs, then one for exact fp32 (the pruning picks)
+    _TILE_CONFIGS = (_configs((32 if INTERPRETED else 64,), (64,), (4,), (2,))
+                     + _configs((32 if INTERPRETED else 64,), (32,), (8,), (2,)))
+    _SPLIT_CONFIGS = _configs((None,), (64,), (4,), (2,)) + _configs((None,), (32,), (8,), (2,))
 
 _TUNING_KEY = ["BLOCK_DQK", "BLOCK_DV", "tuning_keys_per_program", "HAS_MASK", "HAS_RESIDUAL", "DOT_PRECISION"]
 
@@ -171,7 +189,8 @@ def _load_rows(ptr, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constex
                    mask=row_ok[:, None] & (offs_d < dim)[None, :], other=0.0)
 
 
-@triton.autotune(configs=_TILE_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs})
+@triton.autotune(configs=_TILE_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs},
+                 do_bench=AUTOTUNE_TIMER)
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, PAD, RES, OUT, LSE,
@@ -214,7 +233,7 @@ def attention_fwd_kernel(
 
 
 @triton.autotune(configs=_SPLIT_CONFIGS, key=_TUNING_KEY + ["BLOCK_M"],
-                 prune_configs_by={"early_config_prune": _keep_fitting_configs})
+                 prune_configs_by={"early_config_prune": _keep_fitting_configs}, do_bench=AUTOTUNE_TIMER)
 @triton.jit
 def attention_fwd_split_kernel(
     Q, K, V, PAD, PART_OUT, PART_LSE,

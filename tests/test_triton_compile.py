@@ -1,0 +1,113 @@
+"""The Triton kernels compile for NVIDIA GPUs and fit them: checked without a GPU.
+
+The interpreter runs the kernels' arithmetic but never their compiler. Here every
+launch the launchers make (each dtype and head-dim pair, ENCODE and DECODE, forward
+and backward) is compiled to SASS for sm_80 and sm_90 by tests/triton_compile.py in
+a subprocess (it needs TRITON_INTERPRET unset), with the one fixed config the GPU
+test run uses and with every tuned config of the anchor problem.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HAS_GPU
+from tests.triton_compile import DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT, SHARED_MEMORY_LIMIT
+
+pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernel tests compile every kernel for real")
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = {"attention_fwd_kernel", "attention_fwd_split_kernel", "merge_splits_kernel",
+           "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
+
+
+def compile_records(*args: str, autotune: bool, shards: int = 2) -> list[dict]:
+    """Records of `python -m tests.triton_compile ARGS`, run in `shards` processes at once."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PERCEIVER_KERNELS_AUTOTUNE"] = "1" if autotune else "0"
+    processes = [subprocess.Popen([sys.executable, "-m", "tests.triton_compile", *args, "--shard", f"{i}/{shards}"],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(shards)]
+    records = []
+    for process in processes:
+        out, err = process.communicate(timeout=1800)
+        if process.returncode == MISSING_INTERNALS_EXIT:
+            pytest.skip(err.strip().splitlines()[-1])
+        assert process.returncode == 0, err[-4000:]
+        records += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return records
+
+
+def failures(records: list[dict]) -> list[str]:
+    return [f"{r['problem']} {r['kernel']} sm_{r['arch']} {r['config']}: {r['error'][:600]}"
+            for r in records if r["error"]]
+
+
+@pytest.fixture(scope="module")
+def fixed_config_builds():
+    return compile_records(autotune=False)
+
+
+@pytest.fixture(scope="module")
+def tuned_anchor_builds():
+    return compile_records("--dtypes", "bfloat16", "--head-dims", "64/64", "--arch", "90", autotune=True)
+
+
+def test_every_launch_compiles_for_sm80_and_sm90_with_the_fixed_config(fixed_config_builds):
+    assert not failures(fixed_config_builds), "\n".join(failures(fixed_config_builds))
+    for dtype in DTYPES:
+        for dqk, dv in HEAD_DIMS:
+            for arch in SHARED_MEMORY_LIMIT:
+                built = {r["kernel"] for r in fixed_config_builds
+                         if r["problem"].startswith(f"{dtype} {dqk}/{dv} ") and r["arch"] == arch}
+                assert built == KERNELS, (dtype, dqk, dv, arch)
+
+
+def test_the_fixed_config_fits_the_shared_memory_of_every_target(fixed_config_builds):
+    too_big = [f"{r['problem']} {r['kernel']} sm_{r['arch']}: {r['shared_bytes']} bytes"
+               for r in fixed_config_builds if not r["error"] and r["shared_bytes"] > SHARED_MEMORY_LIMIT[r["arch"]]]
+    assert not too_big, "\n".join(too_big)
+
+
+def test_every_tuned_config_of_the_anchor_compiles_and_one_per_kernel_does_not_spill(tuned_anchor_builds):
+    assert not failures(tuned_anchor_builds), "\n".join(failures(tuned_anchor_builds))
+    configs = {r["kernel"]: set() for r in tuned_anchor_builds}
+    for r in tuned_anchor_builds:
+        configs[r["kernel"]].add(json.dumps(r["config"], sort_keys=True))
+    assert len(configs["attention_fwd_kernel"]) > 10 and len(configs["attention_bwd_dq_kernel"]) > 4
+    for kernel in configs:
+        clean = [r for r in tuned_anchor_builds if r["kernel"] == kernel and r["stack_bytes"] == 0
+                 and r["shared_bytes"] <= SHARED_MEMORY_LIMIT[90]]
+        assert clean, f"every tuned config of {kernel} spills registers or overflows shared memory"
+
+
+def test_the_compile_check_reports_what_the_interpreter_accepts(tmp_path):
+    """A global that is not a tl.constexpr runs in the interpreter but fails to compile:
+    the check must report it as an error, not pass."""
+    kernel_file = tmp_path / "broken_kernel.py"
+    kernel_file.write_text(
+        "import triton\nimport triton.language as tl\n\n"
+        "SCALE: tl.constexpr = 2.0\n\n\n"
+        "@triton.jit\ndef scale_kernel(X, n, BLOCK: tl.constexpr):\n"
+        "    offs = tl.arange(0, BLOCK)\n"
+        "    tl.store(X + offs, tl.load(X + offs, mask=offs < n) * SCALE, mask=offs < n)\n"
+    )
+    script = (
+        "import json, sys, torch\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from broken_kernel import scale_kernel\n"
+        "from tests.triton_compile import Problem, compile_launch\n"
+        "problem = Problem('float32', 16, 16, 1, 1)\n"
+        "args, kwargs = (torch.zeros(16), 16), {'BLOCK': 16}\n"
+        "print(json.dumps([r.error for r in compile_launch(scale_kernel, args, kwargs, 90, problem)]))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (error,) = json.loads(result.stdout.splitlines()[-1])
+    assert error and "constexpr" in error
