@@ -33,15 +33,9 @@ def _count_cases(device: torch.device, size: str, suites: list[str]) -> int:
     """An estimate of the cases to measure, for the progress bar."""
     total = 0
     if "op" in suites:
-        shapes = op_suite.CPU_SHAPES if device.type != "cuda" else op_suite.GPU_SHAPES
-        if device.type == "cuda" and size == "quick":
-            shapes = [s for s in shapes if s.name in op_suite.QUICK_GPU]
-        backward = len(shapes) if device.type != "cuda" else len([s for s in shapes if s.name in op_suite.BACKWARD_GPU])
-        total += (len(shapes) + backward) * len(op_suite.providers(device))
+        total += len(op_suite.cases(device, size)) * len(op_suite.providers(device))
     if "scaling" in suites:
-        config = scaling_suite.CPU_CONFIG if device.type != "cuda" else (
-            scaling_suite.GPU_FULL if size == "full" else scaling_suite.GPU_QUICK)
-        total += 2 * len(config.sizes)
+        total += 2 * len(scaling_suite.config_for(device, size).sizes)
     if "model" in suites:
         total += 6
     return total

@@ -1,9 +1,10 @@
 """The `op` suite: cross_attention forward, and forward+backward, against naive attention
 and each SDPA backend.
 
-Shapes are the Perceiver IO anchors of the project's roofline table (ENC-1..3,
+Shapes are the Perceiver IO anchors of the project's roofline table (ENC-1..4,
 DEC-1..2), with and without a key padding mask (a mask forces SDPA onto a kernel
-that never splits the keys); the CPU runs scaled-down versions of the same shapes.
+that never splits the keys), and two forward sweeps: ENCODE over the number of
+inputs M and DECODE over the number of outputs O. The CPU runs scaled-down versions.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Shape:
     num_keys: int
     head_dim: int
     masked: bool = False
+    sweep: str = ""  # "encode" or "decode": a point of that sweep, plotted against its long side
 
     def flops(self, backward: bool) -> int:
         """The forward's count, plus BACKWARD_FACTOR times it for the backward."""
@@ -53,6 +55,7 @@ GPU_SHAPES = [
     Shape("ENC-2", 1, 16, 2048, 182_528, 64),
     Shape("ENC-3", 1, 8, 256, 400_000, 64),
     Shape("ENC-3 masked", 1, 8, 256, 400_000, 64, masked=True),
+    Shape("ENC-4", 8, 8, 256, 50_176, 32),
     Shape("DEC-1", 8, 8, 50_176, 256, 64),
     Shape("DEC-2", 1, 8, 800_000, 2048, 64),
 ]
@@ -63,6 +66,27 @@ CPU_SHAPES = [
 ]
 QUICK_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
 BACKWARD_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
+
+
+def sweep_shapes(batch: int, heads: int, short_side: int, long_sides: tuple[int, ...], head_dim: int) -> list[Shape]:
+    """ENCODE (short_side latents over M inputs) and DECODE (O outputs over short_side latents)."""
+    return ([Shape(f"ENC M={m}", batch, heads, short_side, m, head_dim, sweep="encode") for m in long_sides]
+            + [Shape(f"DEC O={o}", batch, heads, o, short_side, head_dim, sweep="decode") for o in long_sides])
+
+
+GPU_SWEEP = sweep_shapes(1, 8, 256, (4096, 16_384, 65_536, 262_144, 1_048_576), 64)  # full size only
+CPU_SWEEP = sweep_shapes(1, 4, 64, (1024, 4096, 16_384), 64)
+
+
+def cases(device: torch.device, size: str) -> list[tuple[Shape, bool]]:
+    """(shape, with backward) of every measured pass: the anchors forward, the backward
+    where it is measured, then the forward sweeps."""
+    if device.type != "cuda":
+        return [(s, False) for s in CPU_SHAPES] + [(s, True) for s in CPU_SHAPES] + [(s, False) for s in CPU_SWEEP]
+    shapes = GPU_SHAPES if size == "full" else [s for s in GPU_SHAPES if s.name in QUICK_GPU]
+    sweep = GPU_SWEEP if size == "full" else []
+    return ([(s, False) for s in shapes] + [(s, True) for s in shapes if s.name in BACKWARD_GPU]
+            + [(s, False) for s in sweep])
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -138,25 +162,20 @@ def _timed_call(fn: Callable[[dict], torch.Tensor], inputs: dict, backward: bool
 
 def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    if device.type == "cuda" and size == "quick":
-        shapes = [s for s in shapes if s.name in QUICK_GPU]
-    passes = [(s, False) for s in shapes]
-    passes += [(s, True) for s in shapes if device.type != "cuda" or s.name in BACKWARD_GPU]
     rows = []
-    for shape, backward in passes:
+    for shape, backward in cases(device, size):
         inputs = make_inputs(shape, device, dtype)
-        element_size = inputs["q"].element_size()
         case_flops = shape.flops(backward)
+        case_bytes = shape.min_bytes(inputs["q"].element_size(), backward)
         roofline_ms = 1e3 * max(case_flops / (ceilings["matmul_tflops"] * 1e12),
-                                shape.min_bytes(element_size, backward) / (ceilings["copy_gbps"] * 1e9))
+                                case_bytes / (ceilings["copy_gbps"] * 1e9))
         for name, fn in providers(device).items():
             pass_name = "forward+backward" if backward else "forward"
             progress(f"{shape.name} {pass_name} / {name}")
             row = {"suite": "op", "pass": pass_name, "case": shape.name, "provider": name,
                    "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
                    "d": shape.head_dim, "masked": shape.masked, "dtype": str(dtype).replace("torch.", ""),
-                   "flops": case_flops, "roofline_ms": roofline_ms}
+                   "sweep": shape.sweep, "flops": case_flops, "min_bytes": case_bytes, "roofline_ms": roofline_ms}
             call = _timed_call(fn, inputs, backward)
             if name in OUR_BACKENDS:
                 q = inputs["q"].detach().requires_grad_(backward)
@@ -164,6 +183,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
                                          backend=OUR_BACKENDS[name]).path
             row.update(guarded_measure(call, device, case_flops))
             if row["status"] == "ok":
+                row["gbps"] = case_bytes / (row["median_ms"] * 1e-3) / 1e9
                 row["roofline_pct"] = 100 * roofline_ms / row["median_ms"]
             rows.append(row)
         del inputs

@@ -41,8 +41,8 @@ def scaling_plot(rows: list[dict], path: Path, device: str) -> bool:
 
 
 def op_plot(rows: list[dict], path: Path, device: str) -> bool:
-    """Achieved TFLOP/s per case and provider (grouped bars)."""
-    data = _ok(rows, "op")
+    """Achieved TFLOP/s per anchor case and provider (grouped bars)."""
+    data = [r for r in _ok(rows, "op") if not r.get("sweep")]
     if not data:
         return False
     cases = list(dict.fromkeys(f"{r['case']}\n{r['pass']}" for r in data))
@@ -64,9 +64,34 @@ def op_plot(rows: list[dict], path: Path, device: str) -> bool:
     return True
 
 
+def sweep_plot(rows: list[dict], path: Path, device: str) -> bool:
+    """% of the roofline against the long side: ENCODE over M inputs, DECODE over O outputs."""
+    data = [r for r in _ok(rows, "op") if r.get("sweep")]
+    if not data:
+        return False
+    sweeps = (("encode", "Nk", "inputs M (keys)"), ("decode", "Nq", "outputs O (queries)"))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for axis, (sweep, size_field, label) in zip(axes, sweeps):
+        points = [r for r in data if r["sweep"] == sweep]
+        for provider in dict.fromkeys(r["provider"] for r in points):
+            line = sorted((r[size_field], r["roofline_pct"]) for r in points if r["provider"] == provider)
+            axis.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=provider)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel(label)
+        axis.set_title(sweep.upper())
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("% of roofline (higher is better)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"cross_attention forward across sizes ({device})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def write_plots(rows: list[dict], out_dir: Path, device: str) -> list[str]:
     written = []
-    for name, plot in (("op.png", op_plot), ("scaling.png", scaling_plot)):
+    for name, plot in (("op.png", op_plot), ("sweep.png", sweep_plot), ("scaling.png", scaling_plot)):
         if plot(rows, out_dir / name, device):
             written.append(name)
     return written

@@ -70,8 +70,8 @@ def summary_table(rows: list[dict]) -> str:
             if is_baseline(row["provider"]) and row["status"] == "ok":
                 baseline[key] = min(baseline.get(key, float("inf")), row["median_ms"])
         lines = [f"### {SUITE_TITLES[suite]}", "",
-                 f"| case | pass | provider | ms | TFLOP/s | % roofline | peak MiB | vs {label} | note |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 f"| case | pass | provider | ms | TFLOP/s | GB/s | % roofline | peak MiB | vs {label} | note |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for row in suite_rows:
             ok = row["status"] == "ok"
             key = (row["case"], row.get("pass", ""))
@@ -79,7 +79,8 @@ def summary_table(rows: list[dict]) -> str:
             note = row.get("path", "") if ok else row["status"]
             lines.append(
                 f"| {row['case']} | {key[1]} | {row['provider']} | {_fmt(row.get('median_ms'), '.3f')} | "
-                f"{_fmt(row.get('tflops'), '.2f')} | {_fmt(row.get('roofline_pct'), '.0f')} | "
+                f"{_fmt(row.get('tflops'), '.2f')} | {_fmt(row.get('gbps'), '.0f')} | "
+                f"{_fmt(row.get('roofline_pct'), '.0f')} | "
                 f"{_fmt(row.get('peak_mib'), '.0f')} | {_fmt(speedup, '.2f') + 'x' if speedup else '-'} | {note} |"
             )
         sections.append("\n".join(lines))
@@ -103,7 +104,8 @@ def write(out_dir: Path, env: dict, rows: list[dict]) -> str:
         "",
         f"Ceilings measured in this run: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s "
         f"({ceilings['matmul_dtype']}), copy {ceilings['copy_gbps']:.0f} GB/s. "
-        "Times are medians; % roofline = max(FLOPs / matmul peak, minimum bytes / copy bandwidth) / time.",
+        "Times are medians; GB/s = minimum bytes (inputs read and outputs written once) / time; "
+        "% roofline = max(FLOPs / matmul peak, minimum bytes / copy bandwidth) / time.",
         "",
     ]
     figures = "".join(f"\n![{name}]({name})\n" for name in plots)

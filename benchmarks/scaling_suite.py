@@ -37,6 +37,12 @@ GPU_FULL = ScalingConfig(width=256, heads=8, num_latents=256, depth=4,
                          sizes=(1024, 4096, 16384, 65536, 131072, 262144, 524288))
 
 
+def config_for(device: torch.device, size: str) -> ScalingConfig:
+    if device.type != "cuda":
+        return CPU_CONFIG
+    return GPU_FULL if size == "full" else GPU_QUICK
+
+
 def perceiver_stack(config: ScalingConfig) -> perceiver.PerceiverIO:
     w = config.width
     return perceiver.PerceiverIO(
@@ -66,7 +72,7 @@ def transformer_flops(config: ScalingConfig, size: int) -> int:
 
 
 def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
-    config = CPU_CONFIG if device.type != "cuda" else (GPU_FULL if size == "full" else GPU_QUICK)
+    config = config_for(device, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = {
         "perceiver_io": (perceiver_stack(config), perceiver_flops),

@@ -22,6 +22,7 @@ def counted(fn) -> int:
 
 def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(op_suite, "CPU_SHAPES", [op_suite.Shape("tiny", 1, 2, 8, 64, 16, masked=True)])
+    monkeypatch.setattr(op_suite, "CPU_SWEEP", op_suite.sweep_shapes(1, 2, 8, (32, 64), 16))
     monkeypatch.setattr(scaling_suite, "CPU_CONFIG", scaling_suite.ScalingConfig(16, 2, 4, 1, sizes=(16, 32)))
     monkeypatch.setattr(model_suite, "CPU_CONFIG", model_suite.ModelConfig(4, 4, 16, 1, 1, 2, batch=1, num_labels=3))
     cli.main(["--device", "cpu", "--out", str(tmp_path)])
@@ -29,7 +30,7 @@ def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys):
     env, rows = results["environment"], results["results"]
     assert env["torch"] and env["commit"] and env["ceilings"]["matmul_tflops"] > 0
     assert {row["suite"] for row in rows} == {"op", "scaling", "model"}
-    op_rows = [row for row in rows if row["suite"] == "op"]
+    op_rows = [row for row in rows if row["suite"] == "op" and not row["sweep"]]
     assert {row["provider"] for row in op_rows} == {"perceiver_kernels", "naive", "sdpa"}
     assert {row["pass"] for row in op_rows} == {"forward", "forward+backward"}
     forward_flops = 4 * 2 * 8 * 64 * 16
@@ -37,12 +38,19 @@ def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys):
         assert row["status"] == "ok" and row["median_ms"] > 0, row
     for row in op_rows:
         assert row["flops"] == (forward_flops if row["pass"] == "forward" else 3.5 * forward_flops)
+        forward_bytes = 2 * (2 * 8 + 2 * 64) * 16 * 4  # B H (Nq read + written, Nk of k and v) d, fp32
+        assert row["min_bytes"] == (forward_bytes if row["pass"] == "forward" else 3 * forward_bytes)
+        assert row["gbps"] == pytest.approx(row["min_bytes"] / row["median_ms"] / 1e6)
+    sweep_rows = [row for row in rows if row["suite"] == "op" and row["sweep"]]
+    assert {(row["sweep"], row["Nq"], row["Nk"]) for row in sweep_rows} == {
+        ("encode", 8, 32), ("encode", 8, 64), ("decode", 32, 8), ("decode", 64, 8)}
+    assert {row["pass"] for row in sweep_rows} == {"forward"}
     assert {row["provider"] for row in rows if row["suite"] == "model"} == {
         "perceiver_kernels", "hf_transformers", "perceiver_pytorch"}
     report = (tmp_path / "report.md").read_text()
     assert "| tiny | forward | perceiver_kernels |" in report and "torch (scaled_dot_product_attention)" in report
-    assert "![scaling.png](scaling.png)" in report and "![op.png](op.png)" in report
-    for plot in ("op.png", "scaling.png"):
+    for plot in ("op.png", "sweep.png", "scaling.png"):
+        assert f"![{plot}]({plot})" in report
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     assert "| M=32 | inference | perceiver_io |" in capsys.readouterr().out
 
@@ -63,7 +71,7 @@ def test_report_shows_failed_rows_and_missing_baselines():
     table = summary_table(rows)
     assert "out of memory" in table and "unsupported: No kernel" in table and "triton (split-KV)" in table
     assert "### Scaling with input size M" in table
-    assert "| s | forward | perceiver_kernels | 1.000 | 2.00 | 50 | - | - |" in table  # no baseline ran
+    assert "| s | forward | perceiver_kernels | 1.000 | 2.00 | - | 50 | - | - |" in table  # no baseline ran
 
 
 def test_attention_flops_match_flop_counter_forward_and_backward():
@@ -101,3 +109,13 @@ def test_providers_named_in_bench_skip_providers_are_left_out(monkeypatch):
     assert "naive" in op_suite.providers(cpu)
     monkeypatch.setenv("BENCH_SKIP_PROVIDERS", "naive, sdpa")
     assert set(op_suite.providers(cpu)) == {"perceiver_kernels"}
+
+
+def test_gpu_cases_cover_every_anchor_and_the_sweeps_at_full_size():
+    cuda = torch.device("cuda")  # cases() only plans: no GPU needed
+    full = op_suite.cases(cuda, "full")
+    names = {shape.name for shape, _ in full}
+    assert {shape.name for shape in op_suite.GPU_SHAPES} <= names
+    assert {"ENC-4", "ENC M=1048576", "DEC O=1048576"} <= names
+    assert {shape.name for shape, backward in full if backward} == set(op_suite.BACKWARD_GPU)
+    assert {shape.name for shape, _ in op_suite.cases(cuda, "quick")} == set(op_suite.QUICK_GPU)
