@@ -52,11 +52,12 @@ class ForwardPlan:
 
 
 def plan_forward(
-    batch: int, heads: int, num_queries: int, num_keys: int, head_dim_v: int,
+    batch: int, heads: int, num_queries: int, num_keys: int, head_dim_qk: int, head_dim_v: int,
     device: torch.device, num_splits: Optional[int] = None, exact_fp32: bool = False,
 ) -> ForwardPlan:
     """Chooses the number of key splits of the forward (see plan_chunks)."""
-    tile_rows = _query_tile_rows(num_queries, triton.next_power_of_2(head_dim_v), exact_fp32)
+    _, block_dv = head_dim_blocks(head_dim_qk, head_dim_v, tensor_cores=not exact_fp32)
+    tile_rows = _query_tile_rows(num_queries, block_dv, exact_fp32)
     programs = triton.cdiv(num_queries, tile_rows) * batch * heads
     num_splits, keys_per_split = plan_chunks(programs, num_keys, device, num_splits)
     return ForwardPlan(num_splits, keys_per_split, tile_rows)
@@ -67,14 +68,33 @@ def _shared_arguments(q, v, key_padding_mask, allow_tf32) -> tuple[torch.Tensor,
     # Absent mask: any valid pointer with zero strides; HAS_MASK keeps it unread.
     pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    dot_precision = "ieee" if is_exact_fp32(q.dtype, allow_tf32) else "tf32"  # tf32 is ignored for 16-bit inputs
+    exact_fp32 = is_exact_fp32(q.dtype, allow_tf32)
+    block_dqk, block_dv = head_dim_blocks(q.shape[-1], v.shape[-1], tensor_cores=not exact_fp32)
     constexprs = dict(
-        BLOCK_DQK=max(16, triton.next_power_of_2(q.shape[-1])),
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
-        DOT_PRECISION=dot_precision,
+        BLOCK_DQK=block_dqk,
+        BLOCK_DV=block_dv,
+        DOT_PRECISION="ieee" if exact_fp32 else "tf32",  # tf32 is ignored for 16-bit inputs
         HAS_MASK=key_padding_mask is not None,
     )
     return pad, pad_strides, constexprs
+
+
+def head_dim_blocks(head_dim_qk: int, head_dim_v: int, *, tensor_cores: bool) -> tuple[int, int]:
+    """(BLOCK_DQK, BLOCK_DV): each head dim padded to a power of two of at least 16.
+
+    On tensor cores a value block narrower than the query/key block is widened to
+    it. Triton 3.6 on an H200 computed P @ V wrong for 16-bit BLOCK_DQK > BLOCK_DV
+    (40/24: forward error 1.8, then illegal memory accesses) while every other pair,
+    fp32 on CUDA cores, and the same call with equal blocks were right; the PTX of
+    the failing launch shows correct operand packing, V layout and descriptors, so
+    the fault is below what the compile check can see. tests/repro_chained_dots.py
+    is the minimal kernel that shows whether an installed Triton is affected.
+    """
+    block_dqk = max(16, triton.next_power_of_2(head_dim_qk))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    if tensor_cores and block_dqk > block_dv:
+        block_dv = block_dqk
+    return block_dqk, block_dv
 
 
 def _device_context(x: torch.Tensor):
@@ -96,7 +116,7 @@ def attention_forward(
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     out, lse = allocate_output(q, head_dim_v)
-    plan = plan_forward(batch, heads, num_queries, num_keys, head_dim_v, q.device, num_splits,
+    plan = plan_forward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.device, num_splits,
                         is_exact_fp32(q.dtype, allow_tf32))
 
     pad, pad_strides, common = _shared_arguments(q, v, key_padding_mask, allow_tf32)

@@ -109,10 +109,10 @@ def test_split_plan_fills_the_gpu(monkeypatch):
 
     monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)  # an H100
     gpu = torch.device("cuda", 0)
-    enc3 = plan_forward(1, 8, 256, 400_000, 64, gpu)  # 16 programs unsplit
-    enc1 = plan_forward(8, 8, 256, 50_176, 64, gpu)   # 128 programs unsplit
-    dec1 = plan_forward(8, 8, 50_176, 256, 64, gpu)   # thousands of query tiles
-    short = plan_forward(1, 1, 64, 700, 64, gpu)      # too few keys for a split to pay
+    enc3 = plan_forward(1, 8, 256, 400_000, 64, 64, gpu)  # 16 programs unsplit
+    enc1 = plan_forward(8, 8, 256, 50_176, 64, 64, gpu)   # 128 programs unsplit
+    dec1 = plan_forward(8, 8, 50_176, 256, 64, 64, gpu)   # thousands of query tiles
+    short = plan_forward(1, 1, 64, 700, 64, 64, gpu)      # too few keys for a split to pay
     assert enc3.num_splits == 17
     assert enc1.num_splits == 3
     assert dec1.num_splits == 1
@@ -126,6 +126,35 @@ def test_exact_fp32_splits_with_shorter_query_tiles(monkeypatch):
 
     monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)
     gpu = torch.device("cuda", 0)
-    exact = plan_forward(1, 8, 256, 400_000, 64, gpu, exact_fp32=True)  # 32 programs unsplit
+    exact = plan_forward(1, 8, 256, 400_000, 64, 64, gpu, exact_fp32=True)  # 32 programs unsplit
     assert exact.query_tile_rows == 64 and exact.num_splits == 9
-    assert plan_forward(1, 8, 256, 400_000, 64, gpu).query_tile_rows == 128
+    assert plan_forward(1, 8, 256, 400_000, 64, 64, gpu).query_tile_rows == 128
+
+
+@pytest.mark.parametrize("dtype, allow_tf32, block_dv", [
+    ("float16", False, 64), ("bfloat16", False, 64),  # tensor cores: V block widened to the Q/K block
+    ("float32", True, 64),                             # TF32 dots run on tensor cores too
+    ("float32", False, 32),                            # exact fp32 on CUDA cores keeps its own width
+])
+def test_launches_widen_the_value_block_on_tensor_cores(dtype, allow_tf32, block_dv):
+    """Dqk=40, Dv=24 (blocks 64 and 32) gave wrong results with 16-bit inputs on an H200
+    (Triton 3.6) unless both blocks were 64: every kernel the launchers start for such
+    inputs, forward and backward, ENCODE and DECODE, gets equal blocks on tensor cores."""
+    from tests.triton_compile import Problem, record_launches
+
+    for num_queries, num_keys in ((128, 4096), (4096, 128)):
+        launches = record_launches(Problem(dtype, 40, 24, num_queries, num_keys), allow_tf32=allow_tf32)
+        assert len(launches) >= 3
+        for kernel, _, kwargs in launches:
+            assert kwargs["BLOCK_DV"] == block_dv, kernel
+            assert kwargs.get("BLOCK_DQK", 64) == 64, kernel
+
+
+def test_chained_dots_reproducer_runs_and_is_right_in_the_interpreter():
+    """The reproducer of the Hopper head-dim bug must itself be trustworthy: in the
+    interpreter (exact numpy dots) every case is right."""
+    from tests import repro_chained_dots
+
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("on a GPU the reproducer tests the installed Triton, not itself")
+    assert repro_chained_dots.main(["--dtypes", "float16", "--device", "cpu"]) == 0

@@ -89,7 +89,7 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
-def record_launches(problem: Problem) -> list[tuple]:
+def record_launches(problem: Problem, allow_tf32: bool = False) -> list[tuple]:
     """(kernel, args, kwargs) of every launch of one forward and one backward call."""
     from perceiver_kernels import triton_launch
     from perceiver_kernels.kernels import attention_bwd, attention_fwd
@@ -112,10 +112,10 @@ def record_launches(problem: Problem) -> list[tuple]:
     try:
         for module, name, kernel in originals:
             setattr(module, name, _Recorder(kernel, launches))
-        out, lse = triton_launch.attention_forward(q, k, v, mask, residual, scale, allow_tf32=False)
+        out, lse = triton_launch.attention_forward(q, k, v, mask, residual, scale, allow_tf32=allow_tf32)
         out, lse = torch.randn_like(out), torch.randn_like(lse)
         triton_launch.attention_backward(torch.randn_like(out), q, k, v, mask, residual, out, lse, scale,
-                                         allow_tf32=False)
+                                         allow_tf32=allow_tf32)
     finally:
         for module, name, kernel in originals:
             setattr(module, name, kernel)

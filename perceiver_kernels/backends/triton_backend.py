@@ -72,7 +72,7 @@ class TritonBackend(Backend):
         from ..triton_launch import is_exact_fp32, plan_forward
 
         plan = plan_forward(problem.batch, problem.heads, problem.num_queries, problem.num_keys,
-                            problem.head_dim_v, problem.device,
+                            problem.head_dim_qk, problem.head_dim_v, problem.device,
                             exact_fp32=is_exact_fp32(problem.dtype, torch.backends.cuda.matmul.allow_tf32))
         return f"triton ({plan.describe()})"
 
