@@ -145,3 +145,27 @@ def test_torch_compile_traces_the_op(backend):
     longer = make_inputs(Case(num_queries=9, num_keys=70, head_dim_v=24, mask=True, residual=True), KERNEL_DEVICE)
     args = (longer["q"], longer["k"], longer["v"], longer["key_padding_mask"], longer["residual"])
     torch.testing.assert_close(compiled(*args), block(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_backend_ignores_whatever_padding_keys_hold(dtype):
+    """NaN and Inf in padding keys and values change neither outputs nor gradients."""
+    from tests.attention_cases import nan_padding_inputs
+
+    case = Case(num_queries=6, num_keys=40, head_dim_v=24, dtype=dtype, mask=True, residual=True, transposed=True)
+    poisoned, clean = nan_padding_inputs(case, "cpu")
+    padding = poisoned["key_padding_mask"][:, None, :].expand(-1, case.heads, -1)
+    poisoned["v"][padding] = float("inf")
+    results = []
+    for inputs in (poisoned, clean):
+        leaves = {n: inputs[n].detach().requires_grad_() for n in ("q", "k", "v")}
+        out = pk.cross_attention(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=inputs["key_padding_mask"],
+                                 residual=inputs["residual"], backend="torch")
+        out.backward(torch.ones_like(out))
+        results.append((out, *(leaves[n].grad for n in ("q", "k", "v"))))
+    for poisoned_result, clean_result in zip(*results):
+        assert torch.isfinite(poisoned_result).all()
+        torch.testing.assert_close(poisoned_result, clean_result, rtol=0, atol=0)
+    _, dq, dk, dv = results[0]
+    assert torch.count_nonzero(dq[0]) == 0  # batch 0: every key is padding
+    assert torch.count_nonzero(dk[padding]) == 0 and torch.count_nonzero(dv[padding]) == 0

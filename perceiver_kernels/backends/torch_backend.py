@@ -17,10 +17,15 @@ class TorchBackend(Backend):
 
     The only backend with attention dropout (SDPA's).
 
-    SDPA's handling of rows whose keys are all padding differs between its kernels
-    (0 on some, NaN on others), so those rows never reach it: their keys are
-    unmasked for the call and their output is zeroed afterwards, which also gives
-    them exactly zero gradients.
+    Padding keys may hold anything, NaN and Inf included, yet must not reach the
+    result: SDPA gives them weight 0 but still multiplies (0 * NaN = NaN) and adds
+    its -inf bias to their scores (NaN - inf = NaN). So k and v are copied with their
+    padding rows zeroed (one copy of each, the price of the contract on this path;
+    the fused kernels never load padding rows), which also leaves those rows' input
+    gradients exactly zero. SDPA's handling of rows whose keys are all padding differs
+    between its kernels (0 on some, NaN on others), so those rows never reach it:
+    their keys are unmasked for the call and their output is zeroed afterwards, which
+    also gives them exactly zero gradients.
     """
 
     name = "torch"
@@ -38,6 +43,8 @@ class TorchBackend(Backend):
             return reference_attention(q, k, v, key_padding_mask=key_padding_mask, residual=residual, scale=scale)
         attn_mask = None
         if key_padding_mask is not None:
+            padding_rows = key_padding_mask[:, None, :, None]
+            k, v = k.masked_fill(padding_rows, 0.0), v.masked_fill(padding_rows, 0.0)
             all_padding = key_padding_mask.all(dim=1)
             attend = ~key_padding_mask | all_padding[:, None]
             attn_mask = attend[:, None, None, :]
