@@ -122,5 +122,20 @@ def _cuda_forward_backward(ctx, dout, _dlse):
     return *_gradients(ctx, dout), None
 
 
+def _no_double_backward(ctx, ddq, ddk, ddv):
+    raise RuntimeError(
+        "double backward (a gradient of a gradient, e.g. torch.autograd.grad(..., create_graph=True) then "
+        "backward) is not supported by the fused kernels (nor by SDPA's fused kernels behind backend='torch'); "
+        "perceiver_kernels.reference_attention is twice differentiable (it materialises the Nq x Nk scores)"
+    )
+
+
+def _mark_double_backward(ctx, inputs, output):
+    pass
+
+
 triton_forward.register_autograd(_triton_forward_backward, setup_context=_save_for_backward)
+# Recorded only when the first backward itself builds a graph (create_graph=True), so
+# that differentiating it again fails with this message instead of torch's generic one.
+triton_backward.register_autograd(_no_double_backward, setup_context=_mark_double_backward)
 cuda_forward.register_autograd(_cuda_forward_backward, setup_context=_save_cuda_forward_for_backward)

@@ -14,6 +14,11 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# Every backend forms the scores q.k * scale in at least float32. Beyond this bound the
+# softmax is a hard maximum anyway, and scores of ordinary inputs overflow float32
+# (1e38 turns q.k = 10 into inf, and the softmax into NaN), so the bound is an error.
+MAX_ABS_SCALE = 2.0**16
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -130,8 +135,9 @@ def validate(
     else:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+        if not (math.isfinite(scale) and abs(scale) <= MAX_ABS_SCALE):
+            raise ValueError(f"scale must be finite with |scale| <= {MAX_ABS_SCALE:g} (larger scales overflow the "
+                             f"float32 scores q.k * scale), got {scale}")
         scale = float(scale)
 
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):

@@ -11,9 +11,8 @@ import triton
 
 from .chunking import plan_chunks
 from .kernels import attention_bwd, attention_fwd
+from .kernels.common import LOG2E
 from .problem import allocate_output
-
-LOG2E = 1.4426950408889634
 
 
 def _query_tile_rows(num_queries: int, block_dv: int, exact_fp32: bool) -> int:

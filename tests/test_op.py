@@ -169,3 +169,42 @@ def test_torch_backend_ignores_whatever_padding_keys_hold(dtype):
     _, dq, dk, dv = results[0]
     assert torch.count_nonzero(dq[0]) == 0  # batch 0: every key is padding
     assert torch.count_nonzero(dk[padding]) == 0 and torch.count_nonzero(dv[padding]) == 0
+
+
+def test_double_backward_through_the_kernels_says_it_is_not_supported():
+    inputs = make_inputs(Case(num_queries=5, num_keys=40), KERNEL_DEVICE)
+    q = inputs["q"].requires_grad_()
+    out = pk.cross_attention(q, inputs["k"], inputs["v"], backend="triton")
+    (grad,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* not supported.*reference_attention"):
+        grad.sum().backward()
+    # What the message offers instead does work.
+    q.grad = None
+    out = pk.reference_attention(q, inputs["k"], inputs["v"])
+    (grad,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    grad.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_explain_and_the_call_agree_when_triton_interpret_is_set_late():
+    """TRITON_INTERPRET set after torch (and so triton) was imported cannot take effect:
+    explain() must not promise triton, and the call must refuse the same way."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch, perceiver_kernels as pk\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "q = torch.randn(1, 1, 4, 16)\n"
+        "explanation = pk.explain(q, q, q, backend='triton')\n"
+        "assert explanation.chosen == '', str(explanation)\n"
+        "try:\n"
+        "    pk.cross_attention(q, q, q, backend='triton')\n"
+        "except pk.BackendRefusedError as error:\n"
+        "    assert 'before the first import of torch' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('the call ran')\n"
+    )
+    env = {key: value for key, value in __import__("os").environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

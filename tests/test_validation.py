@@ -44,6 +44,8 @@ def call(**overrides):
         (dict(residual=1.0), TypeError, ["residual"]),
         (dict(scale=torch.tensor(0.5)), TypeError, ["scale", "float"]),
         (dict(scale=float("nan")), ValueError, ["scale", "finite"]),
+        (dict(scale=1e39), ValueError, ["scale", "|scale| <= 65536"]),
+        (dict(scale=-1e38), ValueError, ["scale", "|scale| <= 65536"]),
         (dict(scale=True), TypeError, ["scale"]),
         (dict(backend="flash"), ValueError, ["backend", "'auto'", "'triton'", "'cuda'", "'torch'"]),
         (dict(dropout_p=1.0), ValueError, ["dropout_p", "[0, 1)"]),
@@ -68,3 +70,10 @@ def test_explain_validates_too():
 def test_integer_scale_is_accepted():
     args = good()
     torch.testing.assert_close(pk.cross_attention(**args, scale=1), pk.reference_attention(**args, scale=1.0))
+
+
+@pytest.mark.parametrize("scale", [65536.0, -65536.0, 0.0, 1e-30])
+def test_scales_in_the_accepted_range_give_the_reference(scale):
+    args = good()
+    torch.testing.assert_close(pk.cross_attention(**args, scale=scale),
+                               pk.reference_attention(**args, scale=scale, upcast=True).float())

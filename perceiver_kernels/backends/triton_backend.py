@@ -18,9 +18,11 @@ def _machine_refusals(device_type: str, auto: bool) -> str:
     """Why Triton cannot run on tensors of this device type here, or ""."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton; wheels exist for Linux)"
-    # The kernels were decorated interpreted or compiled at import; ask them.
-    from ..kernels.attention_fwd import INTERPRETED
+    from ..kernels.common import INTERPRETED, interpreter_mismatch
 
+    mismatch = interpreter_mismatch()
+    if mismatch:
+        return mismatch
     if device_type == "cpu":
         if not INTERPRETED:
             return "tensors are on cpu; Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for testing)"
@@ -34,7 +36,7 @@ def _machine_refusals(device_type: str, auto: bool) -> str:
 
 @machine_fact
 def _bfloat16_refusal(device_type: str, device_index: int | None) -> str:
-    from ..kernels.attention_fwd import INTERPRETED
+    from ..kernels.common import INTERPRETED
 
     if device_type == "cpu" and INTERPRETED:
         return "bfloat16 tl.dot gives wrong results in the Triton interpreter"

@@ -28,7 +28,7 @@ their dK and dV are exactly 0.
 import triton
 import triton.language as tl
 
-from .attention_fwd import AUTOTUNE, AUTOTUNE_TIMER, _load_rows, _program_coordinates
+from .common import AUTOTUNE, AUTOTUNE_TIMER, LOG2E_CONSTEXPR, load_rows, program_coordinates, usable_keys
 
 INF = tl.constexpr(float("inf"))
 
@@ -67,18 +67,9 @@ def _store_rows(ptr, value, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl
 
 
 @triton.jit
-def _usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
-    key_ok = keys < key_end
-    if HAS_MASK:
-        is_pad = tl.load(pad_ptr + keys * stride_pad_n, mask=key_ok, other=1)
-        key_ok = key_ok & (is_pad == 0)
-    return key_ok
-
-
-@triton.jit
 def _row_stats(lse_ptr, delta_ptr, rows, row_ok):
     """lse in base 2 with +inf for rows without keys (so their P is 0), and Delta."""
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf")) * LOG2E_CONSTEXPR
     lse = tl.where(lse == float("-inf"), INF, lse)
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
     return lse, delta
@@ -103,12 +94,12 @@ def attention_bwd_dkdv_kernel(
     BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
 ):
     """dK, dV of BLOCK_OUTER keys over one chunk of the queries; DK/DV[chunk] receive them."""
-    key_block, chunk, bh, b, h = _program_coordinates(tl.cdiv(num_keys, BLOCK_OUTER), num_chunks, heads)
+    key_block, chunk, bh, b, h = program_coordinates(tl.cdiv(num_keys, BLOCK_OUTER), num_chunks, heads)
 
     keys = (key_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)).to(tl.int64)
-    key_ok = _usable_keys(PAD + b * stride_pb, keys, num_keys, stride_pn, HAS_MASK)
-    k = _load_rows(K + b * stride_kb + h * stride_kh, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
+    key_ok = usable_keys(PAD + b * stride_pb, keys, num_keys, stride_pn, HAS_MASK)
+    k = load_rows(K + b * stride_kb + h * stride_kh, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
+    v = load_rows(V + b * stride_vb + h * stride_vh, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
 
     q_ptr = Q + b * stride_qb + h * stride_qh
     do_ptr = DO + b * stride_dob + h * stride_doh
@@ -119,8 +110,8 @@ def attention_bwd_dkdv_kernel(
     for block_start in range(query_start, query_end, BLOCK_INNER):
         rows = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         row_ok = rows < query_end
-        q = _load_rows(q_ptr, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
-        do = _load_rows(do_ptr, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
+        q = load_rows(q_ptr, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+        do = load_rows(do_ptr, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
         lse, delta = _row_stats(LSE + bh * num_queries, DELTA + bh * num_queries, rows, row_ok)
         # Transposed scores (keys x queries), so that P^T dO and dS^T Q need no transposes.
         t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
@@ -155,12 +146,12 @@ def attention_bwd_dq_kernel(
     BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
 ):
     """dQ of BLOCK_OUTER queries over one chunk of the keys; DQ[chunk] receives it."""
-    query_block, chunk, bh, b, h = _program_coordinates(tl.cdiv(num_queries, BLOCK_OUTER), num_chunks, heads)
+    query_block, chunk, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_OUTER), num_chunks, heads)
 
     rows = (query_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)).to(tl.int64)
     row_ok = rows < num_queries
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
     lse, delta = _row_stats(LSE + bh * num_queries, DELTA + bh * num_queries, rows, row_ok)
 
     k_ptr = K + b * stride_kb + h * stride_kh
@@ -170,9 +161,9 @@ def attention_bwd_dq_kernel(
     key_end = tl.minimum(key_start + keys_per_chunk, num_keys)
     for block_start in range(key_start, key_end, BLOCK_INNER):
         keys = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
-        key_ok = _usable_keys(PAD + b * stride_pb, keys, key_end, stride_pn, HAS_MASK)
-        k = _load_rows(k_ptr, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
-        v = _load_rows(v_ptr, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
+        key_ok = usable_keys(PAD + b * stride_pb, keys, key_end, stride_pn, HAS_MASK)
+        k = load_rows(k_ptr, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
+        v = load_rows(v_ptr, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
         t = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         p = tl.where(key_ok[None, :], tl.math.exp2(t - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)

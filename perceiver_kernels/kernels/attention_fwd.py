@@ -30,19 +30,10 @@ load and store is masked, so any Nq, Nk and head dim (padded to a power of two
 inside) work, with any strides.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-LN2 = tl.constexpr(0.6931471805599453)
-
-# Triton reads TRITON_INTERPRET when it decorates kernels, so the configs are decided
-# at import too. The interpreter (the CPU test path) runs in numpy where tuning means
-# nothing; PERCEIVER_KERNELS_AUTOTUNE=0 skips tuning on GPUs (fast first calls, e.g.
-# in test suites that visit hundreds of shapes) with one config that fits every head dim.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "1") != "0" and not INTERPRETED
+from .common import AUTOTUNE, AUTOTUNE_TIMER, INTERPRETED, LN2, load_rows, program_coordinates, usable_keys
 
 
 def _keep_fitting_configs(configs, named_args, **kwargs):
@@ -74,15 +65,6 @@ def _keep_fitting_configs(configs, named_args, **kwargs):
     # Tiny shapes prune everything above 16 keys: fall back to the smallest tile.
     kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_M", 0), c.num_stages))]
     return kept if AUTOTUNE else kept[:1]
-
-
-def _no_benchmark(kernel_call, quantiles):
-    """The autotuners' timer without autotuning: the pruning leaves one config, which
-    older Triton releases still time at every new tuning key; this times nothing."""
-    return [0.0] * len(quantiles)
-
-
-AUTOTUNE_TIMER = None if AUTOTUNE else _no_benchmark
 
 
 def _configs(block_ms, block_ns, warps, stages):
@@ -123,10 +105,7 @@ def _accumulate_keys(
     dv_ok = offs_dv < head_dim_v
     for block_start in range(key_start, key_end, BLOCK_N):
         keys = (block_start + offs_n).to(tl.int64)
-        key_ok = keys < key_end
-        if HAS_MASK:
-            is_pad = tl.load(pad_ptr + keys * stride_pad_n, mask=key_ok, other=1)
-            key_ok = key_ok & (is_pad == 0)
+        key_ok = usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK)
         # Padding keys are never loaded: whatever they hold (even NaN) cannot leak in.
         k_t = tl.load(k_ptr + keys[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
                       mask=key_ok[None, :] & dqk_ok[:, None], other=0.0)
@@ -170,25 +149,6 @@ def _write_rows(
     tl.store(lse_ptr + rows * stride_lm, lse, mask=row_ok)
 
 
-@triton.jit
-def _program_coordinates(num_blocks, num_chunks, heads):
-    """(block, chunk, bh, b, h) of this program. Programs enumerate blocks fastest, then
-    chunks, then batch*head, so the programs running together share one head's data in L2."""
-    pid = tl.program_id(0)
-    block = pid % num_blocks
-    chunk = (pid // num_blocks) % num_chunks
-    bh = (pid // (num_blocks * num_chunks)).to(tl.int64)
-    return block, chunk, bh, bh // heads, bh % heads
-
-
-@triton.jit
-def _load_rows(ptr, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
-    """Rows `rows` x channels [0, BLOCK_D) of a strided matrix; masked rows and channels read 0."""
-    offs_d = tl.arange(0, BLOCK_D)
-    return tl.load(ptr + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
-                   mask=row_ok[:, None] & (offs_d < dim)[None, :], other=0.0)
-
-
 @triton.autotune(configs=_TILE_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs},
                  do_bench=AUTOTUNE_TIMER)
 @triton.jit
@@ -207,11 +167,11 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query tile, batch*head), all keys; writes out and lse (B, H, Nq)."""
-    tile, _, bh, b, h = _program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
+    tile, _, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
 
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -254,11 +214,11 @@ def attention_fwd_split_kernel(
     its lse in base 2 to PART_LSE (B*H, S, Nq), both contiguous. HAS_RESIDUAL is only
     part of the tuning key here: the merge adds the residual.
     """
-    tile, chunk, bh, b, h = _program_coordinates(tl.cdiv(num_queries, BLOCK_M), num_splits, heads)
+    tile, chunk, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_M), num_splits, heads)
 
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
 
     key_start = chunk * keys_per_split
     key_end = tl.minimum(key_start + keys_per_split, num_keys)
@@ -291,7 +251,7 @@ def merge_splits_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Combines the S partials of each row: out = sum_s 2^(lse_s - LSE) o_s, + residual."""
-    tile, _, bh, b, h = _program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
+    tile, _, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
 
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
