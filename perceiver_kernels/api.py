@@ -38,7 +38,9 @@ def cross_attention(
             cannot serve the input). explain() shows the choice.
 
     Any strides are accepted: a (B, L, H, D) tensor viewed with .transpose(1, 2)
-    works without a copy. Returns (B, H, Nq, Dv) in the dtype of q.
+    works without a copy. Returns (B, H, Nq, Dv) in the dtype of q; the fused kernels
+    lay it out as (B, Nq, H, Dv), so merging the heads is free, while "torch" returns
+    SDPA's layout.
     """
     problem, scale = validate(q, k, v, key_padding_mask, residual, scale, dropout_p)
     impl = dispatch.select(problem, backend)

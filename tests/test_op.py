@@ -208,3 +208,13 @@ def test_explain_and_the_call_agree_when_triton_interpret_is_set_late():
     env = {key: value for key, value in __import__("os").environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_output_layout_of_each_backend_is_as_documented():
+    """README: the fused kernels lay the output out as (B, Nq, H, Dv), torch as SDPA does."""
+    inputs = make_inputs(Case(num_queries=10, num_keys=20, head_dim_v=24, transposed=True), "cpu")
+    out = pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], backend="torch")
+    assert out.shape == (2, 2, 10, 24) and out.is_contiguous()
+    if not HAS_GPU:
+        out = pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], backend="triton")
+        assert out.shape == (2, 2, 10, 24) and out.transpose(1, 2).is_contiguous()
