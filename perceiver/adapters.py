@@ -19,17 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import check_channels, check_dims
 from .position import FourierPositionEncoding, TrainablePositionEncoding
-
-
-def _check_dims(name: str, tensor: torch.Tensor, dims: Sequence[int], expected: str) -> None:
-    if tensor.dim() not in dims:
-        raise ValueError(f"{name} must be {expected}, got shape {tuple(tensor.shape)}")
-
-
-def _check_channels(name: str, tensor: torch.Tensor, channels: int) -> None:
-    if tensor.shape[-1] != channels:
-        raise ValueError(f"{name} must have {channels} channels in its last dimension, got shape {tuple(tensor.shape)}")
 
 
 def _load(target: nn.Module, source: nn.Module) -> None:
@@ -162,7 +153,7 @@ class TokenInputAdapter(nn.Module):
         self.max_seq_len = max_seq_len
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        _check_dims("token_ids", token_ids, (2,), "(B, L)")
+        check_dims("token_ids", token_ids, (2,), "(B, L)")
         if token_ids.shape[1] > self.max_seq_len:
             raise ValueError(f"token_ids has {token_ids.shape[1]} tokens, more than max_seq_len={self.max_seq_len}")
         positions = torch.arange(token_ids.shape[1], device=token_ids.device)
@@ -264,13 +255,13 @@ class ImageInputAdapter(_GridInputAdapter):
         self.patch_projection = nn.Linear(patch_channels, out_channels) if conv_after_patching else nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        _check_dims("images", images, (4, 5), "(B, C, H, W) or (B, T, C, H, W)")
+        check_dims("images", images, (4, 5), "(B, C, H, W) or (B, T, C, H, W)")
         if images.shape[-3] != self.in_channels:
             raise ValueError(f"images must have {self.in_channels} channels in dimension -3, "
                              f"got shape {tuple(images.shape)}")
         s, t = self.spatial_downsample, self.temporal_downsample
         if self.prep_type in ("conv", "conv1x1"):
-            _check_dims("images", images, (4,), f"(B, C, H, W) for prep_type={self.prep_type!r}")
+            check_dims("images", images, (4,), f"(B, C, H, W) for prep_type={self.prep_type!r}")
             features = self.featurizer(images).permute(0, 2, 3, 1)
         elif self.prep_type == "pixels":
             if images.dim() == 4:
@@ -376,8 +367,8 @@ class OneHotInputAdapter(nn.Module):
         self.num_channels = num_classes
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        _check_dims("labels", labels, (2,), "(B, num_classes)")
-        _check_channels("labels", labels, self.num_channels)
+        check_dims("labels", labels, (2,), "(B, num_classes)")
+        check_channels("labels", labels, self.num_channels)
         return labels[:, None, :]
 
     @classmethod
@@ -461,8 +452,8 @@ class ClassificationOutputAdapter(nn.Module):
         self.classifier = nn.Linear(in_channels, num_classes)
 
     def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        _check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
-        _check_channels("outputs", outputs, self.classifier.in_features)
+        check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
+        check_channels("outputs", outputs, self.classifier.in_features)
         # HF projects every query and keeps the first; projecting only it is the same.
         return self.classifier(outputs[:, 0])
 
@@ -488,8 +479,8 @@ class EmbeddingDecoderOutputAdapter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings))
 
     def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        _check_dims("outputs", outputs, (3,), "(B, L, C)")
-        _check_channels("outputs", outputs, self.embedding.embedding_dim)
+        check_dims("outputs", outputs, (3,), "(B, L, C)")
+        check_channels("outputs", outputs, self.embedding.embedding_dim)
         return F.linear(outputs, self.embedding.weight, self.bias)
 
     @classmethod
@@ -512,8 +503,8 @@ class ProjectionOutputAdapter(nn.Module):
         self.projection = nn.Linear(in_channels, out_channels)
 
     def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        _check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
-        _check_channels("outputs", outputs, self.projection.in_features)
+        check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
+        check_channels("outputs", outputs, self.projection.in_features)
         return self.projection(outputs)
 
     @classmethod
@@ -536,8 +527,8 @@ class AudioOutputAdapter(nn.Module):
         self.projection = nn.Linear(in_channels, samples_per_patch)
 
     def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        _check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
-        _check_channels("outputs", outputs, self.projection.in_features)
+        check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
+        check_channels("outputs", outputs, self.projection.in_features)
         return self.projection(outputs).reshape(outputs.shape[0], -1)
 
     @classmethod
@@ -579,7 +570,7 @@ class MultimodalOutputAdapter(nn.Module):
     def _split(outputs: torch.Tensor, modality_sizes: Optional[Mapping[str, int]]) -> Dict[str, torch.Tensor]:
         if modality_sizes is None:
             raise ValueError("modality_sizes must be given (to forward or the constructor) when outputs is a tensor")
-        _check_dims("outputs", outputs, (3,), "(B, O, C)")
+        check_dims("outputs", outputs, (3,), "(B, O, C)")
         names = sorted(modality_sizes)
         sizes = [modality_sizes[name] for name in names]
         if sum(sizes) != outputs.shape[1]:
@@ -614,7 +605,7 @@ class FlowOutputAdapter(nn.Module):
         self.rescale_factor = rescale_factor
 
     def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        _check_dims("outputs", outputs, (3,), "(B, H*W, C)")
+        check_dims("outputs", outputs, (3,), "(B, H*W, C)")
         if outputs.shape[1] != math.prod(self.output_image_shape):
             raise ValueError(f"outputs has {outputs.shape[1]} positions, but output_image_shape "
                              f"{self.output_image_shape} has {math.prod(self.output_image_shape)}")
