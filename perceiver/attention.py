@@ -18,6 +18,8 @@ from torch import nn
 
 import perceiver_kernels as pk
 
+from .checks import check_backend, check_channels, check_dims, check_dropout, check_positive_int
+
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, L, H*D) -> (B, H, L, D) as a view: the op takes any strides."""
@@ -42,6 +44,8 @@ class CrossAttention(nn.Module):
     Extras, all off by default: `value_dim_head` (Dv != Dqk), `qkv_bias`,
     `key_padding_mask` (True = padding, the op's own convention), `backend`.
     `dropout` drops attention probabilities in training (through PyTorch SDPA).
+    `scale` multiplies q k^T (default dim_head ** -0.5, as perceiver-pytorch) and may
+    be changed after construction, as there.
     """
 
     def __init__(
@@ -59,6 +63,11 @@ class CrossAttention(nn.Module):
         super().__init__()
         context_dim = query_dim if context_dim is None else context_dim
         value_dim_head = dim_head if value_dim_head is None else value_dim_head
+        for name, value in (("query_dim", query_dim), ("context_dim", context_dim), ("heads", heads),
+                            ("dim_head", dim_head), ("value_dim_head", value_dim_head)):
+            check_positive_int(name, value)
+        check_dropout("dropout", dropout)
+        check_backend(backend)
         self.heads = heads
         self.dim_head = dim_head
         self.value_dim_head = value_dim_head
@@ -77,7 +86,13 @@ class CrossAttention(nn.Module):
         *,
         key_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        context = x if context is None else context
+        check_dims("x", x, (3,), "(B, Nq, query_dim)")
+        check_channels("x", x, self.to_q.in_features)
+        if context is None:
+            context = x
+        else:
+            check_dims("context", context, (3,), "(B, Nk, context_dim)")
+        check_channels("context", context, self.to_kv.in_features)
         if mask is not None and key_padding_mask is not None:
             raise ValueError("pass either mask (True = keep) or key_padding_mask (True = padding), not both")
         if mask is not None:
@@ -87,8 +102,8 @@ class CrossAttention(nn.Module):
         q = split_heads(self.to_q(x), self.heads)
         k, v = self.to_kv(context).split([self.heads * self.dim_head, self.heads * self.value_dim_head], dim=-1)
         out = pk.cross_attention(q, split_heads(k, self.heads), split_heads(v, self.heads),
-                                 key_padding_mask=key_padding_mask, dropout_p=self.dropout if self.training else 0.0,
-                                 backend=self.backend)
+                                 key_padding_mask=key_padding_mask, scale=self.scale,
+                                 dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return self.to_out(merge_heads(out))
 
 
@@ -124,6 +139,11 @@ class MultiHeadAttention(nn.Module):
         qk_channels = q_dim if qk_channels is None else qk_channels
         v_channels = qk_channels if v_channels is None else v_channels
         output_channels = q_dim if output_channels is None else output_channels
+        for name, value in (("q_dim", q_dim), ("kv_dim", kv_dim), ("qk_channels", qk_channels),
+                            ("v_channels", v_channels), ("num_heads", num_heads), ("output_channels", output_channels)):
+            check_positive_int(name, value)
+        check_dropout("dropout", dropout)
+        check_backend(backend)
         for name, channels in (("qk_channels", qk_channels), ("v_channels", v_channels)):
             if channels % num_heads:
                 raise ValueError(f"{name} ({channels}) must be divisible by num_heads ({num_heads})")
@@ -167,7 +187,8 @@ class MultiHeadAttention(nn.Module):
         # The residual enters as the GEMM's C operand; the bias is added in place.
         flat = context.reshape(-1, context.shape[-1])
         out = torch.addmm(queries.reshape(-1, queries.shape[-1]), flat, self.output.weight.t())
-        return out.add_(self.output.bias).view(*context.shape[:-1], -1)
+        # The width is spelled out: view(..., -1) cannot infer it for an empty batch.
+        return out.add_(self.output.bias).view(*context.shape[:-1], self.output.out_features)
 
     def forward(
         self,
@@ -179,9 +200,13 @@ class MultiHeadAttention(nn.Module):
 
         key_padding_mask: bool (B, Nk), True = padding.
         """
+        check_dims("queries", queries, (3,), "(B, Nq, q_dim)")
+        check_channels("queries", queries, self.query.in_features)
         if self.cross_attention:
             if inputs is None:
                 raise ValueError("cross-attention needs inputs (B, Nk, kv_dim)")
+            check_dims("inputs", inputs, (3,), "(B, Nk, kv_dim)")
+            check_channels("inputs", inputs, self.key.in_features)
             keys, values = self.project_kv(inputs)
             return self.attend(queries, keys, values, key_padding_mask)
         if inputs is not None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import MultiHeadAttention
+from .checks import check_dropout
 
 
 class MLP(nn.Module):
@@ -49,6 +50,8 @@ class PerceiverLayer(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        # Checked here too, so that the error names this layer's argument.
+        check_dropout("attention_dropout", attention_dropout)
         self.attention = MultiHeadAttention(
             q_dim, kv_dim, qk_channels=qk_channels, v_channels=v_channels, num_heads=num_heads,
             use_query_residual=use_query_residual, cross_attention=cross_attention,

@@ -7,8 +7,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .checks import check_positive_int
 from .layers import PerceiverLayer, self_attention_layer
-from .position import QueryProvider, TensorQueries
+from .position import QueryProvider, TensorQueries, check_index
 
 
 class PerceiverEncoder(nn.Module):
@@ -93,8 +94,9 @@ class PerceiverDecoder(nn.Module):
     forward(latents, queries, index=None, chunk_size=None):
     - queries: a tensor (B, O, C) / (O, C) or a QueryProvider that builds queries for
       any index subset on demand (Fourier or learned positions, per-modality queries);
-    - index: decode only these output indices (LongTensor); equal to the same rows
-      of a full decode (the paper's subsampled training);
+    - index: decode only these output indices (a 1-D int64 or int32 tensor of
+      positions in [0, O), checked once per call as QueryProvider describes); equal
+      to the same rows of a full decode (the paper's subsampled training);
     - chunk_size: project the latents' keys and values once, then run the queries
       through the whole layer chunk_size at a time, so that activations never
       exceed one chunk: peak memory does not grow with O beyond the output itself.
@@ -118,6 +120,8 @@ class PerceiverDecoder(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
         self.cross_attention = PerceiverLayer(
             query_dim, latent_dim, qk_channels=qk_channels, v_channels=v_channels, num_heads=num_heads,
             widening_factor=widening_factor, use_query_residual=use_query_residual, dropout=dropout,
@@ -141,24 +145,26 @@ class PerceiverDecoder(nn.Module):
             raise ValueError(f"queries must have query_dim={query_dim} channels, got {provider.num_channels}")
         if latents.dim() != 3 or latents.shape[-1] != latent_dim:
             raise ValueError(f"latents must be (B, N, latent_dim={latent_dim}), got shape {tuple(latents.shape)}")
+        chunk_size = chunk_size if chunk_size is not None else self.chunk_size
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
+        if index is not None:
+            # Checked once here; the chunks below are slices of it, built without a re-check.
+            index = check_index(index, provider.num_queries).to(latents.device)
         batch = latents.shape[0]
         total = provider.num_queries if index is None else index.shape[0]
-        chunk_size = chunk_size if chunk_size is not None else self.chunk_size
         keys, values = self.cross_attention.attention.project_kv(latents)
 
         def decode(rows: Optional[torch.Tensor]) -> torch.Tensor:
-            chunk_queries = provider(batch, rows, device=latents.device, dtype=latents.dtype)
+            chunk_queries = provider.build(batch, rows, device=latents.device, dtype=latents.dtype)
             return self.final_layer(self.cross_attention.forward_projected(chunk_queries, keys, values))
 
         if chunk_size is None or chunk_size >= total:
             return decode(index)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         out = None
         for start in range(0, total, chunk_size):
             stop = min(start + chunk_size, total)
-            rows = (torch.arange(start, stop, device=latents.device) if index is None
-                    else index[start:stop].to(latents.device))
+            rows = torch.arange(start, stop, device=latents.device) if index is None else index[start:stop]
             chunk = decode(rows)
             if out is None:
                 out = chunk.new_empty(batch, total, chunk.shape[-1])

@@ -2,11 +2,12 @@
 
 A query provider builds the queries for any subset of output indices on demand,
 so a decoder never materialises the full (O, C) query array: call it with
-`index` (a LongTensor of flat output indices, or None for all of them).
+`index` (flat output indices, see QueryProvider for the rule, or None for all of them).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -14,14 +15,57 @@ import torch
 from torch import nn
 
 
+def check_index(index, num_queries: int, name: str = "index") -> torch.Tensor:
+    """`index` checked by the rule of QueryProvider; returned as int64 on its own device.
+
+    The range check reads the minimum and maximum in one transfer: one device sync.
+    """
+    expected = f"a 1-D int64 or int32 tensor of positions in [0, {num_queries})"
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be {expected}, got {type(index).__name__} (wrap it in torch.tensor)")
+    if index.dtype not in (torch.int64, torch.int32):
+        hint = "; for a bool mask pass mask.nonzero().squeeze(1)" if index.dtype == torch.bool else ""
+        raise TypeError(f"{name} must be {expected}, got dtype {index.dtype}{hint}")
+    if index.dim() != 1:
+        raise IndexError(f"{name} must be {expected}, got shape {tuple(index.shape)}")
+    if index.numel():
+        low, high = torch.stack(torch.aminmax(index)).tolist()
+        if low < 0 or high >= num_queries:
+            raise IndexError(f"{name} must hold positions in [0, {num_queries}) (negative ones are not accepted), "
+                             f"got values from {low} to {high}")
+    return index.long()
+
+
 class QueryProvider(nn.Module):
-    """Builds (B, n, num_channels) queries for n output indices of `num_queries`."""
+    """Builds (B, n, num_channels) queries for n output indices of `num_queries`.
+
+    `index` is None (all num_queries outputs, in order) or a 1-D int64 or int32 tensor
+    of flat output positions in [0, num_queries), on any device, in any order,
+    repeats allowed, possibly empty; output row i is the query of position index[i].
+    Anything else raises, naming `index` and the valid range: a non-tensor (a list,
+    an int) or another dtype (a bool mask, floats) a TypeError; a 0-D or N-D tensor,
+    a negative or a too large position an IndexError. Negative positions do not
+    count from the end: they are always a mistake here, so they never wrap.
+
+    `device` and `dtype` (None: the provider's own, CPU float32 for computed encodings)
+    are those the queries are returned on and in.
+
+    Subclasses implement build(); forward() checks `index` and calls it. A decoder
+    checks `index` once per decode and calls build() for each chunk of it.
+    """
 
     num_queries: int
     num_channels: int
 
     def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if index is not None:
+            index = check_index(index, self.num_queries)
+        return self.build(batch_size, index, device=device, dtype=dtype)
+
+    def build(self, batch_size: int, index: Optional[torch.Tensor], *,
+              device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """forward() for an `index` that check_index has passed (or None)."""
         raise NotImplementedError
 
 
@@ -52,7 +96,8 @@ def fourier_features(positions: torch.Tensor, num_bands: int, max_resolution: Se
     channels [pos (if concat_pos), sin(pi f x) for every (d, k), cos(pi f x) (unless sine_only)].
     """
     bands = torch.stack([torch.linspace(1.0, res / 2, num_bands, device=positions.device) for res in max_resolution])
-    scaled = (positions[:, :, None] * bands[None]).reshape(positions.shape[0], -1)
+    # The width is spelled out: reshape(n, -1) cannot infer it when n = 0.
+    scaled = (positions[:, :, None] * bands[None]).reshape(positions.shape[0], bands.numel())
     features = [torch.sin(math.pi * scaled)] if sine_only else [torch.sin(math.pi * scaled), torch.cos(math.pi * scaled)]
     if concat_pos:
         features.insert(0, positions)
@@ -88,8 +133,8 @@ class FourierPositionEncoding(QueryProvider):
         return fourier_features(positions, self.num_bands, self.max_resolution, self.concat_pos,
                                 self.sine_only).to(dtype)
 
-    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
-                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def build(self, batch_size: int, index: Optional[torch.Tensor], *,
+              device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         device = torch.device("cpu") if device is None else torch.device(device)
         dtype = torch.float32 if dtype is None else dtype
         if index is not None:
@@ -109,10 +154,12 @@ class TrainablePositionEncoding(QueryProvider):
         self.num_channels = num_channels
         self.position_embeddings = nn.Parameter(torch.randn(num_positions, num_channels) * init_scale)
 
-    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
-                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        table = self.position_embeddings if index is None else self.position_embeddings[index]
-        return table.expand(batch_size, -1, -1)
+    def build(self, batch_size: int, index: Optional[torch.Tensor], *,
+              device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        table = self.position_embeddings
+        if index is not None:
+            table = table[index.to(table.device)]
+        return table.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
 
 
 class TensorQueries(QueryProvider):
@@ -129,9 +176,10 @@ class TensorQueries(QueryProvider):
         self.num_queries = queries.shape[-2]
         self.num_channels = queries.shape[-1]
 
-    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
-                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def build(self, batch_size: int, index: Optional[torch.Tensor], *,
+              device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         queries = self.queries if index is None else self.queries[..., index.to(self.queries.device), :]
+        queries = queries.to(device=device, dtype=dtype)
         return queries.expand(batch_size, -1, -1) if queries.dim() == 2 else queries
 
 
@@ -158,37 +206,43 @@ class MultimodalQueries(QueryProvider):
         self.num_queries = sum(self.sizes.values())
 
     def _padded(self, name: str, batch_size: int, index: Optional[torch.Tensor], device, dtype) -> torch.Tensor:
-        queries = self.providers[name](batch_size, index, device=device, dtype=dtype)
+        queries = self.providers[name].build(batch_size, index, device=device, dtype=dtype)
         padding = self.padding[name].to(queries.dtype).expand(batch_size, queries.shape[1], -1)
         return torch.cat([queries, padding], dim=-1)
 
-    def forward(self, batch_size: int, index: Optional[torch.Tensor] = None, *,
-                device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def build(self, batch_size: int, index: Optional[torch.Tensor], *,
+              device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         if index is None:
             return torch.cat([self._padded(name, batch_size, None, device, dtype) for name in self.providers], dim=1)
-        out = None
-        start = 0
+        # A checked index puts every position in exactly one modality, so every row of
+        # `out` is written. Modalities without positions still run (on an empty index)
+        # so that `out` gets the dtype the full queries have (torch.cat's promotion).
+        parts, start = [], 0
         for name, size in self.sizes.items():
             selected = (index >= start) & (index < start + size)
-            local = index[selected] - start
+            parts.append((selected, self._padded(name, batch_size, index[selected] - start, device, dtype)))
             start += size
-            if local.numel() == 0:
-                continue
-            part = self._padded(name, batch_size, local, device, dtype)
-            if out is None:
-                out = part.new_empty(batch_size, index.numel(), self.num_channels)
+        first = parts[0][1]
+        out = first.new_empty(batch_size, index.numel(), self.num_channels,
+                              dtype=functools.reduce(torch.promote_types, (part.dtype for _, part in parts)))
+        for selected, part in parts:
             out[:, selected] = part
         return out
 
     def index_of(self, points: dict[str, Optional[torch.Tensor]]) -> tuple[torch.Tensor, dict[str, int]]:
         """Flat indices of per-modality output points (None: all of that modality), and their counts.
 
-        The indices follow the modality order, so the decoder's output splits by the counts.
+        Each modality's points follow the rule for `index` (see QueryProvider) within
+        that modality's size. The indices follow the modality order, so the decoder's
+        output splits by the counts.
         """
+        unknown = sorted(set(points) - set(self.sizes))
+        if unknown:
+            raise ValueError(f"points names modalities {unknown}; the modalities are {sorted(self.sizes)}")
         parts, sizes, start = [], {}, 0
         for name, size in self.sizes.items():
             local = points.get(name)
-            local = torch.arange(size) if local is None else local.reshape(-1).cpu()
+            local = torch.arange(size) if local is None else check_index(local, size, f"points[{name!r}]").cpu()
             parts.append(local + start)
             sizes[name] = local.numel()
             start += size

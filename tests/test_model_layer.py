@@ -127,13 +127,13 @@ def test_chunked_and_subsampled_decoding_equal_the_full_decode(provider_kind):
 def test_chunked_decoding_never_builds_the_full_query_array(monkeypatch):
     provider = FourierPositionEncoding((1000, 1000), num_bands=4)  # a million outputs
     requested = []
-    real_forward = provider.forward
+    real_build = provider.build
 
-    def spy(batch_size, index=None, **kwargs):
+    def spy(batch_size, index, **kwargs):
         requested.append(None if index is None else index.numel())
-        return real_forward(batch_size, index, **kwargs)
+        return real_build(batch_size, index, **kwargs)
 
-    monkeypatch.setattr(provider, "forward", spy)
+    monkeypatch.setattr(provider, "build", spy)
     decoder = PerceiverDecoder(query_dim=provider.num_channels, latent_dim=8, output_dim=2)
     index = torch.arange(0, 1_000_000, 997)
     with torch.no_grad():
@@ -189,3 +189,101 @@ def test_bad_inputs_name_the_argument():
         decoder(latents, torch.randn(2, 5, 12), chunk_size=0)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         perceiver.MultiHeadAttention(16, qk_channels=10, num_heads=4)
+
+
+@pytest.mark.parametrize("batch,num_queries,num_keys", [(0, 5, 7), (2, 0, 7), (0, 0, 0), (2, 5, 0)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_empty_batches_and_query_sets_run_like_the_op(batch, num_queries, num_keys, residual):
+    attention = perceiver.MultiHeadAttention(12, 10, qk_channels=8, v_channels=6, num_heads=2,
+                                             use_query_residual=residual)
+    queries = torch.randn(batch, num_queries, 12, requires_grad=True)
+    inputs = torch.randn(batch, num_keys, 10, requires_grad=True)
+    out = attention(queries, inputs)
+    assert out.shape == (batch, num_queries, 12)
+    out.sum().backward()
+    assert queries.grad.shape == queries.shape and inputs.grad.shape == inputs.shape
+    layer = perceiver.PerceiverLayer(12, 10, num_heads=2, use_query_residual=residual)
+    assert layer(queries, inputs).shape == (batch, num_queries, 12)
+    encoder = PerceiverEncoder(input_dim=10, num_latents=3, latent_dim=12, use_query_residual=residual)
+    assert encoder(inputs).shape == (batch, 3, 12)
+    cross = CrossAttention(12, 10, heads=2, dim_head=4)
+    assert cross(queries, inputs).shape == (batch, num_queries, 12)
+
+
+def test_bad_shapes_and_settings_name_the_argument():
+    attention = CrossAttention(16, 12, heads=2, dim_head=8)
+    x, context = torch.randn(2, 4, 16), torch.randn(2, 3, 12)
+    with pytest.raises(ValueError, match=r"x must be \(B, Nq, query_dim\), got shape \(4, 16\)"):
+        attention(x[0], context)
+    with pytest.raises(ValueError, match=r"context must be \(B, Nk, context_dim\), got shape \(3, 12\)"):
+        attention(x, context[0])
+    with pytest.raises(ValueError, match=r"x must have 16 channels .* got shape \(2, 4, 15\)"):
+        attention(x[..., :15], context)
+    with pytest.raises(ValueError, match=r"context must have 12 channels .* got shape \(2, 3, 11\)"):
+        attention(x, context[..., :11])
+    with pytest.raises(ValueError, match=r"context must have 16 channels"):
+        CrossAttention(16)(x, x[..., :15])
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        attention(x.tolist(), context)
+    mha = perceiver.MultiHeadAttention(16, 12, num_heads=2)
+    with pytest.raises(ValueError, match=r"queries must be \(B, Nq, q_dim\)"):
+        mha(x[0], context)
+    with pytest.raises(ValueError, match=r"inputs must have 12 channels"):
+        mha(x, context[..., :11])
+    with pytest.raises(ValueError, match=r"queries must have 16 channels"):
+        perceiver.self_attention_layer(16, num_heads=2)(x[..., :8])
+
+
+BAD_SETTINGS = {
+    # id: (constructor call, exception, message)
+    "cross-heads-0": (lambda: CrossAttention(16, heads=0), ValueError, r"heads must be a positive int, got 0"),
+    "cross-dim_head-0": (lambda: CrossAttention(16, dim_head=0), ValueError, r"dim_head must be a positive int, got 0"),
+    "cross-heads-float": (lambda: CrossAttention(16, heads=2.0), TypeError, r"heads must be a positive int, got float"),
+    "cross-backend": (lambda: CrossAttention(16, backend="tritonn"), ValueError,
+                      r"backend must be one of \('auto', .*'tritonn'"),
+    "cross-dropout-1": (lambda: CrossAttention(16, dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+    "cross-dropout-negative": (lambda: CrossAttention(16, dropout=-0.1), ValueError,
+                               r"dropout must be in \[0, 1\), got -0.1"),
+    "cross-dropout-str": (lambda: CrossAttention(16, dropout="0.1"), TypeError,
+                          r"dropout must be a float in \[0, 1\), got str"),
+    "mha-num_heads-0": (lambda: perceiver.MultiHeadAttention(16, num_heads=0), ValueError,
+                        r"num_heads must be a positive int, got 0"),
+    "mha-qk_channels-0": (lambda: perceiver.MultiHeadAttention(16, qk_channels=0), ValueError,
+                          r"qk_channels must be a positive int"),
+    "mha-backend": (lambda: perceiver.MultiHeadAttention(16, backend="gpu"), ValueError,
+                    r"backend must be one of .*'gpu'"),
+    "mha-dropout": (lambda: perceiver.MultiHeadAttention(16, dropout=1.5), ValueError,
+                    r"dropout must be in \[0, 1\), got 1.5"),
+    "layer-attention_dropout": (lambda: perceiver.PerceiverLayer(16, attention_dropout=1.0), ValueError,
+                                r"attention_dropout must be in \[0, 1\)"),
+    "encoder-attention_dropout": (lambda: PerceiverEncoder(8, 4, 16, attention_dropout=2.0), ValueError,
+                                  r"attention_dropout must be in \[0, 1\)"),
+    "encoder-backend": (lambda: PerceiverEncoder(8, 4, 16, backend="cuda2"), ValueError, r"backend must be one of"),
+    "processor-num_heads-0": (lambda: PerceiverProcessor(16, num_heads=0), ValueError,
+                              r"num_heads must be a positive int, got 0"),
+    "decoder-chunk_size-0": (lambda: PerceiverDecoder(12, 16, chunk_size=0), ValueError,
+                             r"chunk_size must be a positive int, got 0"),
+    "decoder-chunk_size-float": (lambda: PerceiverDecoder(12, 16, chunk_size=2.5), TypeError,
+                                 r"chunk_size must be a positive int, got float"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_settings_fail_at_construction(case):
+    build, error, message = BAD_SETTINGS[case]
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_cross_attention_scale_takes_effect_as_in_perceiver_pytorch():
+    torch.manual_seed(0)
+    theirs = LucidrainsAttention(32, 24, heads=2, dim_head=16)
+    ours = CrossAttention(32, 24, heads=2, dim_head=16)
+    ours.load_state_dict(theirs.state_dict())
+    x, context = torch.randn(2, 5, 32), torch.randn(2, 9, 24)
+    default = ours(x, context)
+    assert ours.scale == theirs.scale == 16**-0.5
+    ours.scale = theirs.scale = 0.9
+    changed = ours(x, context)
+    torch.testing.assert_close(changed, theirs(x, context))
+    assert not torch.allclose(changed, default)
