@@ -1,4 +1,6 @@
-"""Command line: python -m benchmarks [--suite op,scaling,model] [--size quick|full] [--device ...] [--out DIR]."""
+"""Command line: python -m benchmarks [--suite op,scaling,model] [--size quick|full] [--device ...] [--threads N] [--out DIR].
+
+Run it from the repository root (benchmarks/ is a folder there, not an installed package)."""
 
 from __future__ import annotations
 
@@ -30,14 +32,14 @@ class Progress:
 
 
 def _count_cases(device: torch.device, size: str, suites: list[str]) -> int:
-    """An estimate of the cases to measure, for the progress bar."""
+    """The cases to measure (each times all its providers interleaved), for the progress bar."""
     total = 0
     if "op" in suites:
-        total += len(op_suite.cases(device, size)) * len(op_suite.providers(device))
+        total += len(op_suite.cases(device, size))
     if "scaling" in suites:
-        total += 2 * len(scaling_suite.config_for(device, size).sizes)
+        total += len(scaling_suite.config_for(device, size).sizes)
     if "model" in suites:
-        total += 6
+        total += 2
     return total
 
 
@@ -46,8 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", default="op,scaling,model",
                         help="comma-separated suites among op, scaling, model (default: all)")
     parser.add_argument("--size", choices=("quick", "full"), default="quick",
-                        help="quick: headline shapes (GPU) / small shapes (CPU); full: every anchor shape and size")
+                        help="GPU: quick = the headline anchors, full = every anchor and the sweeps; "
+                             "CPU: scaled-down shapes, full = larger ones (several times longer)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"CPU threads for torch (default {harness.default_cpu_threads()} on the CPU; "
+                             "recorded in the report)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/<time>)")
     args = parser.parse_args(argv)
 
@@ -55,17 +61,27 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in suites if name not in SUITES]
     if unknown or not suites:
         parser.error(f"--suite takes names among {', '.join(SUITES)}, got {args.suite!r}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is available here")
     out_dir = args.out or Path("bench-out") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if device.type == "cpu" or args.threads is not None:
+        harness.set_cpu_threads(args.threads or harness.default_cpu_threads())
 
-    print(f"measuring ceilings on {device} ...", file=sys.stderr)
+    load_at_start = harness.load_average()
+    print(f"measuring ceilings on {device} ({torch.get_num_threads()} CPU threads) ...", file=sys.stderr)
     ceilings = harness.ceilings(device)
     progress = Progress(_count_cases(device, args.size, suites))
     rows = []
     for name in suites:
         rows += SUITES[name].run_suite(device, args.size, ceilings, progress)
     print(file=sys.stderr)
-    table = report.write(out_dir, report.environment(device, ceilings), rows)
+    table = report.write(out_dir, report.environment(device, ceilings, args.size, load_at_start), rows)
     print(f"\nresults in {out_dir}/ (results.json, report.md, plots)\n")
     print(table)

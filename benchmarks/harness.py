@@ -1,34 +1,102 @@
-"""Measurement discipline shared by every suite: warm, median of many runs, peak memory.
+"""Measurement discipline shared by every suite.
 
-GPU: triton.testing.do_bench (CUDA events, L2 flushed before each run, median); peak
-memory from the CUDA allocator.
-CPU: a monotonic clock with the same discipline (warm-up, median over repeats); peak
-memory as the growth of the process's peak resident set during one call (Linux:
-reset through /proc/self/clear_refs, read from VmHWM), an upper bound on what the
-case allocated.
+The providers of one case (ours, SDPA, naive, ...) are timed interleaved: each round
+runs every provider once, in an order rotated from round to round, so a slow spell of
+a shared machine lands on all of them rather than on whichever ran then. Rounds go on
+until every provider's median is known to within TARGET_CI (a distribution-free 95%
+confidence interval from order statistics), or the case's time budget is spent.
+Every figure carries its spread (half the interquartile range) and that interval, so
+a ratio of two medians can say when it means nothing (report.annotate_ratios).
+
+GPU: CUDA events around each call, L2 flushed before it (as triton.testing.do_bench
+does); peak memory from the CUDA allocator.
+CPU: a fixed thread count (set_cpu_threads, recorded in the report). With one thread
+(the default) the clock is that thread's CPU time, which time slices given to other
+processes do not inflate: on the project's busy 2-core machine it halved the spread of
+an SDPA call (wall clock +-7%, thread time +-2%) and removed a 50% inflation of its
+median. With more threads, whose work that clock would miss, the wall clock. Peak memory as the growth of the process's peak resident set during one
+call, after freed heap memory has been handed back to the system (Linux/glibc), so
+that memory reused from earlier calls still counts.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
+import os
 import statistics
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 
+@dataclass(frozen=True)
+class Discipline:
+    """When a case's rounds stop: at least min_rounds, then as soon as every median's
+    95% interval is within target_ci of it, or after budget_s seconds or max_rounds."""
+
+    min_rounds: int
+    max_rounds: int
+    budget_s: float
+    target_ci: float
+
+
+# GPU timings are steady (a few rounds suffice); a shared CPU needs more rounds and time.
+GPU_DISCIPLINE = Discipline(min_rounds=10, max_rounds=400, budget_s=1.5, target_ci=0.01)
+CPU_DISCIPLINE = Discipline(min_rounds=9, max_rounds=300, budget_s=6.0, target_ci=0.02)
+
+
+def discipline_for(device: torch.device) -> Discipline:
+    return GPU_DISCIPLINE if device.type == "cuda" else CPU_DISCIPLINE
+
+
+def default_cpu_threads() -> int:
+    """One thread: on a shared machine more threads wait on each other's cores (on the
+    project's 2-core machine two threads made small ops snap to multiples of 8 ms and
+    pause for 400 ms), and one thread is the same setting on every machine."""
+    return 1
+
+
+def set_cpu_threads(threads: int) -> int:
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def median_interval(samples: list[float]) -> tuple[float, float]:
+    """The 95% confidence interval of the median from order statistics (no assumption
+    about the distribution): with few samples it is the whole range."""
+    ordered = sorted(samples)
+    n = len(ordered)
+    half = 0.98 * math.sqrt(n)  # 1.96 / 2 standard deviations of Binomial(n, 1/2)
+    low = max(1, round(n / 2 - half))
+    high = min(n, round(1 + n / 2 + half))
+    return ordered[low - 1], ordered[high - 1]
+
+
 @dataclass
 class Timing:
     median_ms: float
-    spread_ms: float  # (80th - 20th percentile) / 2
-    peak_mib: Optional[float]
+    spread_pct: float  # half the interquartile range, in % of the median
+    ci_low_ms: float
+    ci_high_ms: float
+    samples: int
 
+    @staticmethod
+    def of(samples: list[float]) -> "Timing":
+        median = statistics.median(samples)
+        if len(samples) > 1:
+            q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+        else:
+            q1 = q3 = median
+        low, high = median_interval(samples)
+        return Timing(median, 100 * (q3 - q1) / 2 / median, low, high, len(samples))
 
-def _quantiles(samples: list[float]) -> tuple[float, float, float]:
-    cuts = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
-    return cuts[1], statistics.median(samples), cuts[7]
+    def relative_ci(self) -> float:
+        """The larger distance from the median to an end of its interval, relative to it."""
+        return max(self.median_ms - self.ci_low_ms, self.ci_high_ms - self.median_ms) / self.median_ms
 
 
 def _status_mib(field: str) -> Optional[float]:
@@ -41,8 +109,18 @@ def _status_mib(field: str) -> Optional[float]:
     return None
 
 
+def _trim_heap() -> None:
+    """Hands freed heap memory back to the system (glibc), so that a call whose memory
+    the allocator would reuse from earlier calls shows up in the resident set again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> Optional[float]:
     """Resets the peak resident set to the current one; returns that (MiB), None where unsupported."""
+    _trim_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -50,64 +128,152 @@ def _reset_peak_rss() -> Optional[float]:
     return _status_mib("VmRSS")
 
 
-def measure(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.3) -> Timing:
-    """Times fn (inputs already on device). Raises torch.OutOfMemoryError unchanged."""
+def _peak_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Memory one call adds on top of what the process already holds."""
     if device.type == "cuda":
-        import triton.testing
-
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        p20, median, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
-        return Timing(median, (p80 - p20) / 2, peak)
-    peak = None
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     resident = _reset_peak_rss()
     fn()
-    if resident is not None and _status_mib("VmHWM") is not None:
-        peak = max(0.0, _status_mib("VmHWM") - resident)  # what the case added on top of the process
-    fn()
-    samples: list[float] = []
+    peak = _status_mib("VmHWM")
+    return None if resident is None or peak is None else max(0.0, peak - resident)
+
+
+def clock_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "CUDA events"
+    return "thread CPU time" if torch.get_num_threads() == 1 else "wall clock"
+
+
+class _Clock:
+    """Times one round: each call in turn, milliseconds per call."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        # As do_bench: a 256 MiB buffer zeroed before each call evicts the L2 cache.
+        self.flush = torch.empty(2**26, dtype=torch.int32, device=device) if device.type == "cuda" else None
+        self.now = time.thread_time if clock_name(device) == "thread CPU time" else time.perf_counter
+
+    def round(self, fns: list[Callable[[], object]]) -> list[float]:
+        if self.flush is None:
+            times = []
+            for fn in fns:
+                start = self.now()
+                fn()
+                times.append((self.now() - start) * 1e3)
+            return times
+        events = []
+        for fn in fns:
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(self.device)
+        return [start.elapsed_time(end) for start, end in events]
+
+
+def _refusal(error: BaseException) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory"
+    return "unsupported: " + str(error).splitlines()[0][:120] if str(error) else "unsupported"
+
+
+def measure_case(calls: dict[str, Callable[[], object]], device: torch.device,
+                 discipline: Optional[Discipline] = None) -> dict[str, dict]:
+    """Times the providers of one case interleaved; result fields per provider name.
+
+    A provider that raises (an SDPA backend or ours refusing the inputs, out of memory)
+    gets a status instead of figures; the others are still measured."""
+    discipline = discipline or discipline_for(device)
+    results: dict[str, dict] = {}
+    peaks: dict[str, Optional[float]] = {}
+    for name, fn in calls.items():
+        try:
+            fn()  # warm-up: compilation, autotuning, allocator growth
+            peaks[name] = _peak_mib(fn, device)
+        except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
+            results[name] = {"status": _refusal(error)}
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    running = [name for name in calls if name not in results]
+    samples: dict[str, list[float]] = {name: [] for name in running}
+    clock = _Clock(device)
     start = time.perf_counter()
-    while len(samples) < 5 or (time.perf_counter() - start < min_seconds and len(samples) < 200):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    p20, median, p80 = _quantiles(samples)
-    return Timing(median, (p80 - p20) / 2, peak)
-
-
-def guarded_measure(fn: Callable[[], object], device: torch.device, flops: int) -> dict:
-    """measure() as result fields; out of memory and refusals become a status, not a crash."""
-    try:
-        timing = measure(fn, device)
-    except torch.OutOfMemoryError:
-        return {"status": "out of memory"}
-    except (RuntimeError, ValueError) as error:  # an SDPA backend or ours (BackendRefusedError) refusing
-        return {"status": "unsupported: " + str(error).splitlines()[0][:120]}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {"status": "ok", "median_ms": timing.median_ms, "spread_ms": timing.spread_ms, "peak_mib": timing.peak_mib,
-            "tflops": flops / (timing.median_ms * 1e-3) / 1e12}
+    rounds = 0
+    while running:
+        shift = rounds % len(running)
+        order = running[shift:] + running[:shift]
+        try:
+            times = clock.round([calls[name] for name in order])
+        except torch.OutOfMemoryError as error:  # memory another provider left fragmented
+            for name in order:
+                results[name] = {"status": _refusal(error)}
+            break
+        for name, elapsed in zip(order, times):
+            samples[name].append(elapsed)
+        rounds += 1
+        if rounds < discipline.min_rounds:
+            continue
+        settled = all(Timing.of(samples[name]).relative_ci() <= discipline.target_ci for name in running)
+        if settled or rounds >= discipline.max_rounds or time.perf_counter() - start >= discipline.budget_s:
+            break
+    for name in running:
+        if name in results:
+            continue
+        timing = Timing.of(samples[name])
+        results[name] = {"status": "ok", "median_ms": timing.median_ms, "spread_pct": timing.spread_pct,
+                         "ci_low_ms": timing.ci_low_ms, "ci_high_ms": timing.ci_high_ms,
+                         "samples": timing.samples, "peak_mib": peaks[name]}
+    return {name: results[name] for name in calls}
 
 
 def ceilings(device: torch.device) -> dict[str, float]:
-    """The device's matmul TFLOP/s and copy GB/s, measured now (the roofline's ceilings)."""
+    """The device's matmul TFLOP/s and copy GB/s, measured now (the roofline's ceilings).
+
+    The rate a machine reaches undisturbed: the fastest tenth of the calls, and on the
+    CPU the better of two sizes (with one thread, 1024^2 fp32 runs at half the rate of
+    2048^2 on the project's machine)."""
     if device.type == "cuda":
-        n, dtype, copy_elems = 8192, torch.bfloat16, 2**28
+        sizes, dtype, copy_elems = (8192,), torch.bfloat16, 2**28
     else:
-        n, dtype, copy_elems = 1024, torch.float32, 2**24
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    matmul_ms = measure(lambda: a @ b, device).median_ms
+        sizes, dtype, copy_elems = (1024, 2048), torch.float32, 2**24
+
+    def fastest_ms(fn):
+        fn()
+        clock = _Clock(device)
+        times = [t for _ in range(10) for t in clock.round([fn])]
+        return statistics.quantiles(times, n=10, method="inclusive")[0]
+
+    rates = []
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        rates.append(2 * n**3 / (fastest_ms(lambda: a @ b) * 1e-3) / 1e12)
+        del a, b
     src = torch.randn(copy_elems, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    copy_ms = measure(lambda: dst.copy_(src), device).median_ms
+    copy_ms = fastest_ms(lambda: dst.copy_(src))
     return {
-        "matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+        "matmul_tflops": max(rates),
         "matmul_dtype": str(dtype).replace("torch.", ""),
         "copy_gbps": 2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e9,  # bytes read + written
     }
+
+
+def load_average() -> Optional[tuple[float, float, float]]:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def throughput(flops: int, median_ms: float) -> float:
+    """TFLOP/s of a call of `flops` that takes median_ms."""
+    return flops / (median_ms * 1e-3) / 1e12

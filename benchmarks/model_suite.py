@@ -5,12 +5,15 @@ PerceiverForImageClassificationFourier). This package's model is converted from 
 model with perceiver.from_hf, so both compute the same function with the same
 weights; perceiver-pytorch's PerceiverIO is built with the same sizes (its own
 architecture and weights: inputs of the same width, the same latents, depth and
-heads). Inference (no grad) and a training step (forward + backward) are timed.
+heads). Inference (no grad) and a training step (forward + backward) are timed, the
+three models interleaved. A comparison package that is not installed gets a row that
+says so (the GPU machine has no perceiver-pytorch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +22,7 @@ import torch
 import perceiver
 
 from . import flops
-from .harness import guarded_measure
+from .harness import measure_case, throughput
 
 FOURIER_CHANNELS = 261  # 3 pixel channels + 2 positions + 2 x 2 x 64 Fourier bands
 
@@ -38,6 +41,8 @@ class ModelConfig:
 
 CPU_CONFIG = ModelConfig(image_size=32, num_latents=64, d_latents=128, num_blocks=1, num_self_attends_per_block=2,
                          num_self_attention_heads=4, batch=2)
+CPU_FULL = ModelConfig(image_size=64, num_latents=128, d_latents=256, num_blocks=2, num_self_attends_per_block=2,
+                       num_self_attention_heads=4, batch=2)
 # HF's default (the paper's ImageNet model): 224 x 224 pixels, 512 latents of 1024, 8 blocks of 6 layers.
 GPU_CONFIG = ModelConfig(image_size=224, num_latents=512, d_latents=1024, num_blocks=8, num_self_attends_per_block=6,
                          num_self_attention_heads=8, batch=8)
@@ -52,10 +57,15 @@ def model_flops(config: ModelConfig) -> int:
     return encoder + config.num_blocks * config.num_self_attends_per_block * layer + decoder
 
 
-def build_models(config: ModelConfig) -> dict[str, torch.nn.Module]:
-    import transformers
-    from perceiver_pytorch import PerceiverIO as LucidrainsPerceiverIO
-
+def build_models(config: ModelConfig) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """(the models that can be built, {provider: why not} for the others)."""
+    models: dict[str, torch.nn.Module] = {}
+    missing: dict[str, str] = {}
+    try:
+        import transformers
+    except ImportError:
+        reason = "not installed: transformers (this package's model is converted from HF's)"
+        return models, {"perceiver_kernels": reason, "hf_transformers": reason}
     hf_config = transformers.PerceiverConfig(
         image_size=config.image_size, num_latents=config.num_latents, d_latents=config.d_latents,
         d_model=FOURIER_CHANNELS, num_blocks=config.num_blocks,
@@ -64,14 +74,20 @@ def build_models(config: ModelConfig) -> dict[str, torch.nn.Module]:
         num_labels=config.num_labels,
     )
     hf_model = transformers.PerceiverForImageClassificationFourier(hf_config)
-    lucidrains = LucidrainsPerceiverIO(
+    models["perceiver_kernels"] = perceiver.from_hf(hf_model)
+    models["hf_transformers"] = hf_model
+    try:
+        from perceiver_pytorch import PerceiverIO as LucidrainsPerceiverIO
+    except ImportError:
+        missing["perceiver_pytorch"] = "not installed: perceiver-pytorch"
+        return models, missing
+    models["perceiver_pytorch"] = LucidrainsPerceiverIO(
         dim=FOURIER_CHANNELS, queries_dim=config.d_latents, logits_dim=config.num_labels,
         depth=config.num_blocks * config.num_self_attends_per_block, num_latents=config.num_latents,
         latent_dim=config.d_latents, cross_heads=1, latent_heads=config.num_self_attention_heads,
         cross_dim_head=FOURIER_CHANNELS, latent_dim_head=config.d_latents // config.num_self_attention_heads,
     )
-    return {"perceiver_kernels": perceiver.from_hf(hf_model), "hf_transformers": hf_model,
-            "perceiver_pytorch": lucidrains}
+    return models, missing
 
 
 def _call(name: str, model: torch.nn.Module, pixels: torch.Tensor, features: torch.Tensor,
@@ -84,39 +100,47 @@ def _call(name: str, model: torch.nn.Module, pixels: torch.Tensor, features: tor
     return model(pixels)
 
 
+def config_for(device: torch.device, size: str) -> ModelConfig:
+    if device.type == "cuda":
+        return GPU_CONFIG
+    return CPU_FULL if size == "full" else CPU_CONFIG
+
+
 def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
-    config = GPU_CONFIG if device.type == "cuda" else CPU_CONFIG
+    config = config_for(device, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext())
     torch.manual_seed(0)
-    models = build_models(config)
+    models, missing = build_models(config)
+    models = {name: model.to(device) for name, model in models.items()}
     pixels = torch.randn(config.batch, 3, config.image_size, config.image_size, device=device)
     features = torch.randn(config.batch, config.image_size**2, FOURIER_CHANNELS, device=device)
     queries = torch.randn(config.batch, 1, config.d_latents, device=device)
     forward_flops = model_flops(config)
+    case = f"{config.image_size}x{config.image_size} Fourier classifier"
     rows = []
-    for name, model in models.items():
-        model = model.to(device)
-        for training in (False, True):
-            pass_name = "training step" if training else "inference"
-            progress(f"model {pass_name} / {name}")
+    for training in (False, True):
+        pass_name = "training step" if training else "inference"
+        progress(f"model {pass_name}")
+
+        def step(name, model):
+            with autocast, torch.set_grad_enabled(training):
+                out = _call(name, model, pixels, features, queries)
+                if training:
+                    model.zero_grad(set_to_none=True)  # every call writes fresh gradients, none accumulates
+                    out.float().square().mean().backward()
+                return out
+
+        for model in models.values():
             model.train(training)
-
-            def step():
-                with autocast, torch.set_grad_enabled(training):
-                    out = _call(name, model, pixels, features, queries)
-                    if training:
-                        out.float().square().mean().backward()
-                    return out
-
-            case_flops = int(forward_flops * (1 + 2 * training))  # backward of dense layers: 2x forward
-            row = {"suite": "model", "case": f"{config.image_size}x{config.image_size} Fourier classifier",
-                   "pass": pass_name, "provider": name, "batch": config.batch, "dtype": str(dtype).replace("torch.", ""),
-                   "flops": case_flops}
-            row.update(guarded_measure(step, device, case_flops))
+        results = measure_case({name: functools.partial(step, name, model) for name, model in models.items()}, device)
+        case_flops = int(forward_flops * (1 + 2 * training))  # backward of dense layers: 2x forward
+        for name in ("perceiver_kernels", "hf_transformers", "perceiver_pytorch"):
+            row = {"suite": "model", "case": case, "pass": pass_name, "provider": name, "batch": config.batch,
+                   "dtype": str(dtype).replace("torch.", ""), "flops": case_flops,
+                   **results.get(name, {"status": missing.get(name, "not run")})}
             if row["status"] == "ok":
+                row["tflops"] = throughput(case_flops, row["median_ms"])
                 row["samples_per_s"] = config.batch / (row["median_ms"] * 1e-3)
             rows.append(row)
-            model.zero_grad(set_to_none=True)
-        models[name] = model.cpu()
     return rows

@@ -4,7 +4,9 @@ and each SDPA backend.
 Shapes are the Perceiver IO anchors of the project's roofline table (ENC-1..4,
 DEC-1..2), with and without a key padding mask (a mask forces SDPA onto a kernel
 that never splits the keys), and two forward sweeps: ENCODE over the number of
-inputs M and DECODE over the number of outputs O. The CPU runs scaled-down versions.
+inputs M and DECODE over the number of outputs O. The CPU runs scaled-down versions
+(larger ones with --size full). A masked case pads the last PAD_FRACTION of the keys
+of every batch element, as variable-length inputs padded to one length do.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import perceiver_kernels as pk
 
 from .flops import BACKWARD_FACTOR
 from .flops import attention as attention_flops
-from .harness import guarded_measure
+from .harness import measure_case, throughput
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,17 @@ class Shape:
     num_queries: int
     num_keys: int
     head_dim: int
-    masked: bool = False
+    pad_fraction: float = 0.0  # of the keys of every batch element, padded at the end
     sweep: str = ""  # "encode" or "decode": a point of that sweep, plotted against its long side
+
+    @property
+    def masked(self) -> bool:
+        return self.pad_fraction > 0
+
+    @property
+    def padded_keys(self) -> int:
+        """Padding keys per batch element."""
+        return round(self.pad_fraction * self.num_keys)
 
     def flops(self, backward: bool) -> int:
         """The forward's count, plus BACKWARD_FACTOR times it for the backward."""
@@ -49,20 +60,27 @@ class Shape:
         return self.batch * self.heads * rows * self.head_dim * element_size
 
 
+PAD_FRACTION = 0.25
 GPU_SHAPES = [
     Shape("ENC-1", 8, 8, 256, 50_176, 64),
-    Shape("ENC-1 masked", 8, 8, 256, 50_176, 64, masked=True),
+    Shape("ENC-1 masked", 8, 8, 256, 50_176, 64, pad_fraction=PAD_FRACTION),
     Shape("ENC-2", 1, 16, 2048, 182_528, 64),
     Shape("ENC-3", 1, 8, 256, 400_000, 64),
-    Shape("ENC-3 masked", 1, 8, 256, 400_000, 64, masked=True),
+    Shape("ENC-3 masked", 1, 8, 256, 400_000, 64, pad_fraction=PAD_FRACTION),
     Shape("ENC-4", 8, 8, 256, 50_176, 32),
     Shape("DEC-1", 8, 8, 50_176, 256, 64),
     Shape("DEC-2", 1, 8, 800_000, 2048, 64),
 ]
+# One CPU core runs these in a few minutes in all (quick) or about a quarter of an hour (full).
 CPU_SHAPES = [
     Shape("ENC small", 1, 4, 64, 16_384, 64),
-    Shape("ENC small masked", 1, 4, 64, 16_384, 64, masked=True),
+    Shape("ENC small masked", 1, 4, 64, 16_384, 64, pad_fraction=PAD_FRACTION),
     Shape("DEC small", 1, 4, 16_384, 64, 64),
+]
+CPU_SHAPES_FULL = [
+    Shape("ENC medium", 1, 8, 128, 65_536, 64),
+    Shape("ENC medium masked", 1, 8, 128, 65_536, 64, pad_fraction=PAD_FRACTION),
+    Shape("DEC medium", 1, 8, 65_536, 128, 64),
 ]
 QUICK_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
 BACKWARD_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
@@ -76,13 +94,15 @@ def sweep_shapes(batch: int, heads: int, short_side: int, long_sides: tuple[int,
 
 GPU_SWEEP = sweep_shapes(1, 8, 256, (4096, 16_384, 65_536, 262_144, 1_048_576), 64)  # full size only
 CPU_SWEEP = sweep_shapes(1, 4, 64, (1024, 4096, 16_384), 64)
+CPU_SWEEP_FULL = sweep_shapes(1, 8, 128, (1024, 4096, 16_384, 65_536), 64)
 
 
 def cases(device: torch.device, size: str) -> list[tuple[Shape, bool]]:
     """(shape, with backward) of every measured pass: the anchors forward, the backward
     where it is measured, then the forward sweeps."""
     if device.type != "cuda":
-        return [(s, False) for s in CPU_SHAPES] + [(s, True) for s in CPU_SHAPES] + [(s, False) for s in CPU_SWEEP]
+        shapes, sweep = (CPU_SHAPES_FULL, CPU_SWEEP_FULL) if size == "full" else (CPU_SHAPES, CPU_SWEEP)
+        return [(s, False) for s in shapes] + [(s, True) for s in shapes] + [(s, False) for s in sweep]
     shapes = GPU_SHAPES if size == "full" else [s for s in GPU_SHAPES if s.name in QUICK_GPU]
     sweep = GPU_SWEEP if size == "full" else []
     return ([(s, False) for s in shapes] + [(s, True) for s in shapes if s.name in BACKWARD_GPU]
@@ -98,9 +118,8 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
 
     mask = None
     if shape.masked:
-        # Variable-length inputs: batch element b keeps the first (1 - b/(2B)) of its keys.
-        lengths = [shape.num_keys - b * shape.num_keys // (2 * shape.batch) for b in range(shape.batch)]
-        mask = torch.arange(shape.num_keys, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
+        keys = torch.arange(shape.num_keys, device=device)
+        mask = (keys >= shape.num_keys - shape.padded_keys).expand(shape.batch, -1).contiguous()
     return {"q": randn(shape.num_queries), "k": randn(shape.num_keys), "v": randn(shape.num_keys), "mask": mask}
 
 
@@ -118,9 +137,10 @@ def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
     return run
 
 
-# Our providers and the backend each runs: "auto" as users get it, and on a GPU the
-# CUDA C++ kernels explicitly (auto does not choose them yet).
-OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[cuda]": "cuda"}
+# Our providers and the backend each runs: "auto" as users get it, and on a GPU each
+# kernel backend explicitly (the kernel targets are the Triton backend's; auto does
+# not choose the CUDA C++ kernels yet).
+OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[triton]": "triton", "perceiver_kernels[cuda]": "cuda"}
 
 
 def _ours(backend: str) -> Callable[[dict], torch.Tensor]:
@@ -138,6 +158,7 @@ def providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]
 def _all_providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]:
     ours = {"perceiver_kernels": _ours("auto")}
     if device.type == "cuda":
+        ours["perceiver_kernels[triton]"] = _ours("triton")
         ours["perceiver_kernels[cuda]"] = _ours("cuda")
     ours["naive"] = lambda x: pk.reference_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"])
     if device.type != "cuda":
@@ -164,27 +185,29 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for shape, backward in cases(device, size):
+        pass_name = "forward+backward" if backward else "forward"
+        progress(f"{shape.name} {pass_name}")
         inputs = make_inputs(shape, device, dtype)
         case_flops = shape.flops(backward)
         case_bytes = shape.min_bytes(inputs["q"].element_size(), backward)
         roofline_ms = 1e3 * max(case_flops / (ceilings["matmul_tflops"] * 1e12),
                                 case_bytes / (ceilings["copy_gbps"] * 1e9))
-        for name, fn in providers(device).items():
-            pass_name = "forward+backward" if backward else "forward"
-            progress(f"{shape.name} {pass_name} / {name}")
+        calls = {name: _timed_call(fn, inputs, backward) for name, fn in providers(device).items()}
+        for name, result in measure_case(calls, device).items():
             row = {"suite": "op", "pass": pass_name, "case": shape.name, "provider": name,
                    "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
-                   "d": shape.head_dim, "masked": shape.masked, "dtype": str(dtype).replace("torch.", ""),
-                   "sweep": shape.sweep, "flops": case_flops, "min_bytes": case_bytes, "roofline_ms": roofline_ms}
-            call = _timed_call(fn, inputs, backward)
+                   "d": shape.head_dim, "masked": shape.masked, "pad_fraction": shape.pad_fraction,
+                   "padded_keys": shape.batch * shape.padded_keys, "dtype": str(dtype).replace("torch.", ""),
+                   "sweep": shape.sweep, "flops": case_flops, "min_bytes": case_bytes, "roofline_ms": roofline_ms,
+                   **result}
             if name in OUR_BACKENDS:
                 q = inputs["q"].detach().requires_grad_(backward)
                 row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"],
                                          backend=OUR_BACKENDS[name]).path
-            row.update(guarded_measure(call, device, case_flops))
             if row["status"] == "ok":
+                row["tflops"] = throughput(case_flops, row["median_ms"])
                 row["gbps"] = case_bytes / (row["median_ms"] * 1e-3) / 1e9
                 row["roofline_pct"] = 100 * roofline_ms / row["median_ms"]
             rows.append(row)
-        del inputs
+        del inputs, calls
     return rows

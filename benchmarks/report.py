@@ -4,20 +4,47 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from . import harness
 
-def environment(device: torch.device, ceilings: dict) -> dict:
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A ratio whose 95% interval reaches further than this from it is flagged "noisy": two
+# runs may then disagree by more than 10%.
+RATIO_NOISE_LIMIT = 0.08
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                          check=True).stdout.strip()
+
+
+def project_commit() -> tuple[str, Optional[bool]]:
+    """(commit, whether tracked files differ from it) of this project's own checkout.
+
+    A copy without .git inside another repository must not take that repository's
+    commit: git answers only when its top level is this project's root. Elsewhere the
+    commit comes from PERCEIVER_KERNELS_COMMIT (gpu_run.sh's caller sets it) or is
+    "unknown"."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        if Path(_git("rev-parse", "--show-toplevel")).resolve() == PROJECT_ROOT:
+            dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+            return _git("rev-parse", "--short", "HEAD"), dirty
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        pass
+    return os.environ.get("PERCEIVER_KERNELS_COMMIT", "unknown"), None
+
+
+def environment(device: torch.device, ceilings: dict, size: str = "quick",
+                load_at_start: Optional[tuple[float, float, float]] = None) -> dict:
+    commit, dirty = project_commit()
     try:
         import triton
 
@@ -26,22 +53,33 @@ def environment(device: torch.device, ceilings: dict) -> dict:
         triton_version = "not installed"
     import perceiver_kernels as pk
 
+    discipline = harness.discipline_for(device)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
+        "uncommitted_changes": dirty,
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
+        "size": size,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
         "perceiver_kernels_build": pk.build_info(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": harness.load_average(),
+        "timing": {"clock": harness.clock_name(device), "min_rounds": discipline.min_rounds, "max_rounds": discipline.max_rounds,
+                   "budget_s_per_case": discipline.budget_s, "target_ci": discipline.target_ci,
+                   "ratio_noise_limit": RATIO_NOISE_LIMIT},
         "ceilings": ceilings,
     }
 
 
 def _fmt(value, spec):
-    return format(value, spec) if isinstance(value, (int, float)) else "-"
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
 # What each suite's speed-up column compares against, per (case, pass).
@@ -57,57 +95,117 @@ SUITE_TITLES = {
 }
 
 
+def annotate_ratios(rows: list[dict]) -> None:
+    """Adds to every measured row its speed-up over its suite's baseline (the fastest
+    baseline row of the same case and pass), the speed-up's 95% interval from the two
+    medians' intervals, and `ratio_noisy` where that interval is too wide to trust."""
+    baseline: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row.get("suite", "op"), row["case"], row.get("pass", ""))
+        if BASELINES[key[0]][1](row["provider"]) and row["status"] == "ok":
+            if key not in baseline or row["median_ms"] < baseline[key]["median_ms"]:
+                baseline[key] = row
+    for row in rows:
+        base = baseline.get((row.get("suite", "op"), row["case"], row.get("pass", "")))
+        if row["status"] != "ok" or base is None:
+            continue
+        row["baseline"] = base["provider"]
+        row["speedup"] = base["median_ms"] / row["median_ms"]
+        if base is row:
+            row["speedup_low"] = row["speedup_high"] = 1.0
+            row["ratio_noisy"] = False
+        elif "ci_low_ms" in row and "ci_low_ms" in base:  # results of older runs have no intervals
+            row["speedup_low"] = base["ci_low_ms"] / row["ci_high_ms"]
+            row["speedup_high"] = base["ci_high_ms"] / row["ci_low_ms"]
+            reach = max(row["speedup"] - row["speedup_low"], row["speedup_high"] - row["speedup"])
+            row["ratio_noisy"] = reach / row["speedup"] > RATIO_NOISE_LIMIT
+
+
+def format_ratio(row: dict) -> str:
+    if row.get("speedup") is None:
+        return "-"
+    return f"{row['speedup']:.2f}x" + (" noisy" if row.get("ratio_noisy") else "")
+
+
+def _note(row: dict) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    padding = ""
+    if row.get("pad_fraction"):
+        padding = f"pads {row['pad_fraction']:.0%} of keys ({row['padded_keys']} in all)"
+    return "; ".join(part for part in (padding, row.get("path", "")) if part)
+
+
 def summary_table(rows: list[dict]) -> str:
-    """Markdown, one section per suite: a line per (case, pass, provider) with the
-    speed-up over the suite's baseline (the fastest baseline row of the same case and pass)."""
+    """Markdown, one section per suite: a line per (case, pass, provider) with its
+    spread (± half the interquartile range) and its speed-up over the suite's baseline."""
     sections = []
     for suite in dict.fromkeys(row.get("suite", "op") for row in rows):
-        label, is_baseline = BASELINES[suite]
-        suite_rows = [row for row in rows if row.get("suite", "op") == suite]
-        baseline: dict[tuple, float] = {}
-        for row in suite_rows:
-            key = (row["case"], row.get("pass", ""))
-            if is_baseline(row["provider"]) and row["status"] == "ok":
-                baseline[key] = min(baseline.get(key, float("inf")), row["median_ms"])
+        label, _ = BASELINES[suite]
         lines = [f"### {SUITE_TITLES[suite]}", "",
-                 f"| case | pass | provider | ms | TFLOP/s | GB/s | % roofline | peak MiB | vs {label} | note |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in suite_rows:
-            ok = row["status"] == "ok"
-            key = (row["case"], row.get("pass", ""))
-            speedup = baseline[key] / row["median_ms"] if ok and key in baseline else None
-            note = row.get("path", "") if ok else row["status"]
+                 f"| case | pass | provider | ms | ± % | TFLOP/s | GB/s | % roofline | peak MiB | vs {label} | note |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            if row.get("suite", "op") != suite:
+                continue
             lines.append(
-                f"| {row['case']} | {key[1]} | {row['provider']} | {_fmt(row.get('median_ms'), '.3f')} | "
-                f"{_fmt(row.get('tflops'), '.2f')} | {_fmt(row.get('gbps'), '.0f')} | "
-                f"{_fmt(row.get('roofline_pct'), '.0f')} | "
-                f"{_fmt(row.get('peak_mib'), '.0f')} | {_fmt(speedup, '.2f') + 'x' if speedup else '-'} | {note} |"
+                f"| {row['case']} | {row.get('pass', '')} | {row['provider']} | {_fmt(row.get('median_ms'), '.3f')} | "
+                f"{_fmt(row.get('spread_pct'), '.1f')} | {_fmt(row.get('tflops'), '.3f')} | "
+                f"{_fmt(row.get('gbps'), '.1f')} | {_fmt(row.get('roofline_pct'), '.0f')} | "
+                f"{_fmt(row.get('peak_mib'), '.1f')} | {format_ratio(row)} | {_note(row)} |"
             )
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
+def _commit_line(env: dict) -> str:
+    changes = env.get("uncommitted_changes")
+    return env["commit"] + (" with uncommitted changes" if changes else "")
+
+
+def header(env: dict) -> list[str]:
+    ceilings = env["ceilings"]
+    lines = [
+        f"# perceiver-kernels benchmark: {env['device']}",
+        "",
+        f"{env['date']}, commit {_commit_line(env)}, torch {env['torch']} (CUDA {env['cuda']}), "
+        f"triton {env['triton']}, Python {env['python']}",
+        f"`{env['command']}`",
+        "",
+        f"Ceilings measured in this run: matmul {ceilings['matmul_tflops']:.4g} TFLOP/s "
+        f"({ceilings['matmul_dtype']}), copy {ceilings['copy_gbps']:.4g} GB/s. "
+        "Times are medians of the providers of a case timed interleaved; ± is half the interquartile range "
+        "in % of the median; a speed-up is marked noisy when its 95% interval (from the medians' intervals) "
+        f"reaches more than {RATIO_NOISE_LIMIT:.0%} from it. GB/s = minimum bytes (inputs read and outputs "
+        "written once) / time; % roofline = max(FLOPs / matmul peak, minimum bytes / copy bandwidth) / time.",
+    ]
+    if env.get("device_type", "cuda") == "cpu":
+        lines += [
+            "",
+            f"CPU run with {env['cpu_threads']} thread(s) of {env['cpu_count']} cores, timed by "
+            f"{env['timing']['clock']} (load average at the start "
+            f"{', '.join(f'{x:.2f}' for x in env['load_average_at_start'] or ())}, at the end "
+            f"{', '.join(f'{x:.2f}' for x in env['load_average_at_end'] or ())}). On the CPU `cross_attention` "
+            "runs its torch backend, which is SDPA: perceiver_kernels and sdpa time the same code, and their ratio "
+            "shows only the noise. The kernels run on GPUs.",
+        ]
+    return lines + [""]
+
+
 def write(out_dir: Path, env: dict, rows: list[dict]) -> str:
-    """Writes results.json, report.md and the plots; returns the summary table."""
+    """Writes results.json, report.md and the plots; returns the summary table
+    (followed by the targets table when the run measured any target's case)."""
+    from . import targets
     from .plots import write_plots
 
+    annotate_ratios(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
     table = summary_table(rows)
-    plots = write_plots(rows, out_dir, env["device"])
-    ceilings = env["ceilings"]
-    header = [
-        f"# perceiver-kernels benchmark: {env['device']}",
-        "",
-        f"{env['date']}, commit {env['commit']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}",
-        f"`{env['command']}`",
-        "",
-        f"Ceilings measured in this run: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s "
-        f"({ceilings['matmul_dtype']}), copy {ceilings['copy_gbps']:.0f} GB/s. "
-        "Times are medians; GB/s = minimum bytes (inputs read and outputs written once) / time; "
-        "% roofline = max(FLOPs / matmul peak, minimum bytes / copy bandwidth) / time.",
-        "",
-    ]
+    checked = targets.evaluate(rows)
+    if any(result.status != "not measured" for result in checked):
+        table += "\n\n" + targets.table(checked)
+    plots = write_plots(rows, out_dir, env["device"], env.get("device_type", "cuda"))
     figures = "".join(f"\n![{name}]({name})\n" for name in plots)
-    (out_dir / "report.md").write_text("\n".join(header) + table + "\n" + figures)
+    (out_dir / "report.md").write_text("\n".join(header(env)) + table + "\n" + figures)
     return table

@@ -3,12 +3,13 @@
 Both have the same width and depth: the Perceiver IO stack encodes M inputs into N
 latents, processes them with `depth` self-attention layers and decodes M outputs
 (queries = the inputs), so its cost is linear in M; nn.TransformerEncoder runs
-depth + 2 layers of self-attention over all M tokens, quadratic in M. Each is
-measured up to the first size where it runs out of memory.
+depth + 2 layers of self-attention over all M tokens, quadratic in M. The two are
+timed interleaved at each M, each up to the first size where it runs out of memory.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +19,7 @@ from torch import nn
 import perceiver
 
 from . import flops
-from .harness import guarded_measure
+from .harness import measure_case, throughput
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ScalingConfig:
 
 
 CPU_CONFIG = ScalingConfig(width=64, heads=4, num_latents=64, depth=2, sizes=(256, 512, 1024, 2048, 4096))
+CPU_FULL = ScalingConfig(width=64, heads=4, num_latents=64, depth=2, sizes=(256, 512, 1024, 2048, 4096, 8192, 16384))
 GPU_QUICK = ScalingConfig(width=256, heads=8, num_latents=256, depth=4, sizes=(1024, 4096, 16384, 65536))
 GPU_FULL = ScalingConfig(width=256, heads=8, num_latents=256, depth=4,
                          sizes=(1024, 4096, 16384, 65536, 131072, 262144, 524288))
@@ -39,7 +41,7 @@ GPU_FULL = ScalingConfig(width=256, heads=8, num_latents=256, depth=4,
 
 def config_for(device: torch.device, size: str) -> ScalingConfig:
     if device.type != "cuda":
-        return CPU_CONFIG
+        return CPU_FULL if size == "full" else CPU_CONFIG
     return GPU_FULL if size == "full" else GPU_QUICK
 
 
@@ -75,29 +77,34 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
     config = config_for(device, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = {
-        "perceiver_io": (perceiver_stack(config), perceiver_flops),
-        "transformer": (transformer(config), transformer_flops),
+        "perceiver_io": (perceiver_stack(config).to(device=device, dtype=dtype).eval(), perceiver_flops),
+        "transformer": (transformer(config).to(device=device, dtype=dtype).eval(), transformer_flops),
     }
+    out_of_memory: set[str] = set()
     rows = []
-    for name, (model, count) in models.items():
-        model = model.to(device=device, dtype=dtype).eval()
-        out_of_memory = False
-        for length in config.sizes:
-            progress(f"scaling M={length} / {name}")
+    for length in config.sizes:
+        progress(f"scaling M={length}")
+        inputs = torch.randn(config.batch, length, config.width, device=device, dtype=dtype)
+
+        def forward(model=None):
+            with torch.no_grad():
+                return model(inputs)
+
+        calls = {name: functools.partial(forward, model) for name, (model, _) in models.items()
+                 if name not in out_of_memory}
+        results = measure_case(calls, device)
+        for name, (_, count) in models.items():
             row = {"suite": "scaling", "case": f"M={length}", "M": length, "pass": "inference", "provider": name,
                    "width": config.width, "depth": config.depth, "num_latents": config.num_latents,
                    "dtype": str(dtype).replace("torch.", ""), "flops": count(config, length)}
-            if out_of_memory:
+            if name in out_of_memory:
                 row["status"] = "out of memory (a smaller M already was)"
             else:
-                inputs = torch.randn(config.batch, length, config.width, device=device, dtype=dtype)
-
-                def forward():
-                    with torch.no_grad():
-                        return model(inputs)
-
-                row.update(guarded_measure(forward, device, row["flops"]))
-                out_of_memory = row["status"] == "out of memory"
-                del inputs
+                row.update(results[name])
+                if row["status"] == "ok":
+                    row["tflops"] = throughput(row["flops"], row["median_ms"])
+                elif row["status"] == "out of memory":
+                    out_of_memory.add(name)
             rows.append(row)
+        del inputs
     return rows

@@ -17,7 +17,7 @@ DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 SCALE = 8 if DEVICE.type == "cuda" else 1
 SHAPES = [
     Shape("encode", 1, 4, 64, 8192 * SCALE, 64),
-    Shape("encode-masked", 1, 4, 64, 8192 * SCALE, 64, masked=True),
+    Shape("encode-masked", 1, 4, 64, 8192 * SCALE, 64, pad_fraction=0.25),
     Shape("decode", 1, 4, 8192 * SCALE, 64, 64),
 ]
 

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import perceiver
 import perceiver_kernels as pk
-from benchmarks import cli, flops, model_suite, op_suite, scaling_suite
+from benchmarks import cli, flops, harness, model_suite, op_suite, report, scaling_suite, targets
 from benchmarks.report import summary_table
 
 
@@ -20,8 +20,15 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(op_suite, "CPU_SHAPES", [op_suite.Shape("tiny", 1, 2, 8, 64, 16, masked=True)])
+@pytest.fixture
+def few_rounds(monkeypatch):
+    """Tiny cases settle in a few rounds: keep the suite's tests fast."""
+    monkeypatch.setattr(harness, "CPU_DISCIPLINE", harness.Discipline(min_rounds=3, max_rounds=5, budget_s=0.05,
+                                                                      target_ci=0.5))
+
+
+def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys, few_rounds):
+    monkeypatch.setattr(op_suite, "CPU_SHAPES", [op_suite.Shape("tiny", 1, 2, 8, 64, 16, pad_fraction=0.25)])
     monkeypatch.setattr(op_suite, "CPU_SWEEP", op_suite.sweep_shapes(1, 2, 8, (32, 64), 16))
     monkeypatch.setattr(scaling_suite, "CPU_CONFIG", scaling_suite.ScalingConfig(16, 2, 4, 1, sizes=(16, 32)))
     monkeypatch.setattr(model_suite, "CPU_CONFIG", model_suite.ModelConfig(4, 4, 16, 1, 1, 2, batch=1, num_labels=3))
@@ -71,7 +78,7 @@ def test_report_shows_failed_rows_and_missing_baselines():
     table = summary_table(rows)
     assert "out of memory" in table and "unsupported: No kernel" in table and "triton (split-KV)" in table
     assert "### Scaling with input size M" in table
-    assert "| s | forward | perceiver_kernels | 1.000 | 2.00 | - | 50 | - | - |" in table  # no baseline ran
+    assert "| s | forward | perceiver_kernels | 1.000 | - | 2.000 | - | 50 | - | - |" in table  # no baseline ran
 
 
 def test_attention_flops_match_flop_counter_forward_and_backward():
@@ -100,7 +107,7 @@ def test_layer_and_model_flops_match_flop_counter():
     assert counted(lambda: stack(torch.randn(1, 32, 16))) == scaling_suite.perceiver_flops(config, 32)
 
     small = model_suite.ModelConfig(8, 4, 16, 2, 2, 2, batch=2, num_labels=3)
-    hf_model = model_suite.build_models(small)["hf_transformers"]
+    hf_model = model_suite.build_models(small)[0]["hf_transformers"]
     assert counted(lambda: hf_model(inputs=torch.randn(2, 3, 8, 8))) == model_suite.model_flops(small)
 
 
@@ -119,3 +126,140 @@ def test_gpu_cases_cover_every_anchor_and_the_sweeps_at_full_size():
     assert {"ENC-4", "ENC M=1048576", "DEC O=1048576"} <= names
     assert {shape.name for shape, backward in full if backward} == set(op_suite.BACKWARD_GPU)
     assert {shape.name for shape, _ in op_suite.cases(cuda, "quick")} == set(op_suite.QUICK_GPU)
+
+
+def test_providers_of_a_case_are_interleaved_in_rotating_order_and_refusals_reported():
+    calls = []
+
+    def provider(name):
+        return lambda: calls.append(name)
+
+    def refusing():
+        raise RuntimeError("No available kernel.\nmore text")
+
+    discipline = harness.Discipline(min_rounds=4, max_rounds=4, budget_s=10.0, target_ci=0.0)
+    results = harness.measure_case({"a": provider("a"), "b": provider("b"), "c": provider("c"), "x": refusing},
+                                   torch.device("cpu"), discipline)
+    assert results["x"] == {"status": "unsupported: No available kernel."}
+    timed = calls[6:]  # each provider: a warm-up and a peak-memory call first
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    for name in "abc":
+        assert results[name]["status"] == "ok" and results[name]["samples"] == 4
+        assert results[name]["ci_low_ms"] <= results[name]["median_ms"] <= results[name]["ci_high_ms"]
+
+
+def test_median_interval_is_the_whole_range_for_few_samples_and_narrows_with_more():
+    assert harness.median_interval([5.0, 1.0, 3.0]) == (1.0, 5.0)
+    samples = [float(i) for i in range(100)]
+    low, high = harness.median_interval(samples)
+    assert (low, high) == (39.0, 60.0)  # ranks 40 and 61 of 100: the binomial 95% interval of the median
+    timing = harness.Timing.of(samples)
+    assert timing.median_ms == 49.5 and timing.samples == 100
+    assert timing.spread_pct == pytest.approx(100 * (74.25 - 24.75) / 2 / 49.5)
+
+
+def _timed_row(provider, median, low, high, case="c"):
+    return {"suite": "op", "case": case, "pass": "forward", "provider": provider, "status": "ok",
+            "median_ms": median, "ci_low_ms": low, "ci_high_ms": high}
+
+
+def test_ratios_carry_intervals_and_a_noisy_flag_in_the_json_and_the_table():
+    rows = [_timed_row("sdpa-a", 2.0, 1.98, 2.02), _timed_row("sdpa-b", 3.0, 2.9, 3.1),
+            _timed_row("perceiver_kernels", 1.0, 0.99, 1.01), _timed_row("naive", 4.0, 2.0, 6.0)]
+    report.annotate_ratios(rows)
+    sdpa_a, sdpa_b, ours, naive = rows
+    assert sdpa_a["speedup"] == 1.0 and sdpa_a["ratio_noisy"] is False and ours["baseline"] == "sdpa-a"
+    assert ours["speedup"] == 2.0 and ours["speedup_low"] == pytest.approx(1.98 / 1.01)
+    assert ours["ratio_noisy"] is False and naive["ratio_noisy"] is True
+    table = summary_table(rows)
+    assert "| 2.00x |" in table and "| 0.50x noisy |" in table
+
+
+def test_masked_cases_pad_the_stated_fraction_of_every_batch_element():
+    for batch in (1, 3):
+        shape = op_suite.Shape("m", batch, 2, 4, 40, 8, pad_fraction=0.25)
+        mask = op_suite.make_inputs(shape, torch.device("cpu"), torch.float32)["mask"]
+        assert mask.shape == (batch, 40) and (mask.sum(dim=1) == 10).all() and mask[:, 30:].all()
+    assert all(s.pad_fraction == op_suite.PAD_FRACTION == 0.25 for s in op_suite.GPU_SHAPES if s.masked)
+    assert {s.name for s in op_suite.GPU_SHAPES if s.masked} == {"ENC-1 masked", "ENC-3 masked"}
+
+
+def test_full_size_on_the_cpu_runs_larger_shapes():
+    cpu = torch.device("cpu")
+    largest = {size: max(s.num_keys * s.num_queries for s, _ in op_suite.cases(cpu, size)) for size in ("quick", "full")}
+    assert largest["full"] > largest["quick"]
+    assert max(scaling_suite.config_for(cpu, "full").sizes) > max(scaling_suite.config_for(cpu, "quick").sizes)
+    assert model_suite.config_for(cpu, "full").image_size > model_suite.config_for(cpu, "quick").image_size
+
+
+def test_commit_stamp_comes_only_from_the_projects_own_checkout(tmp_path, monkeypatch):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # an enclosing repository
+    copy = tmp_path / "copy-without-git"
+    copy.mkdir()
+    monkeypatch.setattr(report, "PROJECT_ROOT", copy)
+    monkeypatch.delenv("PERCEIVER_KERNELS_COMMIT", raising=False)
+    assert report.project_commit() == ("unknown", None)
+    monkeypatch.setenv("PERCEIVER_KERNELS_COMMIT", "f249052")
+    assert report.project_commit() == ("f249052", None)
+
+
+def test_missing_comparison_packages_get_a_row_that_says_so(monkeypatch, few_rounds):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "perceiver_pytorch", None)  # import fails as when not installed
+    monkeypatch.setattr(model_suite, "CPU_CONFIG", model_suite.ModelConfig(4, 4, 16, 1, 1, 2, batch=1, num_labels=3))
+    rows = model_suite.run_suite(torch.device("cpu"), "quick", {}, lambda message: None)
+    status = {(row["pass"], row["provider"]): row["status"] for row in rows}
+    assert status[("inference", "perceiver_pytorch")] == "not installed: perceiver-pytorch"
+    assert status[("training step", "perceiver_kernels")] == "ok"
+
+
+def test_cli_records_the_thread_setting_and_rejects_bad_arguments(tmp_path, monkeypatch, few_rounds):
+    monkeypatch.setattr(op_suite, "CPU_SHAPES", [])
+    monkeypatch.setattr(op_suite, "CPU_SWEEP", op_suite.sweep_shapes(1, 1, 4, (16,), 8))
+    threads = torch.get_num_threads()
+    try:
+        cli.main(["--suite", "op", "--threads", "2", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    env = json.loads((tmp_path / "results.json").read_text())["environment"]
+    assert env["cpu_threads"] == 2 and env["timing"]["clock"] == "wall clock" and env["size"] == "quick"
+    for bad in (["--threads", "0"], ["--device", "nonsense"]):
+        with pytest.raises(SystemExit):
+            cli.main(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli.main(["--device", "cuda"])
+
+
+def _op_row(case, pass_name, provider, median, peak=None, path=""):
+    return {"suite": "op", "case": case, "pass": pass_name, "provider": provider, "status": "ok",
+            "median_ms": median, "peak_mib": peak, "path": path}
+
+
+def test_targets_pass_fail_and_say_what_was_not_measured():
+    rows = [
+        _op_row("ENC-1", "forward", "sdpa-cudnn_attention", 1.0),
+        _op_row("ENC-1", "forward", "perceiver_kernels[triton]", 0.8, path="triton (split-KV)"),
+        _op_row("ENC-1 masked", "forward", "perceiver_kernels[triton]", 0.85),
+        _op_row("ENC-3", "forward", "sdpa-flash_attention", 1.0),
+        _op_row("ENC-3", "forward", "perceiver_kernels", 0.5, path="triton (split-KV)"),  # an auto row that ran Triton
+        _op_row("DEC-1", "forward+backward", "sdpa-cudnn_attention", 3.0, peak=1600.0),
+        _op_row("DEC-1", "forward+backward", "perceiver_kernels[triton]", 6.0, peak=2768.0),
+    ]
+    report.annotate_ratios(rows)
+    results = {(r.target.case, r.target.pass_name, r.target.metric): r for r in targets.evaluate(rows)}
+    enc1 = results[("ENC-1", "forward", "speedup")]
+    assert (enc1.status, enc1.measured, enc1.against) == ("PASS", pytest.approx(1.25), "sdpa-cudnn_attention")
+    assert results[("ENC-3", "forward", "speedup")].status == "PASS"  # 2.0x >= 1.6x through the auto row
+    masked = results[("ENC-1 masked", "forward", "vs ENC-1")]
+    assert masked.status == "PASS" and masked.measured == pytest.approx(0.8 / 0.85)
+    peak = results[("DEC-1", "forward+backward", "peak ratio")]
+    assert peak.status == "FAIL" and peak.measured == pytest.approx(2768 / 1600)
+    assert results[("ENC-2", "forward", "speedup")].status == "not measured"
+    text = targets.table(targets.evaluate(rows))
+    assert "| 14 | ENC-1 | forward | speedup (sdpa-cudnn_attention) | 1.25x | >= 1.10x | PASS |" in text
+    assert "| 15 | DEC-1 | forward+backward | peak ratio (sdpa-cudnn_attention) | 1.73x | <= 1.00x | FAIL |" in text
+    assert "3 of 4 measured targets pass" in text

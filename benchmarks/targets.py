@@ -1,0 +1,158 @@
+"""The performance targets of the open kernel issues, checked against a run's rows.
+
+One declarative list: each target names a case and pass of a suite, a metric and a
+threshold. `report.write` appends the table to report.md when a run measured any of
+the cases; `gpu_run.sh` prints it last. Re-check any results file with
+
+    python -m benchmarks.targets bench-out/<time>/results.json
+
+Metrics:
+- "speedup": the suite's speed-up column (op: over the best SDPA backend timed in the
+  same run; model: over HF transformers), at least `threshold`.
+- "peak ratio": peak memory over that of the same baseline row, at most `threshold`.
+- "vs <case>": the provider's time on <case> over its time on this case (a mask that
+  costs nothing gives 1.0), at least `threshold`.
+Kernel targets are the Triton backend's (issue 14): the perceiver_kernels[triton]
+row, or in runs without one the perceiver_kernels (auto) row where auto ran Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: int
+    case: str
+    pass_name: str
+    metric: str
+    threshold: float
+    suite: str = "op"
+    provider: str = "perceiver_kernels[triton]"
+
+    @property
+    def at_most(self) -> bool:
+        return self.metric == "peak ratio"
+
+
+MODEL_CASE = "224x224 Fourier classifier"  # model_suite.GPU_CONFIG
+TARGETS = [
+    # 14: the forward on Hopper (H200/H100, bf16).
+    Target(14, "ENC-1", "forward", "speedup", 1.1),
+    Target(14, "ENC-2", "forward", "speedup", 1.05),
+    Target(14, "ENC-3", "forward", "speedup", 1.6),
+    Target(14, "DEC-1", "forward", "speedup", 1.1),
+    Target(14, "DEC-2", "forward", "speedup", 1.05),
+    Target(14, "ENC-4", "forward", "speedup", 1.0),  # ENC-1 at head dim 32
+    Target(14, "ENC-3 masked", "forward", "speedup", 5.0),
+    Target(14, "ENC-1 masked", "forward", "vs ENC-1", 0.9),
+    Target(14, "ENC-3 masked", "forward", "vs ENC-3", 0.9),
+    # 15: the fused backward (forward + backward).
+    Target(15, "ENC-1", "forward+backward", "speedup", 1.2),
+    Target(15, "ENC-3", "forward+backward", "speedup", 1.5),
+    Target(15, "ENC-3 masked", "forward+backward", "speedup", 3.0),
+    Target(15, "ENC-1", "forward+backward", "peak ratio", 1.0),
+    Target(15, "ENC-3", "forward+backward", "peak ratio", 1.0),
+    Target(15, "DEC-1", "forward+backward", "peak ratio", 1.0),
+    # 16: the released models end to end (this package's model against HF's).
+    Target(16, MODEL_CASE, "inference", "speedup", 6.0, suite="model", provider="perceiver_kernels"),
+    Target(16, MODEL_CASE, "training step", "speedup", 3.0, suite="model", provider="perceiver_kernels"),
+    Target(16, MODEL_CASE, "training step", "peak ratio", 0.5, suite="model", provider="perceiver_kernels"),
+]
+
+
+@dataclass
+class Result:
+    target: Target
+    status: str  # PASS, FAIL, "not measured" or why the row has no figure
+    measured: Optional[float] = None
+    against: str = ""
+    noisy: bool = False
+
+
+def _find(rows: list[dict], suite: str, case: str, pass_name: str, provider: str) -> Optional[dict]:
+    matches = [row for row in rows if row.get("suite", "op") == suite and row["case"] == case
+               and row.get("pass") == pass_name]
+    for row in matches:
+        if row["provider"] == provider:
+            return row
+    if provider == "perceiver_kernels[triton]":
+        return next((row for row in matches if row["provider"] == "perceiver_kernels"
+                     and str(row.get("path", "")).startswith("triton")), None)
+    return None
+
+
+def _by_name(rows: list[dict]) -> dict[tuple, dict]:
+    return {(row.get("suite", "op"), row["case"], row.get("pass"), row["provider"]): row for row in rows}
+
+
+def _check(target: Target, rows: list[dict]) -> Result:
+    row = _find(rows, target.suite, target.case, target.pass_name, target.provider)
+    if row is None:
+        return Result(target, "not measured")
+    if row["status"] != "ok":
+        return Result(target, row["status"])
+    noisy = bool(row.get("ratio_noisy"))
+    if target.metric == "speedup":
+        if row.get("speedup") is None:
+            return Result(target, "no baseline")
+        measured, against = row["speedup"], row["baseline"]
+    elif target.metric == "peak ratio":
+        base = _by_name(rows).get((target.suite, target.case, target.pass_name, row.get("baseline")))
+        if base is None or not row.get("peak_mib") or not base.get("peak_mib"):
+            return Result(target, "no peak memory")
+        measured, against = row["peak_mib"] / base["peak_mib"], base["provider"]
+    elif target.metric.startswith("vs "):
+        other = _by_name(rows).get((target.suite, target.metric[3:], target.pass_name, row["provider"]))
+        if other is None or other["status"] != "ok":
+            return Result(target, "not measured")
+        measured, against, noisy = other["median_ms"] / row["median_ms"], other["case"], False
+    else:
+        raise ValueError(f"unknown metric {target.metric!r}")
+    passed = measured <= target.threshold if target.at_most else measured >= target.threshold
+    return Result(target, "PASS" if passed else "FAIL", measured, against, noisy)
+
+
+def evaluate(rows: list[dict]) -> list[Result]:
+    """Every target against rows already annotated by report.annotate_ratios."""
+    return [_check(target, rows) for target in TARGETS]
+
+
+def table(results: list[Result]) -> str:
+    lines = ["### Targets (issues 14, 15, 16)", "",
+             "| issue | case | pass | metric | measured | target | result |", "|---|---|---|---|---|---|---|"]
+    for result in results:
+        target = result.target
+        sign = "<=" if target.at_most else ">="
+        metric = target.metric + (f" ({result.against})" if result.against else "")
+        measured = "-" if result.measured is None else f"{result.measured:.2f}x"
+        status = result.status + (" (noisy)" if result.noisy else "")
+        lines.append(f"| {target.issue} | {target.case} | {target.pass_name} | {metric} | {measured} | "
+                     f"{sign} {target.threshold:.2f}x | {status} |")
+    passed = sum(result.status == "PASS" for result in results)
+    measured = sum(result.measured is not None for result in results)
+    lines += ["", f"{passed} of {measured} measured targets pass ({len(results)} targets in all)."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from .report import annotate_ratios
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.targets", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a results.json written by python -m benchmarks")
+    args = parser.parse_args(argv)
+    data = json.loads(args.results.read_text())
+    rows = data["results"]
+    annotate_ratios(rows)
+    env = data["environment"]
+    print(f"{env['device']}, commit {env['commit']}, {env['date']}\n")
+    print(table(evaluate(rows)))
+
+
+if __name__ == "__main__":
+    main()
