@@ -9,6 +9,7 @@ needed by the caller, who already has an HF model; this module does not import i
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -55,20 +56,43 @@ def _layer_kwargs(hf_layer: nn.Module) -> dict:
     )
 
 
-def _check_activation(config) -> None:
-    if config.hidden_act != "gelu":
-        raise NotImplementedError(f"only hidden_act='gelu' converts exactly (the MLP uses exact GELU), "
-                                  f"got {config.hidden_act!r}")
+# HF hidden_act names (transformers.activations.ACT2FN) -> the torch module computing the same.
+_ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_python": nn.GELU,
+    "gelu_new": functools.partial(nn.GELU, approximate="tanh"),
+    "gelu_pytorch_tanh": functools.partial(nn.GELU, approximate="tanh"),
+    "gelu_python_tanh": functools.partial(nn.GELU, approximate="tanh"),
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "leaky_relu": nn.LeakyReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "mish": nn.Mish,
+    "hardswish": nn.Hardswish,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "linear": nn.Identity,
+}
 
 
-def _load_layer(ours: PerceiverLayer, hf_layer: nn.Module) -> PerceiverLayer:
+def _activation(config) -> nn.Module:
+    factory = _ACTIVATIONS.get(config.hidden_act) if isinstance(config.hidden_act, str) else None
+    if factory is None:
+        raise NotImplementedError(f"hidden_act={config.hidden_act!r} is not converted; supported: "
+                                  f"{sorted(_ACTIVATIONS)}")
+    return factory()
+
+
+def _load_layer(ours: PerceiverLayer, hf_layer: nn.Module, config) -> PerceiverLayer:
+    ours.mlp.activation = _activation(config)
     ours.load_state_dict(_rename(hf_layer.state_dict(), _LAYER_NAMES))
     return ours
 
 
 def encoder_from_hf(hf_perceiver: nn.Module) -> tuple[PerceiverEncoder, PerceiverProcessor]:
     """The latents, the cross-attention layer and the shared self-attention block of a PerceiverModel."""
-    _check_activation(hf_perceiver.config)
+    config = hf_perceiver.config
     cross = hf_perceiver.encoder.cross_attention
     latents = hf_perceiver.embeddings.latents
     encoder = PerceiverEncoder(
@@ -76,27 +100,48 @@ def encoder_from_hf(hf_perceiver: nn.Module) -> tuple[PerceiverEncoder, Perceive
         **_layer_kwargs(cross),
     )
     encoder.latents.data.copy_(latents.data)
-    _load_layer(encoder.cross_attention, cross)
+    _load_layer(encoder.cross_attention, cross, config)
     blocks = hf_perceiver.encoder.self_attends
+    if len(blocks) == 0:  # num_self_attends_per_block=0: the latents go straight to the decoder
+        return encoder, PerceiverProcessor(latents.shape[1], num_layers_per_block=0)
+    _check_self_attention_width(blocks[0], config)
     block_kwargs = _layer_kwargs(blocks[0])
     if not block_kwargs.pop("use_query_residual"):
         raise NotImplementedError("self-attention layers without a query residual are not converted")
     processor = PerceiverProcessor(latents.shape[1], num_layers_per_block=len(blocks),
-                                   num_blocks=hf_perceiver.config.num_blocks, **block_kwargs)
+                                   num_blocks=config.num_blocks, **block_kwargs)
     for ours, theirs in zip(processor.layers, blocks):
-        _load_layer(ours, theirs)
+        _load_layer(ours, theirs, config)
     return encoder, processor
 
 
-def _decoder_from_basic(basic: nn.Module, latent_dim: int) -> PerceiverDecoder:
+def _check_self_attention_width(hf_layer: nn.Module, config) -> None:
+    """Refuses the configurations whose self-attention HF builds but cannot run.
+
+    HF's self-attention output projection keeps v_channels (v_channels, else
+    qk_channels, else d_latents) channels, then adds the d_latents-wide latents to it:
+    unless the two agree, the HF model fails at its first forward, and its weights
+    fit no layer that can run.
+    """
+    v_channels = hf_layer.attention.output.dense.out_features
+    d_latents = hf_layer.layernorm.normalized_shape[0]
+    if v_channels != d_latents:
+        raise ValueError(
+            f"this HF model cannot run, so it is not converted: its self-attention layers have v_channels="
+            f"{v_channels} (config.v_channels={config.v_channels}, config.qk_channels={config.qk_channels}) "
+            f"but HF adds them to the d_latents={d_latents}-wide latents. HF runs with v_channels = d_latents, "
+            f"or with v_channels unset and qk_channels unset or = d_latents")
+
+
+def _decoder_from_basic(basic: nn.Module, config) -> PerceiverDecoder:
     """Our decoder from an HF PerceiverBasicDecoder's cross-attention layer and final layer."""
     layer = basic.decoding_cross_attention
     final = basic.final_layer
     decoder = PerceiverDecoder(
-        query_dim=layer.attention.self.query.in_features, latent_dim=latent_dim,
+        query_dim=layer.attention.self.query.in_features, latent_dim=layer.attention.self.key.in_features,
         output_dim=final.out_features if isinstance(final, nn.Linear) else None, **_layer_kwargs(layer),
     )
-    _load_layer(decoder.cross_attention, layer)
+    _load_layer(decoder.cross_attention, layer, config)
     if isinstance(final, nn.Linear):
         decoder.final_layer.load_state_dict(final.state_dict())
     return decoder
@@ -147,12 +192,68 @@ class FirstQuery(nn.Module):
         return x[:, 0]
 
 
+def _masked_lm(model: nn.Module, encoder: PerceiverEncoder, processor: PerceiverProcessor) -> PerceiverIO:
+    hf = model.perceiver
+    token_adapter = adapters.TokenInputAdapter.from_hf(hf.input_preprocessor)
+    decoder = _decoder_from_basic(hf.decoder, model.config)
+    return PerceiverIO(
+        encoder, processor, decoder, _queries_from_basic(hf.decoder), input_adapter=token_adapter,
+        output_adapter=adapters.EmbeddingDecoderOutputAdapter.from_hf(model.embedding_decoder,
+                                                                      token_adapter.embeddings),
+    )
+
+
+def _image_classification(model: nn.Module, encoder: PerceiverEncoder, processor: PerceiverProcessor) -> PerceiverIO:
+    hf = model.perceiver
+    basic = hf.decoder.decoder
+    return PerceiverIO(
+        encoder, processor, _decoder_from_basic(basic, model.config), _queries_from_basic(basic),
+        input_adapter=adapters.ImageInputAdapter.from_hf(hf.input_preprocessor), output_adapter=FirstQuery(),
+    )
+
+
+def _optical_flow(model: nn.Module, encoder: PerceiverEncoder, processor: PerceiverProcessor) -> PerceiverIO:
+    hf = model.perceiver
+    return PerceiverIO(
+        encoder, processor, _decoder_from_basic(hf.decoder.decoder, model.config), queries=None,
+        input_adapter=adapters.ImageInputAdapter.from_hf(hf.input_preprocessor),
+        output_adapter=adapters.FlowOutputAdapter.from_hf(hf.decoder),
+    )
+
+
+def _multimodal_autoencoding(model: nn.Module, encoder: PerceiverEncoder, processor: PerceiverProcessor
+                             ) -> PerceiverIO:
+    hf = model.perceiver
+    queries = _multimodal_queries(hf.decoder)
+    return PerceiverIO(
+        encoder, processor, _decoder_from_basic(hf.decoder.decoder, model.config), queries,
+        input_adapter=adapters.MultimodalInputAdapter.from_hf(hf.input_preprocessor),
+        output_adapter=adapters.MultimodalOutputAdapter.from_hf(hf.output_postprocessor, queries.sizes),
+    )
+
+
+_CONVERTERS = {
+    "PerceiverForMaskedLM": _masked_lm,
+    "PerceiverForImageClassificationLearned": _image_classification,
+    "PerceiverForImageClassificationFourier": _image_classification,
+    "PerceiverForImageClassificationConvProcessing": _image_classification,
+    "PerceiverForOpticalFlow": _optical_flow,
+    "PerceiverForMultimodalAutoencoding": _multimodal_autoencoding,
+}
+
+
 def from_hf(model: nn.Module) -> PerceiverIO:
     """Converts a transformers Perceiver model; the result returns the HF model's `.logits`.
 
     Supported: PerceiverForMaskedLM, PerceiverForImageClassificationLearned,
     PerceiverForImageClassificationFourier, PerceiverForImageClassificationConvProcessing,
-    PerceiverForOpticalFlow, PerceiverForMultimodalAutoencoding. Call the result with
+    PerceiverForOpticalFlow, PerceiverForMultimodalAutoencoding, in every configuration
+    that HF can run, with any hidden_act that has a torch equivalent (see _ACTIVATIONS).
+    Other HF Perceiver task models raise NotImplementedError; anything else (a bare
+    PerceiverModel, which has no task head, any other module, None) a TypeError. A
+    configuration HF builds but cannot run (self-attention v_channels other than
+    d_latents) raises ValueError. The converted model has no attention dropout (HF's
+    attention_probs_dropout_prob is not carried over). Call the result with
     the HF model's `inputs`; an HF `attention_mask` (1 = keep) becomes
     `key_padding_mask=attention_mask == 0`. For the multimodal autoencoder, HF's
     `subsampled_output_points` become `index, sizes = model.queries.index_of(points)`,
@@ -160,37 +261,13 @@ def from_hf(model: nn.Module) -> PerceiverIO:
     (see multimodal_decode).
     """
     kind = type(model).__name__
-    hf = model.perceiver
-    encoder, processor = encoder_from_hf(hf)
-    latent_dim = encoder.latents.shape[1]
-    hf_decoder = hf.decoder
-    if kind == "PerceiverForMaskedLM":
-        token_adapter = adapters.TokenInputAdapter.from_hf(hf.input_preprocessor)
-        return PerceiverIO(
-            encoder, processor, _decoder_from_basic(hf_decoder, latent_dim), _queries_from_basic(hf_decoder),
-            input_adapter=token_adapter,
-            output_adapter=adapters.EmbeddingDecoderOutputAdapter.from_hf(model.embedding_decoder, token_adapter.embeddings),
-        )
-    if kind.startswith("PerceiverForImageClassification"):
-        basic = hf_decoder.decoder
-        return PerceiverIO(
-            encoder, processor, _decoder_from_basic(basic, latent_dim), _queries_from_basic(basic),
-            input_adapter=adapters.ImageInputAdapter.from_hf(hf.input_preprocessor), output_adapter=FirstQuery(),
-        )
-    if kind == "PerceiverForOpticalFlow":
-        return PerceiverIO(
-            encoder, processor, _decoder_from_basic(hf_decoder.decoder, latent_dim), queries=None,
-            input_adapter=adapters.ImageInputAdapter.from_hf(hf.input_preprocessor),
-            output_adapter=adapters.FlowOutputAdapter.from_hf(hf_decoder),
-        )
-    if kind == "PerceiverForMultimodalAutoencoding":
-        queries = _multimodal_queries(hf_decoder)
-        return PerceiverIO(
-            encoder, processor, _decoder_from_basic(hf_decoder.decoder, latent_dim), queries,
-            input_adapter=adapters.MultimodalInputAdapter.from_hf(hf.input_preprocessor),
-            output_adapter=adapters.MultimodalOutputAdapter.from_hf(hf.output_postprocessor, queries.sizes),
-        )
-    raise NotImplementedError(f"converting {kind} is not supported yet")
+    converter = _CONVERTERS.get(kind)
+    if converter is None:
+        supported = ", ".join(_CONVERTERS)
+        if kind.startswith("PerceiverFor"):
+            raise NotImplementedError(f"converting {kind} is not supported yet; from_hf converts {supported}")
+        raise TypeError(f"from_hf converts a transformers Perceiver model with a task head ({supported}), got {kind}")
+    return converter(model, *encoder_from_hf(model.perceiver))
 
 
 def multimodal_decode(model: PerceiverIO, inputs: dict, points: dict[str, Optional[torch.Tensor]],
