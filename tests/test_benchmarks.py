@@ -1,6 +1,12 @@
 """The benchmark suite: end to end on tiny CPU sizes, FLOP counts against FlopCounterMode, reports."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,8 +199,6 @@ def test_full_size_on_the_cpu_runs_larger_shapes():
 
 
 def test_commit_stamp_comes_only_from_the_projects_own_checkout(tmp_path, monkeypatch):
-    import subprocess
-
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # an enclosing repository
     copy = tmp_path / "copy-without-git"
     copy.mkdir()
@@ -206,8 +210,6 @@ def test_commit_stamp_comes_only_from_the_projects_own_checkout(tmp_path, monkey
 
 
 def test_missing_comparison_packages_get_a_row_that_says_so(monkeypatch, few_rounds):
-    import sys
-
     monkeypatch.setitem(sys.modules, "perceiver_pytorch", None)  # import fails as when not installed
     monkeypatch.setattr(model_suite, "CPU_CONFIG", model_suite.ModelConfig(4, 4, 16, 1, 1, 2, batch=1, num_labels=3))
     rows = model_suite.run_suite(torch.device("cpu"), "quick", {}, lambda message: None)
@@ -219,6 +221,8 @@ def test_missing_comparison_packages_get_a_row_that_says_so(monkeypatch, few_rou
 def test_cli_records_the_thread_setting_and_rejects_bad_arguments(tmp_path, monkeypatch, few_rounds):
     monkeypatch.setattr(op_suite, "CPU_SHAPES", [])
     monkeypatch.setattr(op_suite, "CPU_SWEEP", op_suite.sweep_shapes(1, 1, 4, (16,), 8))
+    monkeypatch.setattr(harness, "ceilings", lambda device: {"matmul_tflops": 1.0, "matmul_dtype": "float32",
+                                                             "copy_gbps": 10.0})
     threads = torch.get_num_threads()
     try:
         cli.main(["--suite", "op", "--threads", "2", "--out", str(tmp_path)])
@@ -263,3 +267,93 @@ def test_targets_pass_fail_and_say_what_was_not_measured():
     assert "| 14 | ENC-1 | forward | speedup (sdpa-cudnn_attention) | 1.25x | >= 1.10x | PASS |" in text
     assert "| 15 | DEC-1 | forward+backward | peak ratio (sdpa-cudnn_attention) | 1.73x | <= 1.00x | FAIL |" in text
     assert "3 of 4 measured targets pass" in text
+
+
+REPO = Path(__file__).resolve().parent.parent
+H200_RECORD = REPO / "benchmarks" / "results" / "2026-11-30-h200"
+
+
+def test_gpu_run_plan_keeps_at_most_8_files_and_prints_the_targets_last(tmp_path):
+    out = tmp_path / "out"
+    (out / "bench").mkdir(parents=True)
+    # What the GPU steps would leave: the committed H200 run's results and test logs.
+    for name in ("results.json", "report.md", "op.png"):
+        shutil.copy(H200_RECORD / name, out / "bench" / name)
+    (out / "bench" / "sweep.png").write_bytes(b"png")
+    (out / "tests-cuda.log").write_text("....\n294 passed in 27.33s\n")
+    (out / "tests-triton.log").write_text(
+        "FAILED tests/test_triton_forward.py::test_plain[40x24] - AssertionError\n"
+        "FAILED tests/test_triton_gpu.py::test_grid[3] - worker 'gw1' crashed while running 'x'\n"
+        "3 failed, 402 passed, 5 skipped, 33 warnings in 69.86s (0:01:09)\n")
+    (out / "bench.log").write_text("table\n")
+    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", str(out)], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "DRY_RUN": "1"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    steps = [line.split(" (")[0] for line in run.stdout.splitlines() if line.startswith("== ")]
+    assert sorted(steps) == ["== bench", "== cuda-tests", "== install", "== triton-tests"]
+    assert "-p benchmarks.pytest_fault_isolation" in run.stdout and "--max-worker-restart" in run.stdout
+    files = {path.name for path in out.iterdir()}
+    assert files == {"summary.md", "results.json", "report.md", "op.png", "tests-cuda.log", "tests-triton.log",
+                     "bench.log", "logs.tar.gz"}
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        assert {"bench/sweep.png", "steps.tsv"} <= set(archive.getnames())
+    summary = (out / "summary.md").read_text()
+    assert run.stdout.rstrip().endswith(summary.rstrip())
+    assert summary.rstrip().endswith("0 of 14 measured targets pass (18 targets in all).")
+    assert "294 passed" in summary and "tests/test_triton_forward.py::test_plain[40x24]" in summary
+    assert "| op | ENC-1 | forward | perceiver_kernels | 0.993 | sdpa-cudnn_attention | 0.504 | 0.51x |" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_run_without_a_gpu_fails_fast_and_says_why(tmp_path):
+    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", str(tmp_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and "no CUDA GPU here" in run.stderr
+
+
+FAULTING_TESTS = '''
+import os
+
+import pytest
+
+
+def test_fault():
+    os.environ["SIMULATED_FAULT"] = "1"  # as a sticky CUDA error: every later test in this process fails
+    assert False, "the kernel faulted"
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_after(i):
+    assert "SIMULATED_FAULT" not in os.environ
+'''
+SIMULATED_CHECK = '''
+import os
+
+from benchmarks import pytest_fault_isolation
+
+pytest_fault_isolation.CHECKS.append(lambda: "simulated illegal memory access" if os.environ.get("SIMULATED_FAULT") else "")
+'''
+
+
+def _run_pytest(folder, *args):
+    # Without the installed plugins a pytest process starts in well under a second.
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-p", "benchmarks.pytest_fault_isolation", *args, str(folder)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+
+
+def test_a_fault_ends_only_its_worker_and_the_tests_after_it_still_pass(tmp_path):
+    pytest.importorskip("xdist")
+    (tmp_path / "conftest.py").write_text(SIMULATED_CHECK)
+    (tmp_path / "test_faulting.py").write_text(FAULTING_TESTS)
+    run = _run_pytest(tmp_path, "-p", "xdist", "-n", "2", "--max-worker-restart", "4")
+    assert "8 passed" in run.stdout and "crashed while running 'test_faulting.py::test_fault'" in run.stdout
+    assert "test_after" not in run.stdout.split("short test summary info")[-1]
+
+
+def test_without_xdist_a_fault_stops_the_run_and_says_why(tmp_path):
+    (tmp_path / "conftest.py").write_text(SIMULATED_CHECK)
+    (tmp_path / "test_faulting.py").write_text(FAULTING_TESTS)
+    run = _run_pytest(tmp_path)
+    assert "1 failed" in run.stdout and "left the process unusable (simulated illegal memory access)" in run.stdout

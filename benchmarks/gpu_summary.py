@@ -1,0 +1,103 @@
+"""The short table gpu_run.sh prints last: test counts, the benchmark's headline, the targets.
+
+    python -m benchmarks.gpu_summary OUT_DIR
+
+Reads what gpu_run.sh left in OUT_DIR (steps.tsv, tests-*.log, results.json), writes
+OUT_DIR/summary.md and prints it. The device tool returns only the end of a command's
+output, so everything that matters is here, the targets table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from . import report, targets
+
+PYTEST_TOTALS = re.compile(r"^=*\s*(\d+ (passed|failed|error|errors|skipped).*) in [\d.]+s")
+FAILURE_LINE = re.compile(r"^(FAILED|ERROR) (\S+)|crashed while running '([^']+)'")
+MAX_FAILURES_LISTED = 12
+
+
+def _steps(out: Path) -> list[str]:
+    path = out / "steps.tsv"
+    if not path.exists():
+        return []
+    lines = ["| step | exit status | seconds |", "|---|---|---|"]
+    for line in path.read_text().splitlines():
+        name, status, seconds = line.split("\t")
+        lines.append(f"| {name} | {status} | {seconds} |")
+    return lines
+
+
+def _tests(out: Path) -> list[str]:
+    lines = []
+    for log in sorted(out.glob("tests-*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        totals = next((m.group(1) for line in reversed(text) if (m := PYTEST_TOTALS.match(line.strip()))),
+                      "no pytest summary line (timed out or crashed: see the log)")
+        failures = list(dict.fromkeys(m.group(2) or m.group(3) for line in text if (m := FAILURE_LINE.search(line))))
+        lines.append(f"- `{log.name}`: {totals}")
+        lines += [f"  - {name}" for name in failures[:MAX_FAILURES_LISTED]]
+        if len(failures) > MAX_FAILURES_LISTED:
+            lines.append(f"  - ... and {len(failures) - MAX_FAILURES_LISTED} more in the log")
+    return lines
+
+
+def _ms(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if row["status"] != "ok":
+        return row["status"][:30]
+    return f"{row['median_ms']:.3f}"
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """Per anchor case and pass: each of our providers and the best baseline, with the ratio."""
+    ours = ("perceiver_kernels[triton]", "perceiver_kernels[cuda]", "perceiver_kernels")
+    lines = ["| suite | case | pass | provider | ms | baseline | baseline ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["provider"] not in ours or row.get("sweep"):
+            continue
+        if row["provider"] == "perceiver_kernels" and row.get("suite", "op") == "op" and any(
+                other["provider"] == "perceiver_kernels[triton]" and other["case"] == row["case"]
+                and other.get("pass") == row.get("pass") for other in rows):
+            continue  # auto runs Triton on these shapes: the [triton] row says the same
+        base = next((other for other in rows if other["provider"] == row.get("baseline")
+                     and other["case"] == row["case"] and other.get("pass") == row.get("pass")
+                     and other.get("suite") == row.get("suite")), None)
+        lines.append(f"| {row.get('suite', 'op')} | {row['case']} | {row.get('pass', '')} | {row['provider']} | "
+                     f"{_ms(row)} | {row.get('baseline', '-')} | {_ms(base)} | {report.format_ratio(row)} |")
+    return lines
+
+
+def summary(out: Path) -> str:
+    parts = [f"## GPU run summary ({out})", ""]
+    parts += _steps(out) + [""]
+    parts += ["Tests:"] + (_tests(out) or ["- no test logs"]) + [""]
+    results = out / "results.json"
+    if results.exists():
+        data = json.loads(results.read_text())
+        env, rows = data["environment"], data["results"]
+        report.annotate_ratios(rows)
+        parts += [f"Benchmark: {env['device']}, commit {env['commit']}, torch {env['torch']}, "
+                  f"triton {env['triton']}, `{env['command']}`", ""]
+        parts += headline(rows) + ["", targets.table(targets.evaluate(rows))]
+    else:
+        parts.append("Benchmark: no results.json (see bench.log)")
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_summary", description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the folder gpu_run.sh wrote")
+    args = parser.parse_args(argv)
+    text = summary(args.out)
+    (args.out / "summary.md").write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
