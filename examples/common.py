@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -13,26 +14,59 @@ import torch
 from tqdm import tqdm
 
 
-def parse_args(name: str, description: str, default_config, full_config) -> tuple[argparse.Namespace, object]:
-    """--full picks the GPU-sized config; --steps / --batch-size override either."""
-    parser = argparse.ArgumentParser(prog=f"python -m examples.{name}", description=description)
-    parser.add_argument("--full", action="store_true", help="the full-size run (meant for a GPU)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    parser.add_argument("--out", type=Path, default=Path("examples/out") / name, help="checkpoint, curve, metrics")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (overrides the config)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (overrides the config)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    config = full_config if args.full else default_config
-    overrides = {"steps": args.steps, "batch_size": args.batch_size}
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    return args, config
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _usable_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """The device, or an argparse error now rather than a crash at the first tensor."""
+    try:
+        device = pick_device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # unknown name; a backend torch lacks or cannot reach
+        parser.error(f"--device {name!r} is not available here ({str(error).splitlines()[0]}); try cpu or auto")
+    return device
+
+
+def _check_writable(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Fails before training, not after it, when the results could not be saved."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        parser.error(f"--out {str(out)!r} is not a writable folder ({error.strerror or error})")
+
+
+def parse_args(name: str, description: str, default_config, full_config,
+               argv: list[str] | None = None) -> tuple[argparse.Namespace, object, torch.device]:
+    """--full picks the GPU-sized config; --steps / --batch-size override either."""
+    parser = argparse.ArgumentParser(prog=f"python -m examples.{name}", description=description)
+    parser.add_argument("--full", action="store_true", help="the full-size run (meant for a GPU)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=Path, default=Path("examples/out") / name, help="checkpoint, curve, metrics")
+    parser.add_argument("--steps", type=_at_least_one, default=None, help="training steps (overrides the config)")
+    parser.add_argument("--batch-size", type=_at_least_one, default=None, help="batch size (overrides the config)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    device = _usable_device(parser, args.device)
+    _check_writable(parser, args.out)
+    config = full_config if args.full else default_config
+    overrides = {"steps": args.steps, "batch_size": args.batch_size}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return args, config, device
 
 
 def progress(iterable: Iterable, total: int, description: str) -> tqdm:
@@ -103,8 +137,7 @@ def finish(name: str, out_dir: Path, metrics: dict, seconds: float, device: torc
 
 def run_example(name: str, description: str, default_config, full_config, train: Callable) -> None:
     """The command line of every example: parse, train (timed), print the RESULT line."""
-    args, config = parse_args(name, description, default_config, full_config)
-    device = pick_device(args.device)
+    args, config, device = parse_args(name, description, default_config, full_config)
     with Timer() as timer:
         metrics = train(config, args.out, device, seed=args.seed)
     print(finish(name, args.out, metrics, timer.seconds, device))

@@ -69,3 +69,29 @@ def test_finish_writes_the_metrics_line(tmp_path):
     line = common.finish("demo", tmp_path, {"accuracy": 0.91234, "items": 3}, 12.34, torch.device("cpu"))
     assert line.startswith("RESULT demo: accuracy=0.9123 items=3 seconds=12.3 device=cpu")
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == pytest.approx(0.91234)
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--steps", "-5"], ["--batch-size", "0"], ["--batch-size", "-1"],
+                                 ["--steps", "ten"], ["--device", "nonsense"], ["--device", "cuda:7"]])
+def test_bad_arguments_are_argparse_errors_that_name_the_option(bad, tmp_path, capsys):
+    if bad[0] == "--device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args("digits", "", digits.DEFAULT, digits.FULL, bad + ["--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_an_unwritable_out_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):  # a file where a folder should be: refused even for root
+        common.parse_args("digits", "", digits.DEFAULT, digits.FULL, ["--out", str(blocker / "out")])
+    error = capsys.readouterr().err
+    assert "--out" in error and "not a writable folder" in error
+
+
+def test_good_arguments_override_the_config(tmp_path):
+    args, config, device = common.parse_args("digits", "", digits.DEFAULT, digits.FULL,
+                                             ["--steps", "3", "--batch-size", "2", "--device", "cpu",
+                                              "--out", str(tmp_path / "new")])
+    assert (config.steps, config.batch_size, device.type) == (3, 2, "cpu") and (tmp_path / "new").is_dir()
