@@ -5,8 +5,10 @@ runs every provider once, in an order rotated from round to round, so a slow spe
 a shared machine lands on all of them rather than on whichever ran then. Rounds go on
 until every provider's median is known to within TARGET_CI (a distribution-free 95%
 confidence interval from order statistics), or the case's time budget is spent.
-Every figure carries its spread (half the interquartile range) and that interval, so
-a ratio of two medians can say when it means nothing (report.annotate_ratios).
+Every figure carries its spread (half the interquartile range), that interval and its
+samples in round order, so a speed-up is taken round by round (two providers' calls of
+one round ran seconds apart at most, under the same load) and its own interval says
+when it means nothing (report.annotate_ratios).
 
 GPU: CUDA events around each call, L2 flushed before it (as triton.testing.do_bench
 does); peak memory from the CUDA allocator.
@@ -230,7 +232,8 @@ def measure_case(calls: dict[str, Callable[[], object]], device: torch.device,
         timing = Timing.of(samples[name])
         results[name] = {"status": "ok", "median_ms": timing.median_ms, "spread_pct": timing.spread_pct,
                          "ci_low_ms": timing.ci_low_ms, "ci_high_ms": timing.ci_high_ms,
-                         "samples": timing.samples, "peak_mib": peaks[name]}
+                         "samples": timing.samples, "peak_mib": peaks[name],
+                         "samples_ms": [round(t, 5) for t in samples[name]]}
     return {name: results[name] for name in calls}
 
 

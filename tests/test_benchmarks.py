@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import perceiver
 import perceiver_kernels as pk
-from benchmarks import cli, flops, harness, model_suite, op_suite, report, scaling_suite, targets
+from benchmarks import cli, compare, flops, harness, model_suite, op_suite, report, scaling_suite, targets
 from benchmarks.report import summary_table
 
 
@@ -357,3 +357,28 @@ def test_without_xdist_a_fault_stops_the_run_and_says_why(tmp_path):
     (tmp_path / "test_faulting.py").write_text(FAULTING_TESTS)
     run = _run_pytest(tmp_path)
     assert "1 failed" in run.stdout and "left the process unusable (simulated illegal memory access)" in run.stdout
+
+
+def test_speedups_are_paired_round_by_round_so_load_shared_by_a_round_cancels():
+    load = [1.0, 3.0] * 10  # every other round the machine is three times slower for both
+    base = {**_timed_row("sdpa", 4.0, 2.0, 6.0), "samples_ms": [2.0 * x for x in load]}
+    ours = {**_timed_row("perceiver_kernels", 2.0, 1.0, 3.0), "samples_ms": [1.0 * x for x in load]}
+    report.annotate_ratios([base, ours])
+    assert ours["speedup"] == ours["speedup_low"] == ours["speedup_high"] == 2.0 and not ours["ratio_noisy"]
+    jumpy = {**ours, "samples_ms": [3.0, 1.0] * 10, "provider": "naive"}  # load out of step with the baseline's
+    report.annotate_ratios([base, jumpy])
+    assert jumpy["ratio_noisy"]
+
+
+def test_compare_counts_unflagged_ratios_outside_the_tolerance(tmp_path):
+    def run(path, ours, naive_noisy_ms):
+        rows = [_timed_row("sdpa", 2.0, 1.99, 2.01), _timed_row("perceiver_kernels", ours, ours - 0.01, ours + 0.01),
+                _timed_row("naive", 4.0, 4.0 - naive_noisy_ms, 4.0 + naive_noisy_ms)]
+        path.write_text(json.dumps({"environment": {}, "results": rows}))
+        return path
+
+    a = run(tmp_path / "a.json", 1.0, 2.0)
+    table, outside = compare.compare(a, run(tmp_path / "b.json", 1.05, 1.0), 0.10)
+    assert outside == 0 and "1 of 1 counted ratios agree within 10% (1 flagged noisy in either run)." in table
+    _, outside = compare.compare(a, run(tmp_path / "c.json", 1.25, 1.0), 0.10)
+    assert outside == 1
