@@ -1,8 +1,9 @@
 """Measurement discipline shared by every suite.
 
 The providers of one case (ours, SDPA, naive, ...) are timed interleaved: each round
-runs every provider once, in an order rotated from round to round, so a slow spell of
-a shared machine lands on all of them rather than on whichever ran then. Rounds go on
+times every provider once (on the CPU right after an untimed call of the same
+provider), in an order rotated from round to round, so a slow spell of a shared
+machine lands on all of them rather than on whichever ran then. Rounds go on
 until every provider's median is known to within TARGET_CI (a distribution-free 95%
 confidence interval from order statistics), or the case's time budget is spent.
 Every figure carries its spread (half the interquartile range), that interval and its
