@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attention/forward.h"
+#include "attention/forward_config.h"
 
 namespace py = pybind11;
 
@@ -48,6 +49,15 @@ py::dict build_info() {
   info["cudart_version"] = CUDART_VERSION;
   info["attention_kernels"] = true;
   info["forward_head_dims"] = compiled_head_dims();
+  // What the Python launcher plans with: query rows per block of each dtype's kernel
+  // (the split plan counts blocks) and the grid's batch * heads limit.
+  py::dict query_tile_rows;
+  query_tile_rows["float32"] = pk::config::kSimtBlockM;
+  query_tile_rows["float16"] = pk::config::kTensorCoreBlockM;
+  query_tile_rows["bfloat16"] = pk::config::kTensorCoreBlockM;
+  info["query_tile_rows"] = query_tile_rows;
+  info["max_batch_heads"] = pk::config::kMaxBatchHeads;
+  info["max_rows"] = kMaxRows;
   return info;
 }
 

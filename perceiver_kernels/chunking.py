@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -55,3 +56,26 @@ def plan_chunks(programs: int, length: int, device: torch.device, num_chunks: Op
     if per_chunk >= CHUNK_ALIGNMENT:
         per_chunk = cdiv(per_chunk, CHUNK_ALIGNMENT) * CHUNK_ALIGNMENT
     return cdiv(max(1, length), per_chunk), per_chunk
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a forward runs: one program per query tile over all keys (num_splits == 1),
+    or split-KV: each key chunk writes fp32 partials that a merge combines."""
+
+    num_splits: int
+    keys_per_split: int
+    query_tile_rows: int  # rows per program (Triton) or block (CUDA) that the plan counted
+
+    def describe(self) -> str:
+        if self.num_splits == 1:
+            return f"one program per {self.query_tile_rows}-row query tile over all keys"
+        return (f"split-KV: {self.num_splits} chunks of {self.keys_per_split} keys per "
+                f"{self.query_tile_rows}-row query tile, then a merge")
+
+
+def plan_splits(batch: int, heads: int, num_queries: int, num_keys: int, query_tile_rows: int,
+                device: torch.device, num_splits: Optional[int] = None) -> SplitPlan:
+    """The split plan of a forward whose programs each take `query_tile_rows` query rows."""
+    programs = cdiv(num_queries, query_tile_rows) * batch * heads
+    return SplitPlan(*plan_chunks(programs, num_keys, device, num_splits), query_tile_rows)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .machine import machine_fact
+from .machine_facts import machine_fact
 
 NOT_BUILT = (
     "perceiver_kernels._C was not built: no nvcc was found when the package was installed, "
@@ -32,17 +32,24 @@ def _load() -> tuple[Optional[ModuleType], str]:
         return None, f"perceiver_kernels._C is installed but does not load: {error}"
 
 
-def build_info() -> dict:
-    """What was built: {"built": bool, "reason": str, and the extension's own fields}.
-
-    The extension's fields are cuda_version, cuda_archs, build_type, cudart_version,
-    attention_kernels (whether this build carries the CUDA attention kernels) and
-    forward_head_dims (the compiled (Dqk, Dv) pairs).
-    """
+@functools.lru_cache(maxsize=None)
+def _build_info() -> dict:
     module, reason = _load()
     if module is None:
         return {"built": False, "reason": reason}
     return {"built": True, "reason": "", **module.build_info()}
+
+
+def build_info() -> dict:
+    """What was built: {"built": bool, "reason": str, and the extension's own fields}.
+
+    The extension's fields are cuda_version, cuda_archs, build_type, cudart_version,
+    attention_kernels (whether this build carries the CUDA attention kernels),
+    forward_head_dims (the compiled (Dqk, Dv) pairs), query_tile_rows (query rows per
+    block of each dtype's kernel), max_batch_heads (the grid's limit on B * H) and
+    max_rows (the largest Nq or Nk).
+    """
+    return dict(_build_info())
 
 
 @machine_fact
@@ -57,7 +64,7 @@ def runtime_problem() -> str:
         driver = module.driver_version()
         detail = f"driver {driver // 1000}.{driver % 1000 // 10}" if driver else "no CUDA driver installed"
         return (
-            f"the CUDA runtime of perceiver_kernels._C (built with CUDA {module.build_info()['cuda_version']}) "
+            f"the CUDA runtime of perceiver_kernels._C (built with CUDA {_build_info()['cuda_version']}) "
             f"cannot start: {error}; {detail}"
         )
     if count == 0:
@@ -71,7 +78,7 @@ def build_problem() -> str:
     module, reason = _load()
     if module is None:
         return reason
-    if not module.build_info().get("attention_kernels"):
+    if not _build_info().get("attention_kernels"):
         return "this build of perceiver_kernels._C predates the attention kernels; reinstall the package"
     return ""
 
@@ -90,7 +97,7 @@ def head_dims_problem(head_dim_qk: int, head_dim_v: int) -> str:
     loaded = module()
     if loaded.forward_head_dims(head_dim_qk, head_dim_v) is not None:
         return ""
-    pairs = ", ".join(f"{qk}/{v}" for qk, v in loaded.build_info()["forward_head_dims"])
+    pairs = ", ".join(f"{qk}/{v}" for qk, v in _build_info()["forward_head_dims"])
     return (f"no compiled kernel for Dqk={head_dim_qk} Dv={head_dim_v}; the compiled Dqk/Dv pairs are {pairs} "
             "(smaller dims run padded up to a pair)")
 
@@ -108,7 +115,7 @@ def architecture_problem(device_index: int) -> str:
     device = major * 10 + minor
     if device < 80:
         return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
-    archs = module().build_info()["cuda_archs"].split(",")
+    archs = _build_info()["cuda_archs"].split(",")
     for arch in archs:
         number = int(arch.rstrip("af"))
         exact = arch.endswith("a") and number == device

@@ -2,46 +2,39 @@
 
 The extension takes no torch tensors: this module hands it device pointers, element
 strides, sizes and the current stream, and allocates every buffer itself (output,
-lse, split partials), so the caching allocator owns all memory.
+lse, split partials), so the caching allocator owns all memory. What the plan needs
+to know about the kernels (their query rows per block) comes from the extension's
+build_info(), so Python and C++ cannot disagree.
+
+The extension is a parameter: the tests hand in the same C++ sources compiled for the
+CPU (tests/cuda_emulation/), so this launcher is what they test too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import ModuleType
 from typing import Optional
 
 import torch
 
 from . import cuda_extension
-from .chunking import cdiv, plan_chunks
+from .chunking import SplitPlan, plan_splits
 from .problem import allocate_output
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-# Query rows per block of the kernels (csrc/attention/forward_config.h): the split plan
-# counts blocks as query tiles x batch x heads.
-QUERY_TILE_ROWS = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+
+def plan_cuda_forward(batch: int, heads: int, num_queries: int, num_keys: int, dtype: torch.dtype,
+                      device: torch.device, num_splits: Optional[int] = None,
+                      extension: Optional[ModuleType] = None) -> SplitPlan:
+    """The split plan of the CUDA forward (see chunking.plan_chunks); blocks take the
+    kernel's query rows of this dtype."""
+    info = cuda_extension.build_info() if extension is None else extension.build_info()
+    tile_rows = info["query_tile_rows"][DTYPE_NAMES[dtype]]
+    return plan_splits(batch, heads, num_queries, num_keys, tile_rows, device, num_splits)
 
 
-@dataclass(frozen=True)
-class CudaForwardPlan:
-    num_splits: int
-    keys_per_split: int
-
-    def describe(self) -> str:
-        if self.num_splits == 1:
-            return "one block per query tile over all keys"
-        return f"split-KV: {self.num_splits} chunks of {self.keys_per_split} keys, then a merge"
-
-
-def plan_forward(batch: int, heads: int, num_queries: int, num_keys: int, dtype: torch.dtype,
-                 device: torch.device, num_splits: Optional[int] = None) -> CudaForwardPlan:
-    """Chooses the number of key splits (see chunking.plan_chunks)."""
-    blocks = cdiv(num_queries, QUERY_TILE_ROWS[dtype]) * batch * heads
-    return CudaForwardPlan(*plan_chunks(blocks, num_keys, device, num_splits))
-
-
-def attention_forward(
+def run_cuda_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -49,12 +42,14 @@ def attention_forward(
     residual: Optional[torch.Tensor],
     scale: float,
     num_splits: Optional[int] = None,
+    extension: Optional[ModuleType] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the CUDA forward on validated CUDA inputs; returns (out, lse natural-log)."""
+    """Runs the CUDA forward on validated inputs; returns (out, lse natural-log)."""
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     out, lse = allocate_output(q, head_dim_v)
-    plan = plan_forward(batch, heads, num_queries, num_keys, q.dtype, q.device, num_splits)
+    plan = plan_cuda_forward(batch, heads, num_queries, num_keys, q.dtype, q.device, num_splits, extension)
+    extension = extension or cuda_extension.module()
     partial_out = partial_lse = None
     if plan.num_splits > 1:
         partial_out = torch.empty((batch * heads, plan.num_splits, num_queries, head_dim_v),
@@ -68,8 +63,9 @@ def attention_forward(
     def strides(x: Optional[torch.Tensor]) -> tuple[int, ...]:
         return () if x is None else x.stride()
 
-    cuda_extension.module().forward(
-        dtype=DTYPE_NAMES[q.dtype], device=q.device.index, stream=torch.cuda.current_stream(q.device).cuda_stream,
+    device, stream = (q.device.index, torch.cuda.current_stream(q.device).cuda_stream) if q.is_cuda else (0, 0)
+    extension.forward(
+        dtype=DTYPE_NAMES[q.dtype], device=device, stream=stream,
         q=q.data_ptr(), q_stride=q.stride(), k=k.data_ptr(), k_stride=k.stride(), v=v.data_ptr(), v_stride=v.stride(),
         key_padding=pointer(mask), key_padding_stride=strides(mask),
         residual=pointer(residual), residual_stride=strides(residual),

@@ -27,9 +27,9 @@ def triton_forward(
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward on validated inputs: (out (B, H, Nq, Dv), lse (B, H, Nq) fp32)."""
-    from .triton_launch import attention_forward
+    from .triton_launch import run_triton_forward
 
-    return attention_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32)
+    return run_triton_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32)
 
 
 @triton_forward.register_fake
@@ -56,9 +56,9 @@ def triton_backward(
     is only as precise as the rounded output allows; the triton backend therefore
     does not fuse the residual when gradients are needed.
     """
-    from .triton_launch import attention_backward
+    from .triton_launch import run_triton_backward
 
-    return attention_backward(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32)
+    return run_triton_backward(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32)
 
 
 @triton_backward.register_fake
@@ -79,9 +79,9 @@ def cuda_forward(
 
     Its fp32 kernel is exact (no TF32); its gradients come from the Triton backward.
     """
-    from .cuda_launch import attention_forward
+    from .cuda_launch import run_cuda_forward
 
-    return attention_forward(q, k, v, key_padding_mask, residual, scale)
+    return run_cuda_forward(q, k, v, key_padding_mask, residual, scale)
 
 
 @cuda_forward.register_fake

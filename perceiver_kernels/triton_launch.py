@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 
-from .chunking import plan_chunks
+from .chunking import SplitPlan, plan_chunks, plan_splits
 from .kernels import attention_bwd, attention_fwd
 from .kernels.common import LOG2E
 from .problem import allocate_output
@@ -36,30 +35,14 @@ def _tuning_bucket(length_per_program: int) -> int:
     return triton.next_power_of_2(max(1, length_per_program))
 
 
-@dataclass(frozen=True)
-class ForwardPlan:
-    """How a forward call runs: unsplit (num_splits == 1) or split-KV."""
-
-    num_splits: int
-    keys_per_split: int
-    query_tile_rows: int  # rows per program of the split kernel; the tile kernel autotunes its own
-
-    def describe(self) -> str:
-        if self.num_splits == 1:
-            return "one program per query tile over all keys"
-        return f"split-KV: {self.num_splits} chunks of {self.keys_per_split} keys, then a merge"
-
-
-def plan_forward(
+def plan_triton_forward(
     batch: int, heads: int, num_queries: int, num_keys: int, head_dim_qk: int, head_dim_v: int,
     device: torch.device, num_splits: Optional[int] = None, exact_fp32: bool = False,
-) -> ForwardPlan:
-    """Chooses the number of key splits of the forward (see plan_chunks)."""
+) -> SplitPlan:
+    """The split plan of the Triton forward (see chunking.plan_chunks)."""
     _, block_dv = head_dim_blocks(head_dim_qk, head_dim_v, tensor_cores=not exact_fp32)
     tile_rows = _query_tile_rows(num_queries, block_dv, exact_fp32)
-    programs = triton.cdiv(num_queries, tile_rows) * batch * heads
-    num_splits, keys_per_split = plan_chunks(programs, num_keys, device, num_splits)
-    return ForwardPlan(num_splits, keys_per_split, tile_rows)
+    return plan_splits(batch, heads, num_queries, num_keys, tile_rows, device, num_splits)
 
 
 def _shared_arguments(q, v, key_padding_mask, allow_tf32) -> tuple[torch.Tensor, tuple, dict]:
@@ -101,7 +84,7 @@ def _device_context(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def attention_forward(
+def run_triton_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -115,7 +98,7 @@ def attention_forward(
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     out, lse = allocate_output(q, head_dim_v)
-    plan = plan_forward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.device, num_splits,
+    plan = plan_triton_forward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.device, num_splits,
                         is_exact_fp32(q.dtype, allow_tf32))
 
     pad, pad_strides, common = _shared_arguments(q, v, key_padding_mask, allow_tf32)
@@ -166,7 +149,7 @@ def _backward_block(block_d: int) -> int:
     return 32 if block_d > 128 else 64
 
 
-def attention_backward(
+def run_triton_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,

@@ -20,11 +20,13 @@ def test_extension_was_built_with_nvcc_and_reports_its_build():
     assert info["build_type"] and info["cudart_version"] > 0
     assert info["attention_kernels"] is True
     assert (32, 32) in info["forward_head_dims"] and (32, 160) in info["forward_head_dims"]
+    assert set(info["query_tile_rows"]) == {"float32", "float16", "bfloat16"}
+    assert info["max_batch_heads"] == 65535 and info["max_rows"] == 2**30
 
 
 def test_build_info_without_extension_says_why(monkeypatch):
     monkeypatch.setattr(cuda_extension, "_load", lambda: (None, cuda_extension.NOT_BUILT))
-    info = cuda_extension.build_info()
+    info = cuda_extension._build_info.__wrapped__()  # build_info() caches the real answer
     assert info == {"built": False, "reason": cuda_extension.NOT_BUILT}
     assert "nvcc" in info["reason"]
 

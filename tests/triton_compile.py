@@ -112,9 +112,9 @@ def record_launches(problem: Problem, allow_tf32: bool = False) -> list[tuple]:
     try:
         for module, name, kernel in originals:
             setattr(module, name, _Recorder(kernel, launches))
-        out, lse = triton_launch.attention_forward(q, k, v, mask, residual, scale, allow_tf32=allow_tf32)
+        out, lse = triton_launch.run_triton_forward(q, k, v, mask, residual, scale, allow_tf32=allow_tf32)
         out, lse = torch.randn_like(out), torch.randn_like(lse)
-        triton_launch.attention_backward(torch.randn_like(out), q, k, v, mask, residual, out, lse, scale,
+        triton_launch.run_triton_backward(torch.randn_like(out), q, k, v, mask, residual, out, lse, scale,
                                          allow_tf32=allow_tf32)
     finally:
         for module, name, kernel in originals:

@@ -69,11 +69,13 @@ HeadDims select_head_dims(int head_dim_qk, int head_dim_v);
 std::vector<HeadDims> compiled_head_dims();
 
 // Throws std::invalid_argument saying what is wrong with `params` (sizes, head dims,
-// splits, missing buffers); touches no GPU. run_forward calls it first.
+// splits, missing buffers); touches no GPU. The binding calls it once per call, before
+// anything reaches the GPU.
 void check_forward_params(const ForwardParams& params);
 
-// Runs the forward (and the merge when split) on `stream`. Throws std::invalid_argument
-// for unsupported parameters and std::runtime_error for CUDA errors.
+// Runs the forward (and the merge when split) on `stream`, for params that passed
+// check_forward_params. Throws std::invalid_argument when the GPU cannot hold the plan
+// and std::runtime_error for CUDA errors.
 void run_forward(const ForwardParams& params, cudaStream_t stream);
 
 // Combines the split partials into out and lse (the residual is added here).

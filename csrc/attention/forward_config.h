@@ -14,6 +14,9 @@
 
 namespace pk::config {
 
+// The grid's third dimension enumerates batch * heads.
+constexpr int kMaxBatchHeads = 65535;
+
 // Tensor-core kernel (fp16, bf16): each warp owns 16 query rows of the tile.
 constexpr int kTensorCoreWarps = 4;
 constexpr int kTensorCoreThreads = 32 * kTensorCoreWarps;

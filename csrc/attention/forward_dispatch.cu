@@ -15,7 +15,7 @@
 
 #include "forward.h"
 #include "forward_config.h"
-#include "forward_launch.h"
+#include "launch_plan.h"
 
 namespace pk {
 namespace {
@@ -124,8 +124,9 @@ void check_forward_params(const ForwardParams& p) {
   if (p.batch < 1 || p.heads < 1 || p.num_queries < 1 || p.num_keys < 1) {
     throw std::invalid_argument("batch, heads, num_queries and num_keys must all be at least 1");
   }
-  if (static_cast<int64_t>(p.batch) * p.heads > 65535) {
-    throw std::invalid_argument("batch * heads must be at most 65535 (one grid dimension), got " +
+  if (static_cast<int64_t>(p.batch) * p.heads > config::kMaxBatchHeads) {
+    throw std::invalid_argument("batch * heads must be at most " + std::to_string(config::kMaxBatchHeads) +
+                                " (one grid dimension), got " +
                                 std::to_string(static_cast<int64_t>(p.batch) * p.heads));
   }
   if (select_head_dims(p.head_dim_qk, p.head_dim_v).qk == 0) {
@@ -223,7 +224,6 @@ LaunchPlan plan_launch(const ForwardParams& p) {
 }
 
 void run_forward(const ForwardParams& params, cudaStream_t stream) {
-  check_forward_params(params);
   DeviceGuard guard(params.device);
   const LaunchPlan plan = plan_launch(params);
   switch (params.dtype) {

@@ -3,7 +3,7 @@
 // forward_simt.cuh, free of launch syntax.
 #pragma once
 
-#include "forward_launch.h"
+#include "launch_plan.h"
 #include "forward_simt.cuh"
 #include "forward_tensor_core.cuh"
 

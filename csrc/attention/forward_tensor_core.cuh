@@ -12,7 +12,7 @@
 #include "device_utils.cuh"
 #include "forward_common.cuh"
 #include "forward_config.h"
-#include "forward_launch.h"
+#include "launch_plan.h"
 
 namespace pk {
 

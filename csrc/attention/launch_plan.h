@@ -1,5 +1,6 @@
 // How a forward call is launched: the plan the host computes and the kernel reads, and
-// the launchers that the instantiation files compile. Included by .cu files only.
+// the launchers that the instantiation files compile (defined in forward_launchers.cuh).
+// Included by .cu files only.
 #pragma once
 
 #include <cuda_runtime_api.h>

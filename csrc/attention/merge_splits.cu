@@ -6,7 +6,7 @@
 #include <stdexcept>
 
 #include "forward.h"
-#include "forward_launch.h"
+#include "launch_plan.h"
 #include "merge_splits.cuh"
 
 namespace pk {

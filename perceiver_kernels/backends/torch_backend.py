@@ -29,16 +29,16 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
-
-    def refusals(self, problem: Problem, *, auto: bool) -> list[str]:
-        return []
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    dropout = True
+    empty_dimensions = True
 
     def describe(self, problem: Problem) -> str:
         if problem.num_keys == 0:
             return "torch (exact reference: no keys)"
         return "torch (scaled_dot_product_attention)"
 
-    def forward(self, q, k, v, key_padding_mask: Optional[torch.Tensor], residual, scale, dropout_p):
+    def run(self, q, k, v, key_padding_mask: Optional[torch.Tensor], residual, scale, dropout_p):
         if k.shape[2] == 0:
             return reference_attention(q, k, v, key_padding_mask=key_padding_mask, residual=residual, scale=scale)
         attn_mask = None

@@ -1,20 +1,25 @@
-// Runs the real forward path of csrc/attention/ on the CPU, for tests without a GPU.
+// Runs the real CUDA extension of csrc/ on the CPU, for tests without a GPU.
 //
-// The kernel headers and forward_dispatch.cu are compiled by the host compiler next to
-// the emulated device_utils.cuh of this folder (tests/cuda_emulation/__init__.py stages
-// them). What runs is the production code: argument checks, head-dim selection, the
-// launch plan (tiles per block, resident or streaming K/V, vector loads, paired
-// stores), the kernels and the merge. This file supplies only what a GPU would:
+// This file compiles the extension's own sources with the host compiler into a Python
+// module named _C, like the real one: the pybind11 binding (csrc/perceiver_kernels.cpp,
+// every argument check and the filling of pk::ForwardParams), the dispatch
+// (head-dim selection, launch plan, merge call) and the kernels, next to the emulated
+// device_utils.cuh of this folder (tests/cuda_emulation/__init__.py stages them).
+// perceiver_kernels/cuda_launch.py then drives it exactly as it drives the GPU build.
+// This file supplies only what a GPU would:
 //   - the launchers, which run a grid block after block, every CUDA thread a fiber,
 //     __syncthreads a barrier, warp-wide instructions collectives (device_utils.cuh);
-//   - the few CUDA runtime calls the dispatch makes, answering for emulated devices:
-//     device N has N multiprocessors (the dispatch caches limits per device), and few
-//     SMs make small problems take the resident-K/V plan a real GPU takes for large ones.
+//   - the CUDA runtime calls of the binding and the dispatch, answering for emulated
+//     devices: device N has N multiprocessors (the dispatch caches limits per device),
+//     so few SMs make small problems take the resident-K/V plan a real GPU takes for
+//     large ones; every pointer is device memory of the device being emulated.
 // cp.async completes at once, so asynchronous-copy races are not modelled.
-#include "device_utils.cuh"
-#include "forward_simt.cuh"
-#include "forward_tensor_core.cuh"
-#include "merge_splits.cuh"
+#include <pybind11/pybind11.h>
+
+#include "attention/device_utils.cuh"
+#include "attention/forward_simt.cuh"
+#include "attention/forward_tensor_core.cuh"
+#include "attention/merge_splits.cuh"
 
 #include <cstdio>
 #include <vector>
@@ -87,10 +92,21 @@ void merge_splits(const ForwardParams& params, cudaStream_t) {
 
 }  // namespace pk
 
-#include "forward_dispatch.cu"
+#include "attention/forward_dispatch.cu"
 
-// The CUDA runtime as forward_dispatch.cu sees it: one emulated device, no errors.
+#define PK_CUDA_VERSION "emulated"
+#define PK_CUDA_ARCHS "emulated"
+#define PK_BUILD_TYPE "emulated"
+#include "perceiver_kernels.cpp"
+
+namespace {
+int emulated_device = 1;  // the device (= number of SMs) of the calls that follow
+}  // namespace
+
 extern "C" {
+// Set through ctypes before a call: pointers then belong to this device.
+void pk_emulation_select_device(int device) { emulated_device = device; }
+
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
   switch (attribute) {
     case cudaDevAttrMultiProcessorCount: *value = device; return cudaSuccess;
@@ -98,6 +114,19 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int dev
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = pk::emulation::kSharedPerSm; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
+}
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = emulated_device + 1;
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int* version) {
+  *version = CUDART_VERSION;
+  return cudaSuccess;
+}
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void*) {
+  attributes->type = cudaMemoryTypeDevice;
+  attributes->device = emulated_device;
+  return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
@@ -108,51 +137,6 @@ cudaError_t cudaGetLastError() { return cudaSuccess; }
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
 const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
 const char* cudaGetErrorString(cudaError_t) { return "emulated device"; }
-
-// The fields of pk::ForwardParams, flat for ctypes; returns 0, or 1 with the message.
-int pk_emulate_forward(int dtype, const void* q, const int64_t* q_stride, const void* k, const int64_t* k_stride,
-                       const void* v, const int64_t* v_stride, const uint8_t* key_padding,
-                       const int64_t* key_padding_stride, const void* residual, const int64_t* residual_stride,
-                       void* out, const int64_t* out_stride, float* lse, float* partial_out, float* partial_lse,
-                       int batch, int heads, int num_queries, int num_keys, int head_dim_qk, int head_dim_v,
-                       float scale, int num_splits, int keys_per_split, int multiprocessors, char* error,
-                       int error_size) {
-  using namespace pk;
-  try {
-    ForwardParams p;
-    p.dtype = static_cast<DType>(dtype);
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.key_padding = key_padding;
-    p.residual = residual;
-    p.out = out;
-    p.lse = lse;
-    p.partial_out = partial_out;
-    p.partial_lse = partial_lse;
-    std::copy(q_stride, q_stride + 4, p.q_stride);
-    std::copy(k_stride, k_stride + 4, p.k_stride);
-    std::copy(v_stride, v_stride + 4, p.v_stride);
-    std::copy(out_stride, out_stride + 4, p.out_stride);
-    if (residual != nullptr) std::copy(residual_stride, residual_stride + 4, p.residual_stride);
-    if (key_padding != nullptr) std::copy(key_padding_stride, key_padding_stride + 2, p.key_padding_stride);
-    p.batch = batch;
-    p.heads = heads;
-    p.num_queries = num_queries;
-    p.num_keys = num_keys;
-    p.head_dim_qk = head_dim_qk;
-    p.head_dim_v = head_dim_v;
-    p.scale = scale;
-    p.num_splits = num_splits;
-    p.keys_per_split = keys_per_split;
-    p.device = multiprocessors;
-    run_forward(p, nullptr);
-    return 0;
-  } catch (const std::exception& e) {
-    std::snprintf(error, error_size, "%s", e.what());
-    return 1;
-  }
-}
 
 // The plan run_forward would launch with, for tests of the planner.
 int pk_emulate_plan(int dtype, int batch, int heads, int num_queries, int num_keys, int head_dim_qk, int head_dim_v,

@@ -1,8 +1,9 @@
-"""The Triton backward against autograd of the float64 reference, and training through the op.
+"""Training through the op: autograd of each backend, custom-op checks, torch.compile.
 
-Same case grid as the forward (tests/test_triton_forward.py). "chunks" forces how
-the summed dimension of each backward kernel is cut: 1 (gradients written in place)
-or 3 (fp32 partials reduced afterwards).
+The kernels' gradients themselves are checked case by case in
+tests/test_backward_contract.py; here the pieces around them are: the autograd
+registration (residual gradient, default chunking), opcheck of the custom ops,
+torch.compile of a training step, and a tiny model that trains the same on every backend.
 """
 
 import pytest
@@ -10,54 +11,11 @@ import torch
 
 import perceiver_kernels as pk
 from perceiver_kernels import ops
-from perceiver_kernels.triton_launch import attention_backward, attention_forward
-from tests.attention_cases import EPSILON, Case, make_inputs, max_error
+from tests.attention_cases import Case, make_inputs
 from tests.conftest import HAS_GPU, KERNEL_DEVICE
-from tests.test_triton_forward import GRID
+from tests.test_backward_contract import DIFFERENTIABLE, assert_gradients_match
 
-DIFFERENTIABLE = ("q", "k", "v", "residual")
-
-
-def reference_gradients(inputs, dout, upcast):
-    dtype = torch.float64 if upcast else inputs["q"].dtype
-    leaves = {name: inputs[name].detach().to(dtype).requires_grad_() for name in DIFFERENTIABLE if inputs[name] is not None}
-    out = pk.reference_attention(**{**inputs, **leaves})
-    return dict(zip(leaves, torch.autograd.grad(out, tuple(leaves.values()), dout.to(dtype))))
-
-
-def assert_gradients_match(grads: dict, inputs: dict, dout: torch.Tensor) -> None:
-    """DESIGN.md's rule, with the epsilon scaled by the largest true gradient of the call.
-
-    Gradients are sums over up to Nq or Nk terms, so their rounding noise grows with
-    their magnitude; where plain PyTorch happens to be exact (one key: dK is exactly
-    0), an absolute epsilon would demand more than fp32 can give.
-    """
-    truth = reference_gradients(inputs, dout, upcast=True)
-    plain = reference_gradients(inputs, dout, upcast=False)
-    magnitude = max(1.0, *(max_error(g, torch.zeros_like(g)) for g in truth.values()))
-    for name, grad in grads.items():
-        assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, name
-        assert not grad.isnan().any(), f"d{name} has NaN"
-        error, plain_error = max_error(grad, truth[name]), max_error(plain[name], truth[name])
-        bound = 2 * plain_error + EPSILON[grad.dtype] * magnitude
-        assert error <= bound, f"d{name}: max error {error:.3g} > 2 x plain PyTorch {plain_error:.3g} + eps"
-
-
-def run_backward(inputs, dout, num_chunks, fuse_residual=False):
-    """Kernel gradients; like the triton backend in training, the residual is not fused by default."""
-    scale = inputs["scale"] if inputs["scale"] is not None else inputs["q"].shape[-1] ** -0.5
-    residual = inputs["residual"] if fuse_residual else None
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], residual)
-    out, lse = attention_forward(*args, scale, False)
-    return dict(zip("qkv", attention_backward(dout, *args, out, lse, scale, False, num_chunks=num_chunks)))
-
-
-@pytest.mark.parametrize("num_chunks", [1, 3])
-@pytest.mark.parametrize("case", GRID, ids=lambda c: f"q{c.num_queries}-k{c.num_keys}-d{c.head_dim_qk}x{c.head_dim_v}-{str(c.dtype)[6:]}")
-def test_grid_gradients(case, num_chunks, poisoned_empty):
-    inputs = make_inputs(case, KERNEL_DEVICE)
-    dout = torch.randn_like(inputs["residual"])
-    assert_gradients_match(run_backward(inputs, dout, num_chunks), inputs, dout)
+needs_extension = pytest.mark.skipif(not pk.build_info()["built"], reason="perceiver_kernels._C is not built (no nvcc)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -72,28 +30,6 @@ def test_through_autograd_with_residual_and_default_chunking(dtype, poisoned_emp
     grads = dict(zip(leaves, torch.autograd.grad(out, tuple(leaves.values()), dout)))
     assert_gradients_match(grads, inputs, dout)
     torch.testing.assert_close(grads["residual"], dout, rtol=0, atol=0)
-
-
-def test_backward_of_a_fused_residual_is_correct_to_the_output_rounding():
-    # Direct callers of the op may fuse the residual and train; the backward then
-    # recovers the attention output as out - residual.
-    case = Case(num_queries=30, num_keys=200, head_dim_qk=32, head_dim_v=24, mask=True, residual=True)
-    inputs = make_inputs(case, KERNEL_DEVICE)
-    dout = torch.randn_like(inputs["residual"])
-    assert_gradients_match(run_backward(inputs, dout, 3, fuse_residual=True), inputs, dout)
-
-
-def test_padding_keys_and_rows_without_keys_get_exactly_zero_gradients():
-    inputs = make_inputs(Case(num_queries=9, num_keys=300, head_dim_v=24, mask=True, residual=True), KERNEL_DEVICE)
-    dout = torch.randn_like(inputs["residual"])
-    for num_chunks in (1, 3):
-        grads = run_backward(inputs, dout, num_chunks)
-        padding = inputs["key_padding_mask"]
-        assert torch.count_nonzero(grads["q"][0]) == 0  # batch 0: every key is padding
-        assert torch.count_nonzero(grads["k"][0]) == 0 and torch.count_nonzero(grads["v"][0]) == 0
-        assert torch.count_nonzero(grads["k"][1][:, padding[1]]) == 0
-        assert torch.count_nonzero(grads["v"][1][:, padding[1]]) == 0
-        assert torch.count_nonzero(grads["k"][1][:, ~padding[1]]) > 0
 
 
 def test_gradcheck_of_the_torch_backend_in_float64():
@@ -175,3 +111,27 @@ def test_a_tiny_model_trains_the_same_through_each_backend():
     assert reference[-1] < reference[0]
     if KERNEL_DEVICE == "cpu":
         torch.testing.assert_close(train("triton"), reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_explicit_cuda_backend_trains_through_the_triton_backward():
+    case = Case(num_queries=100, num_keys=700, head_dim_qk=32, head_dim_v=96, dtype=torch.bfloat16, mask=True,
+                residual=True)
+    inputs = make_inputs(case, "cuda")
+    leaves = {name: inputs[name].detach().requires_grad_() for name in ("q", "k", "v", "residual")}
+    out = pk.cross_attention(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=inputs["key_padding_mask"],
+                             residual=leaves["residual"], backend="cuda")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert_gradients_match({name: leaves[name].grad for name in "qkv"}, inputs, dout)
+    torch.testing.assert_close(leaves["residual"].grad, dout, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_cuda_custom_op_passes_opcheck():
+    inputs = make_inputs(Case(num_queries=70, num_keys=300, dtype=torch.float16, mask=True, residual=True), "cuda")
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"], 0.25)
+    torch.library.opcheck(torch.ops.perceiver_kernels.cuda_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

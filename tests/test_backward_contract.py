@@ -1,0 +1,114 @@
+"""The backward contract (docs/DESIGN.md), checked once for every backward runner.
+
+Gradients of q, k and v from a runner's forward (its out and lse) and the Triton
+backward, against autograd of the float64 reference under the tolerance rule, with
+outputs poisoned with NaN. "chunks" forces how the summed dimension of each backward
+kernel is cut: 1 (gradients written in place) or 3 (fp32 partials reduced afterwards).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from tests.attention_cases import EPSILON, Case, make_inputs, max_error
+from tests.kernel_runners import BACKWARD_RUNNERS
+from tests.test_forward_contract import HEAD_DIMS, NUM_KEYS, NUM_QUERIES
+
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
+DIFFERENTIABLE = ("q", "k", "v", "residual")
+
+
+def reference_gradients(inputs, dout, upcast):
+    dtype = torch.float64 if upcast else inputs["q"].dtype
+    leaves = {name: inputs[name].detach().to(dtype).requires_grad_() for name in DIFFERENTIABLE if inputs[name] is not None}
+    out = pk.reference_attention(**{**inputs, **leaves})
+    return dict(zip(leaves, torch.autograd.grad(out, tuple(leaves.values()), dout.to(dtype))))
+
+
+def assert_gradients_match(grads: dict, inputs: dict, dout: torch.Tensor, epsilon: dict | None = None) -> None:
+    """The tolerance rule, with the epsilon scaled by the largest true gradient of the call.
+
+    Gradients are sums over up to Nq or Nk terms, so their rounding noise grows with
+    their magnitude; where plain PyTorch happens to be exact (one key: dK is exactly
+    0), an absolute epsilon would demand more than fp32 can give.
+    """
+    truth = reference_gradients(inputs, dout, upcast=True)
+    plain = reference_gradients(inputs, dout, upcast=False)
+    magnitude = max(1.0, *(max_error(g, torch.zeros_like(g)) for g in truth.values()))
+    for name, grad in grads.items():
+        assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, name
+        assert not grad.isnan().any(), f"d{name} has NaN"
+        error, plain_error = max_error(grad, truth[name]), max_error(plain[name], truth[name])
+        bound = 2 * plain_error + (epsilon or EPSILON)[grad.dtype] * magnitude
+        assert error <= bound, f"d{name}: max error {error:.3g} > 2 x plain PyTorch {plain_error:.3g} + eps"
+
+
+def _grid(runner):
+    """The forward grid's shapes; on the CPU the dtype takes turns (as in the forward)."""
+    i = 0
+    for nq in NUM_QUERIES:
+        for nk in NUM_KEYS:
+            for dqk, dv in HEAD_DIMS:
+                turn = i + i // len(HEAD_DIMS)
+                i += 1
+                dtypes = runner.dtypes if runner.gpu else (runner.dtypes[turn % len(runner.dtypes)],)
+                for dtype in dtypes:
+                    case = Case(batch=2, heads=2, num_queries=nq, num_keys=nk, head_dim_qk=dqk, head_dim_v=dv,
+                                dtype=dtype, mask=True, residual=True, transposed=True)
+                    yield runner.param(case, id_suffix=f"-q{nq}-k{nk}-d{dqk}x{dv}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3])
+@pytest.mark.parametrize("runner,case", [p for runner in BACKWARD_RUNNERS for p in _grid(runner)])
+def test_grid_gradients(runner, case, num_chunks):
+    inputs = make_inputs(case, runner.device)
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(runner.gradients(inputs, dout, num_chunks), inputs, dout, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
+def test_backward_of_a_fused_residual_is_correct_to_the_output_rounding(runner):
+    # Direct callers of the op may fuse the residual and train; the backward then
+    # recovers the attention output as out - residual.
+    case = Case(num_queries=30, num_keys=200, head_dim_qk=32, head_dim_v=24, mask=True, residual=True)
+    inputs = make_inputs(case, runner.device)
+    dout = torch.randn_like(inputs["residual"])
+    grads = runner.gradients(inputs, dout, 3, fuse_residual=True)
+    assert_gradients_match(grads, inputs, dout, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
+def test_padding_keys_and_rows_without_keys_get_exactly_zero_gradients(runner):
+    inputs = make_inputs(Case(num_queries=9, num_keys=300, head_dim_v=24, mask=True, residual=True), runner.device)
+    dout = torch.randn_like(inputs["residual"])
+    padding = inputs["key_padding_mask"]
+    for num_chunks in (1, 3):
+        grads = runner.gradients(inputs, dout, num_chunks)
+        assert torch.count_nonzero(grads["q"][0]) == 0  # batch 0: every key is padding
+        assert torch.count_nonzero(grads["k"][0]) == 0 and torch.count_nonzero(grads["v"][0]) == 0
+        assert torch.count_nonzero(grads["k"][1][:, padding[1]]) == 0
+        assert torch.count_nonzero(grads["v"][1][:, padding[1]]) == 0
+        assert torch.count_nonzero(grads["k"][1][:, ~padding[1]]) > 0
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
+@pytest.mark.parametrize("num_queries,num_keys", [(1, 300), (300, 1)])
+def test_a_single_query_or_a_single_key(runner, num_queries, num_keys):
+    inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_v=24, residual=True), runner.device)
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(runner.gradients(inputs, dout, None), inputs, dout, runner.epsilon)
+
+
+# ---- GPU-only sizes ----
+
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.gpu])
+@pytest.mark.parametrize("shape", [(2, 4, 256, 20_000), (2, 4, 20_000, 256)], ids=["encode", "decode"])
+def test_default_chunking_on_encode_and_decode_shapes(runner, shape):
+    batch, heads, nq, nk = shape
+    inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=64, head_dim_v=64,
+                              dtype=torch.bfloat16, mask=True, residual=True), runner.device)
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(runner.gradients(inputs, dout, None), inputs, dout, runner.epsilon)

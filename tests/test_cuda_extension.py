@@ -1,0 +1,170 @@
+"""The CUDA extension around its kernels: build, argument checks, head dims, plans.
+
+The kernels' results are checked in tests/test_forward_contract.py (the host emulation
+in CI, the GPU when there is one). Plans that depend on the GPU's size run through the
+emulated extension, whose device N has N SMs.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from perceiver_kernels import cuda_extension
+from perceiver_kernels.backends.cuda_backend import NOT_YET_VALIDATED
+from perceiver_kernels.cuda_launch import plan_cuda_forward
+from tests import cuda_emulation
+from tests.attention_cases import Case, make_inputs
+from tests.conftest import HAS_GPU
+from tests.kernel_runners import _cuda_forward
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc" / "attention"
+BUILT = pk.build_info()["built"]
+needs_extension = pytest.mark.skipif(not BUILT, reason="perceiver_kernels._C is not built (no nvcc)")
+needs_emulation = pytest.mark.skipif(bool(cuda_emulation.unavailable()), reason=cuda_emulation.unavailable())
+
+
+def test_every_compiled_head_dim_pair_has_one_instantiation_file_per_dtype():
+    macro = re.search(r"#define PK_FORWARD_HEAD_DIMS\(X\)(.*)", (CSRC / "forward.h").read_text()).group(1)
+    pairs = {(int(qk), int(v)) for qk, v in re.findall(r"X\((\d+), (\d+)\)", macro)}
+    files = {path.stem for path in (CSRC / "instantiations").glob("*.cu")}
+    expected = {f"forward_{dtype}_{qk}x{v}" for dtype in ("fp16", "bf16", "fp32") for qk, v in pairs}
+    assert files == expected
+    if BUILT:
+        assert set(pk.build_info()["forward_head_dims"]) == pairs
+
+
+def _arguments(**overrides):
+    """Arguments of _C.forward for a small fp16 problem; pointers are fake (never reached)."""
+    arguments = dict(
+        dtype="float16", device=0, stream=0,
+        q=1 << 20, q_stride=(2048, 1024, 64, 1), k=1 << 21, k_stride=(2048, 1024, 64, 1),
+        v=1 << 22, v_stride=(2048, 1024, 64, 1), key_padding=0, key_padding_stride=(),
+        residual=0, residual_stride=(), out=1 << 23, out_stride=(2048, 64, 128, 1), lse=1 << 24,
+        partial_out=0, partial_lse=0, batch=2, heads=2, num_queries=16, num_keys=16,
+        head_dim_qk=64, head_dim_v=64, scale=0.125, num_splits=1, keys_per_split=16,
+    )
+    arguments.update(overrides)
+    return arguments
+
+
+@needs_extension
+@pytest.mark.parametrize("overrides,message", [
+    (dict(dtype="float64"), "dtype must be"),
+    (dict(q_stride=(1, 2, 3)), "q_stride must hold 4"),
+    (dict(head_dim_qk=200), "no compiled kernel serves head dims Dqk=200 Dv=64; compiled Dqk/Dv pairs"),
+    (dict(head_dim_v=0), "head_dim_v must be in"),
+    (dict(num_keys=0), "num_keys must be in"),
+    (dict(batch=300, heads=300), r"batch \* heads must be at most 65535"),
+    (dict(num_splits=2, keys_per_split=4), "must cover num_keys=16"),
+    (dict(num_splits=3, keys_per_split=8), "each starting inside it"),
+    (dict(num_splits=2, keys_per_split=8), "needs partial_out and partial_lse"),
+    (dict(q=0), "q is a null pointer"),
+    (dict(key_padding=1 << 25, key_padding_stride=(16,)), "key_padding_stride must hold 2"),
+    (dict(scale=float("nan")), "scale must be finite"),
+    (dict(scale=1e300), "scale must be finite in float32"),
+])
+def test_extension_checks_every_argument_before_touching_the_gpu(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cuda_extension.module().forward(**_arguments(**overrides))
+
+
+@needs_extension
+def test_extension_refuses_host_memory_or_a_machine_without_gpu():
+    x = torch.zeros(2, 2, 16, 64, dtype=torch.float16)
+    out = torch.zeros(2, 16, 2, 64, dtype=torch.float16)
+    lse = torch.zeros(2, 2, 16)
+    arguments = _arguments(q=x.data_ptr(), k=x.data_ptr(), v=x.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr())
+    expected = (ValueError, "points to host memory") if HAS_GPU else (RuntimeError, "CUDA")
+    with pytest.raises(expected[0], match=expected[1]):
+        cuda_extension.module().forward(**arguments)
+
+
+@needs_extension
+def test_head_dims_run_on_the_cheapest_compiled_pair_or_are_refused_with_the_list():
+    extension = cuda_extension.module()
+    assert extension.forward_head_dims(16, 16) == (32, 32)
+    assert extension.forward_head_dims(40, 24) == (64, 64)
+    assert extension.forward_head_dims(32, 160) == (32, 160)
+    assert extension.forward_head_dims(100, 128) == (128, 128)
+    assert extension.forward_head_dims(129, 8) is None
+    reason = cuda_extension.head_dims_problem.__wrapped__(261, 261)
+    assert "Dqk=261 Dv=261" in reason and "32/96" in reason and "128/128" in reason
+
+
+@needs_extension
+@pytest.mark.parametrize("capability,archs,ok", [
+    ((9, 0), "80,90a", True),
+    ((8, 6), "80,90a", True),   # sm_80 code runs on 8.6
+    ((8, 6), "90a", False),     # 90a runs on 9.0 only
+    ((10, 0), "80", True),      # PTX of compute_80 is compiled at load time
+    ((7, 5), "80,90a", False),  # no bf16 mma.sync
+])
+def test_architecture_check(monkeypatch, capability, archs, ok):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    info = {**cuda_extension.build_info(), "cuda_archs": archs}
+    monkeypatch.setattr(cuda_extension, "_build_info", lambda: info)
+    reason = cuda_extension.architecture_problem.__wrapped__(0)
+    assert (reason == "") == ok, reason
+    if not ok:
+        assert "compute capability" in reason or "PERCEIVER_KERNELS_CUDA_ARCHS" in reason
+
+
+@needs_emulation
+def test_split_plan_counts_blocks_of_the_cuda_kernels(monkeypatch):
+    """Query rows per block come from the extension (build_info), not a Python copy."""
+    from perceiver_kernels import chunking
+
+    monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)  # an H100
+    gpu, extension = torch.device("cuda", 0), cuda_emulation.build()
+    assert extension.build_info()["query_tile_rows"] == {"float32": 32, "float16": 64, "bfloat16": 64}
+
+    def plan(*shape, dtype=torch.bfloat16):
+        return plan_cuda_forward(*shape, dtype, gpu, extension=extension)
+
+    assert plan(1, 8, 256, 400_000).num_splits == 9   # ENC-3: 32 blocks unsplit
+    assert plan(8, 8, 256, 50_176).num_splits == 2    # ENC-1: 256 blocks
+    assert plan(8, 8, 50_176, 256).num_splits == 1    # DEC-1
+    plan = plan(1, 8, 256, 400_000, dtype=torch.float32)  # 64 blocks of 32 rows
+    assert plan.num_splits == 5 and plan.keys_per_split % 128 == 0
+    assert plan.num_splits * plan.keys_per_split >= 400_000
+
+
+def test_auto_never_picks_the_unvalidated_kernels_and_says_so():
+    inputs = make_inputs(Case(), "cuda" if HAS_GPU else "cpu")
+    explanation = pk.explain(inputs["q"], inputs["k"], inputs["v"])
+    assert explanation.chosen != "cuda"
+    if HAS_GPU and BUILT:
+        assert NOT_YET_VALIDATED in explanation.refusals["cuda"]
+
+
+@needs_emulation
+def test_plans_of_the_anchor_shapes_on_an_h100():
+    extension = cuda_emulation.build().with_multiprocessors(132)
+    # DEC-1: K/V resident, each block running a share of 784 query tiles x 64 heads.
+    dec1 = extension.plan(torch.bfloat16, 8, 8, 50_176, 256, (64, 64), 1, 256)
+    assert dec1 == dict(kv_resident=True, query_tiles_per_block=47, grid_x=17)
+    # ENC-1 split in 2: too few query tiles to share; K/V stream.
+    enc1 = extension.plan(torch.bfloat16, 8, 8, 256, 50_176, (64, 64), 2, 25_088)
+    assert enc1 == dict(kv_resident=False, query_tiles_per_block=1, grid_x=4)
+    # 2048 latents' K/V (DEC-2) do not fit next to a second block: stream.
+    dec2 = extension.plan(torch.bfloat16, 1, 8, 800_000, 2048, (64, 64), 1, 2048)
+    assert not dec2["kv_resident"]
+
+
+@needs_emulation
+def test_resident_path_is_taken_on_one_sm():
+    extension = cuda_emulation.build()
+    assert extension.with_multiprocessors(1).plan(torch.float16, 2, 2, 300, 300, (64, 64), 1, 300)["kv_resident"]
+    assert not extension.with_multiprocessors(132).plan(torch.float16, 2, 2, 300, 300, (64, 64), 1, 300)["kv_resident"]
+
+
+@needs_emulation
+def test_the_launcher_drives_the_binding_and_its_checks():
+    """perceiver_kernels.cuda_launch through the binding compiled for the CPU: an input
+    the kernels do not serve comes back as the binding's ValueError."""
+    inputs = make_inputs(Case(num_queries=10, num_keys=20, head_dim_qk=200, head_dim_v=16), "cpu")
+    with pytest.raises(ValueError, match="no compiled kernel serves head dims Dqk=200"):
+        _cuda_forward(inputs)

@@ -1,0 +1,151 @@
+"""The forward contract (docs/DESIGN.md), checked once for every kernel runner.
+
+Every case compares against the float64 reference under the tolerance rule with the
+outputs poisoned with NaN before the call, so an element a kernel forgets to write
+fails. Runners (tests/kernel_runners.py): the Triton kernels in the interpreter and
+the CUDA kernels in the host emulation on the CPU (CI), and both on a GPU (marked
+`gpu`), which run exactly these cases, in every dtype, plus the GPU-only sizes at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tests.attention_cases import (Case, assert_matches_reference, far_keys_inputs, make_inputs, nan_padding_inputs,
+                                   strided_inputs)
+from tests.kernel_runners import FORWARD_RUNNERS
+
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
+NUM_QUERIES = (1, 7, 64, 300)
+NUM_KEYS = (1, 5, 129, 700)
+HEAD_DIMS = ((16, 16), (40, 24), (64, 64), (100, 128), (128, 100))  # (Dqk, Dv), Dv != Dqk included
+
+
+def _grid(runner):
+    """Every (Nq, Nk, head dims) with a mask that leaves some rows without keys, a residual
+    and the transposed (B, L, H, D) layout. On the CPU the dtype and (for rotating runners)
+    the path take turns, so that each meets every Nq x Nk pair and every head dim; a GPU
+    runner takes every dtype and path."""
+    shapes = list(itertools.product(NUM_QUERIES, NUM_KEYS, HEAD_DIMS))
+    for i, (nq, nk, (dqk, dv)) in enumerate(shapes):
+        turn = i + i // len(HEAD_DIMS)
+        dtypes = runner.dtypes if runner.gpu else (runner.dtypes[turn % len(runner.dtypes)],)
+        for dtype in dtypes:
+            if dtype == torch.float32 and runner.max_fp32_cells and nq * nk > runner.max_fp32_cells:
+                dtype = torch.float16
+            case = Case(batch=2, heads=2, num_queries=nq, num_keys=nk, head_dim_qk=dqk, head_dim_v=dv, dtype=dtype,
+                        mask=True, residual=True, transposed=True)
+            paths = [list(runner.paths)[(i // len(runner.dtypes)) % len(runner.paths)]] if runner.rotate_paths \
+                else list(runner.paths)
+            for path in paths:
+                yield runner.param(case, path, id_suffix=f"-q{nq}-k{nk}-d{dqk}x{dv}-{str(dtype)[6:]}-{path}")
+
+
+def _every_path(runner, dtypes=None):
+    for dtype in dtypes or runner.dtypes:
+        if dtype in runner.dtypes:
+            yield runner.param(dtype, id_suffix=f"-{str(dtype)[6:]}")
+
+
+def _per_runner(values_of):
+    return [param for runner in FORWARD_RUNNERS for param in values_of(runner)]
+
+
+def run_every_path(runner, inputs):
+    for path, options in runner.paths.items():
+        yield path, runner.run(inputs, **options)
+
+
+@pytest.mark.parametrize("runner,case,path", _per_runner(_grid))
+def test_grid_with_mask_residual_transposed(runner, case, path):
+    inputs = make_inputs(case, runner.device)
+    out, lse = runner.run(inputs, **runner.paths[path])
+    assert_matches_reference(out, inputs, lse, runner.epsilon)
+    assert out.transpose(1, 2).is_contiguous(), "the output is laid out as (B, Nq, H, Dv)"
+
+
+@pytest.mark.parametrize("runner,dtype", _per_runner(lambda r: _every_path(r, (torch.float32, torch.float16))))
+@pytest.mark.parametrize("num_queries,num_keys", [(7, 1100), (300, 129), (1, 5)])
+def test_plain_contiguous_without_mask_or_residual(runner, dtype, num_queries, num_keys):
+    inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=40, head_dim_v=24,
+                              dtype=dtype), runner.device)
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+def _head_dims(runner):
+    for dims in runner.head_dims:
+        for dtype in runner.dtypes:
+            yield runner.param(dims, dtype, id_suffix=f"-d{dims[0]}x{dims[1]}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("runner,dims,dtype", _per_runner(_head_dims))
+def test_head_dims_of_the_implementation(runner, dims, dtype):
+    nq, nk = (40, 70) if dtype == torch.float32 and runner.max_fp32_cells else (150, 300)
+    inputs = make_inputs(Case(num_queries=nq, num_keys=nk, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
+                              mask=True), runner.device)
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", _per_runner(_every_path))
+def test_padding_keys_holding_nan_do_not_leak(runner, dtype):
+    inputs, clean = nan_padding_inputs(Case(num_queries=70, num_keys=150, dtype=dtype), runner.device)
+    for path, (out, _) in run_every_path(runner, inputs):
+        assert_matches_reference(out, clean, epsilon=runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", _per_runner(lambda r: _every_path(r, (torch.float32, torch.float16))))
+def test_arbitrary_strides(runner, dtype):
+    inputs = strided_inputs(runner.device, dtype, num_queries=70)
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in FORWARD_RUNNERS])
+@pytest.mark.parametrize("num_splits", [2, 5, 9])
+def test_splits_made_entirely_of_padding(runner, num_splits):
+    case = Case(batch=3, num_queries=20, num_keys=700, head_dim_qk=32, head_dim_v=48, mask=True, residual=True,
+                dtype=torch.float16)
+    inputs = make_inputs(case, runner.device)
+    mask = inputs["key_padding_mask"]
+    mask[1, :400] = True  # batch 1: the first splits hold only padding
+    mask[2, :] = False
+    mask[2, 350:] = True  # batch 2: the last splits hold only padding
+    out, lse = runner.run(inputs, num_splits=num_splits)
+    assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", _per_runner(_every_path))
+def test_rows_without_keys_give_exactly_the_residual_and_minus_inf_lse(runner, dtype):
+    inputs = make_inputs(Case(num_queries=70, num_keys=150, mask=True, residual=True, dtype=dtype), runner.device)
+    for path, (out, lse) in run_every_path(runner, inputs):
+        torch.testing.assert_close(out[0], inputs["residual"][0], rtol=0, atol=0)  # batch 0: all keys padding
+        assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+
+
+# ---- GPU-only sizes ----
+
+GPU_RUNNERS = [r for r in FORWARD_RUNNERS if r.gpu]
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in GPU_RUNNERS])
+def test_offsets_beyond_int32(runner):
+    full, tail = far_keys_inputs()
+    out, _ = runner.run(full)
+    assert_matches_reference(out, tail, epsilon=runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", _per_runner(lambda r: _every_path(r, (torch.float16, torch.bfloat16))
+                                                     if r.gpu else ()))
+def test_decode_shape_with_many_query_tiles(runner, dtype):
+    # 625 query tiles x 8 heads: the CUDA kernels keep K/V resident over several tiles.
+    case = Case(batch=2, heads=4, num_queries=40_000, num_keys=300, head_dim_qk=64, head_dim_v=64, dtype=dtype,
+                mask=True, residual=True, transposed=True)
+    inputs = make_inputs(case, runner.device)
+    out, lse = runner.run(inputs)
+    assert_matches_reference(out, inputs, lse, runner.epsilon)

@@ -1,0 +1,95 @@
+"""The Triton launchers: split plans, the blocks every launch gets, TF32, and auto on a GPU.
+
+The kernels' results are checked in tests/test_forward_contract.py and
+tests/test_backward_contract.py; here is what the launchers decide.
+"""
+
+import pytest
+import torch
+
+import perceiver_kernels as pk
+from perceiver_kernels.triton_launch import plan_triton_forward
+from tests.attention_cases import Case, assert_matches_reference, make_inputs
+from tests.conftest import KERNEL_DEVICE
+from tests.kernel_runners import _triton_forward
+
+
+def test_split_plan_fills_the_gpu(monkeypatch):
+    from perceiver_kernels import chunking
+
+    monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)  # an H100
+    gpu = torch.device("cuda", 0)
+    enc3 = plan_triton_forward(1, 8, 256, 400_000, 64, 64, gpu)  # 16 programs unsplit
+    enc1 = plan_triton_forward(8, 8, 256, 50_176, 64, 64, gpu)   # 128 programs unsplit
+    dec1 = plan_triton_forward(8, 8, 50_176, 256, 64, 64, gpu)   # thousands of query tiles
+    short = plan_triton_forward(1, 1, 64, 700, 64, 64, gpu)      # too few keys for a split to pay
+    assert enc3.num_splits == 17
+    assert enc1.num_splits == 3
+    assert dec1.num_splits == 1
+    assert short.num_splits == 1
+    assert enc3.keys_per_split % 128 == 0 and enc3.keys_per_split * enc3.num_splits >= 400_000
+
+
+def test_exact_fp32_splits_with_shorter_query_tiles(monkeypatch):
+    """Exact fp32 dots keep operands in registers: 64-row tiles, so twice the programs."""
+    from perceiver_kernels import chunking
+
+    monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    exact = plan_triton_forward(1, 8, 256, 400_000, 64, 64, gpu, exact_fp32=True)  # 32 programs unsplit
+    assert exact.query_tile_rows == 64 and exact.num_splits == 9
+    assert plan_triton_forward(1, 8, 256, 400_000, 64, 64, gpu).query_tile_rows == 128
+
+
+@pytest.mark.parametrize("dtype, allow_tf32, block_dv", [
+    ("float16", False, 64), ("bfloat16", False, 64),  # tensor cores: V block widened to the Q/K block
+    ("float32", True, 64),                             # TF32 dots run on tensor cores too
+    ("float32", False, 32),                            # exact fp32 on CUDA cores keeps its own width
+])
+def test_launches_widen_the_value_block_on_tensor_cores(dtype, allow_tf32, block_dv):
+    """Dqk=40, Dv=24 (blocks 64 and 32) gave wrong results with 16-bit inputs on an H200
+    (Triton 3.6) unless both blocks were 64: every kernel the launchers start for such
+    inputs, forward and backward, ENCODE and DECODE, gets equal blocks on tensor cores."""
+    from tests.triton_compile import Problem, record_launches
+
+    for num_queries, num_keys in ((128, 4096), (4096, 128)):
+        launches = record_launches(Problem(dtype, 40, 24, num_queries, num_keys), allow_tf32=allow_tf32)
+        assert len(launches) >= 3
+        for kernel, _, kwargs in launches:
+            assert kwargs["BLOCK_DV"] == block_dv, kernel
+            assert kwargs.get("BLOCK_DQK", 64) == 64, kernel
+
+
+def test_chained_dots_reproducer_runs_and_is_right_in_the_interpreter():
+    """The reproducer of the Hopper head-dim bug must itself be trustworthy: in the
+    interpreter (exact numpy dots) every case is right."""
+    from tests import repro_chained_dots
+
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("on a GPU the reproducer tests the installed Triton, not itself")
+    assert repro_chained_dots.main(["--dtypes", "float16", "--device", "cpu"]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 8, 256, 50_176), (1, 8, 256, 400_000), (2, 8, 20_000, 256)],
+                         ids=["enc1", "enc3", "dec"])
+def test_auto_on_perceiver_shapes(shape, dtype):
+    batch, heads, nq, nk = shape
+    case = Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=64, head_dim_v=64,
+                dtype=dtype, mask=True, residual=True, transposed=True)
+    inputs = make_inputs(case, "cuda")
+    explanation = pk.explain(**inputs)
+    assert explanation.chosen == "triton", str(explanation)
+    out = pk.cross_attention(**inputs)
+    assert_matches_reference(out[:, :, :64], {**inputs, "q": inputs["q"][:, :, :64],
+                                              "residual": inputs["residual"][:, :, :64]})
+
+
+@pytest.mark.gpu
+def test_tf32_is_used_only_when_allowed():
+    inputs = make_inputs(Case(num_queries=128, num_keys=4096, head_dim_qk=64, head_dim_v=64), "cuda")
+    exact, _ = _triton_forward(inputs, num_splits=3)
+    fast, _ = _triton_forward(inputs, num_splits=3, allow_tf32=True)
+    assert_matches_reference(exact, inputs)
+    assert not torch.equal(exact, fast)
