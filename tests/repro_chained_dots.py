@@ -6,7 +6,7 @@
 This is the shape of attention's inner loop without the softmax. On an H200 with
 Triton 3.6.0, the fused attention kernel gave wrong outputs for 16-bit inputs with
 Dqk=40, Dv=24 (BLOCK_DQK=64 > BLOCK_DV=32) and right ones for every other pair
-(../shared/gpu-runs/2026-11-30-h200/headdims.txt); perceiver_kernels launches with
+(benchmarks/results/2026-11-30-h200/README.md); perceiver_kernels launches with
 equal blocks on tensor cores since (triton_launch.head_dim_blocks). Run this on a
 GPU to see whether an installed Triton computes the chained dots right:
 
