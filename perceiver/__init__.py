@@ -10,6 +10,7 @@ from .layers import MLP, PerceiverLayer, self_attention_layer
 from .model import PerceiverDecoder, PerceiverEncoder, PerceiverIO, PerceiverProcessor
 from .position import (
     FourierPositionEncoding,
+    GridFourierEncoding,
     MultimodalQueries,
     QueryProvider,
     TensorQueries,
@@ -21,6 +22,7 @@ from .position import (
 __all__ = [
     "CrossAttention",
     "FourierPositionEncoding",
+    "GridFourierEncoding",
     "MLP",
     "MultimodalQueries",
     "MultiHeadAttention",

@@ -1,4 +1,5 @@
-"""Position encodings, which double as decoder query providers.
+"""Position encodings, which double as decoder query providers, and the grid Fourier
+encoding of the input adapters (whose grid is known only at call time).
 
 A query provider builds the queries for any subset of output indices on demand,
 so a decoder never materialises the full (O, C) query array: call it with
@@ -247,3 +248,41 @@ class MultimodalQueries(QueryProvider):
             sizes[name] = local.numel()
             start += size
         return torch.cat(parts), sizes
+
+
+class GridFourierEncoding(nn.Module):
+    """Fourier features of the positions of whatever grid the input has (HF's Fourier encoding).
+
+    forward(index_dims, batch_size) -> (B, prod(index_dims), num_channels): positions
+    in [-1, 1] per dimension of index_dims (row-major), then fourier_features with
+    frequencies up to max_resolution / 2. Unlike FourierPositionEncoding, the grid is
+    only known at call time, so one adapter serves any input size, as in HF.
+    """
+
+    def __init__(self, num_bands: int, max_resolution: Sequence[int], concat_pos: bool = True,
+                 sine_only: bool = False):
+        super().__init__()
+        self.num_bands = num_bands
+        self.max_resolution = tuple(max_resolution)
+        self.concat_pos = concat_pos
+        self.sine_only = sine_only
+        dims = len(self.max_resolution)
+        self.num_channels = dims * num_bands * (1 if sine_only else 2) + (dims if concat_pos else 0)
+        # One FourierPositionEncoding (which caches its table per device and dtype) per grid seen.
+        self._encodings: dict[tuple, FourierPositionEncoding] = {}
+
+    def forward(self, index_dims: Sequence[int], batch_size: int, *, device: Optional[torch.device] = None,
+                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        index_dims = tuple(int(size) for size in index_dims)
+        if len(index_dims) != len(self.max_resolution):
+            raise ValueError(f"index_dims {index_dims} must have one entry per dimension of max_resolution "
+                             f"{self.max_resolution}")
+        if index_dims not in self._encodings:
+            self._encodings[index_dims] = FourierPositionEncoding(index_dims, self.num_bands, self.max_resolution,
+                                                                  self.concat_pos, self.sine_only)
+        return self._encodings[index_dims](batch_size, device=device, dtype=dtype)
+
+    @classmethod
+    def from_hf(cls, hf_module: nn.Module) -> "GridFourierEncoding":
+        """From a PerceiverFourierPositionEncoding."""
+        return cls(hf_module.num_bands, hf_module.max_resolution, hf_module.concat_pos, hf_module.sine_only)

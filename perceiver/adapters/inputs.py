@@ -1,86 +1,30 @@
-"""Input and output adapters: raw task data <-> the (B, M, C) arrays a Perceiver IO works on.
-
-Input adapters map raw inputs (tokens, images, videos, audio, labels) to (B, M, C)
-encoder inputs; output adapters map (B, O, C) decoder outputs to task outputs.
-Their math equals the Hugging Face `transformers` Perceiver pre- and postprocessors,
-and every adapter has a `from_hf(module)` classmethod that builds it from the
-corresponding HF module with its settings and weights (`input_adapter_from_hf` and
-`output_adapter_from_hf` pick the class from the HF module's type). The converters
-only read attributes, so `transformers` is not needed to import this module.
-Converted adapters are float32 on the CPU, in the HF module's train/eval mode.
-"""
+"""Input adapters: raw inputs (tokens, images, videos, audio, labels, several modalities)
+to the (B, M, C) arrays a Perceiver IO encoder reads, equal to HF's preprocessors."""
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .checks import check_channels, check_dims
-from .position import FourierPositionEncoding, TrainablePositionEncoding
-
-
-def _load(target: nn.Module, source: nn.Module) -> None:
-    target.load_state_dict(source.state_dict())
-
-
-def _hf_type(module: nn.Module) -> str:
-    return type(module).__name__
-
-
-class GridFourierEncoding(nn.Module):
-    """Fourier features of the positions of whatever grid the input has (HF's Fourier encoding).
-
-    forward(index_dims, batch_size) -> (B, prod(index_dims), num_channels): positions
-    in [-1, 1] per dimension of index_dims (row-major), then fourier_features with
-    frequencies up to max_resolution / 2. Unlike FourierPositionEncoding, the grid is
-    only known at call time, so one adapter serves any input size, as in HF.
-    """
-
-    def __init__(self, num_bands: int, max_resolution: Sequence[int], concat_pos: bool = True,
-                 sine_only: bool = False):
-        super().__init__()
-        self.num_bands = num_bands
-        self.max_resolution = tuple(max_resolution)
-        self.concat_pos = concat_pos
-        self.sine_only = sine_only
-        dims = len(self.max_resolution)
-        self.num_channels = dims * num_bands * (1 if sine_only else 2) + (dims if concat_pos else 0)
-        # One FourierPositionEncoding (which caches its table per device and dtype) per grid seen.
-        self._encodings: Dict[tuple, FourierPositionEncoding] = {}
-
-    def forward(self, index_dims: Sequence[int], batch_size: int, *, device: Optional[torch.device] = None,
-                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        index_dims = tuple(int(size) for size in index_dims)
-        if len(index_dims) != len(self.max_resolution):
-            raise ValueError(f"index_dims {index_dims} must have one entry per dimension of max_resolution "
-                             f"{self.max_resolution}")
-        if index_dims not in self._encodings:
-            self._encodings[index_dims] = FourierPositionEncoding(index_dims, self.num_bands, self.max_resolution,
-                                                                  self.concat_pos, self.sine_only)
-        return self._encodings[index_dims](batch_size, device=device, dtype=dtype)
-
-    @classmethod
-    def from_hf(cls, hf_module: nn.Module) -> "GridFourierEncoding":
-        """From a PerceiverFourierPositionEncoding."""
-        return cls(hf_module.num_bands, hf_module.max_resolution, hf_module.concat_pos, hf_module.sine_only)
-
+from ..checks import check_channels, check_dims
+from ..position import GridFourierEncoding, TrainablePositionEncoding
+from ._hf import hf_type, load
 
 PositionEncoding = Union[GridFourierEncoding, TrainablePositionEncoding]
 
 
 def _position_encoding_from_hf(hf_module: nn.Module) -> PositionEncoding:
-    if _hf_type(hf_module) == "PerceiverFourierPositionEncoding":
+    if hf_type(hf_module) == "PerceiverFourierPositionEncoding":
         return GridFourierEncoding.from_hf(hf_module)
-    if _hf_type(hf_module) == "PerceiverTrainablePositionEncoding":
+    if hf_type(hf_module) == "PerceiverTrainablePositionEncoding":
         table = hf_module.position_embeddings
         encoding = TrainablePositionEncoding(table.shape[0], table.shape[1])
-        _load(encoding, hf_module)
+        load(encoding, hf_module)
         return encoding
-    raise TypeError(f"unsupported HF position encoding {_hf_type(hf_module)}")
+    raise TypeError(f"unsupported HF position encoding {hf_type(hf_module)}")
 
 
 def _project_pos_dim_from_hf(hf_module: nn.Module) -> Optional[int]:
@@ -133,7 +77,7 @@ class _GridInputAdapter(nn.Module):
         return features + positions
 
     def _load_positions_from_hf(self, hf_module: nn.Module) -> None:
-        _load(self.position_projection, hf_module.positions_projection)
+        load(self.position_projection, hf_module.positions_projection)
 
 
 class TokenInputAdapter(nn.Module):
@@ -164,8 +108,8 @@ class TokenInputAdapter(nn.Module):
         """From a PerceiverTextPreprocessor."""
         vocab_size, num_channels = hf_module.embeddings.weight.shape
         adapter = cls(vocab_size, num_channels, hf_module.position_embeddings.num_embeddings)
-        _load(adapter.embeddings, hf_module.embeddings)
-        _load(adapter.position_embeddings, hf_module.position_embeddings)
+        load(adapter.embeddings, hf_module.embeddings)
+        load(adapter.position_embeddings, hf_module.position_embeddings)
         return adapter.train(hf_module.training)
 
 
@@ -314,12 +258,12 @@ class ImageInputAdapter(_GridInputAdapter):
             concat_or_add_pos=hf_module.concat_or_add_pos,
         )
         if prep_type == "conv":
-            _load(adapter.featurizer[0], hf_module.convnet.conv)
-            _load(adapter.featurizer[1], hf_module.convnet.batchnorm)
+            load(adapter.featurizer[0], hf_module.convnet.conv)
+            load(adapter.featurizer[1], hf_module.convnet.batchnorm)
         elif prep_type == "conv1x1":
-            _load(adapter.featurizer, hf_module.convnet_1x1)
+            load(adapter.featurizer, hf_module.convnet_1x1)
         if hf_module.conv_after_patching:
-            _load(adapter.patch_projection, hf_module.conv_after_patches)
+            load(adapter.patch_projection, hf_module.conv_after_patches)
         adapter._load_positions_from_hf(hf_module)
         return adapter.train(hf_module.training)
 
@@ -435,187 +379,9 @@ class MultimodalInputAdapter(nn.Module):
         """From a PerceiverMultimodalPreprocessor, converting each modality with input_adapter_from_hf."""
         adapter = cls({name: input_adapter_from_hf(module) for name, module in hf_module.modalities.items()},
                       hf_module.min_padding_size, hf_module.mask_probs)
-        _load(adapter.padding, hf_module.padding)
-        _load(adapter.mask_tokens, hf_module.mask)
+        load(adapter.padding, hf_module.padding)
+        load(adapter.mask_tokens, hf_module.mask)
         return adapter.train(hf_module.training)
-
-
-class ClassificationOutputAdapter(nn.Module):
-    """Decoder outputs (B, O, in_channels) -> logits (B, num_classes) of the first query.
-
-    (HF PerceiverClassificationPostprocessor. HF's classification decoders instead put
-    the Linear in the decoder's final layer and take query 0 after it.)
-    """
-
-    def __init__(self, in_channels: int, num_classes: int):
-        super().__init__()
-        self.classifier = nn.Linear(in_channels, num_classes)
-
-    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
-        check_channels("outputs", outputs, self.classifier.in_features)
-        # HF projects every query and keeps the first; projecting only it is the same.
-        return self.classifier(outputs[:, 0])
-
-    @classmethod
-    def from_hf(cls, hf_module: nn.Module) -> "ClassificationOutputAdapter":
-        """From a PerceiverClassificationPostprocessor."""
-        adapter = cls(hf_module.classifier.in_features, hf_module.classifier.out_features)
-        _load(adapter.classifier, hf_module.classifier)
-        return adapter.train(hf_module.training)
-
-
-class EmbeddingDecoderOutputAdapter(nn.Module):
-    """Decoder outputs (B, L, C) -> token logits (B, L, vocab_size) = outputs @ embedding.weight.T + bias.
-
-    Shares the weight of `embedding` (e.g. TokenInputAdapter.embeddings): it is
-    registered here as a submodule, so tying survives .to() and state dicts.
-    (HF PerceiverEmbeddingDecoder.)
-    """
-
-    def __init__(self, embedding: nn.Embedding):
-        super().__init__()
-        self.embedding = embedding
-        self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings))
-
-    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        check_dims("outputs", outputs, (3,), "(B, L, C)")
-        check_channels("outputs", outputs, self.embedding.embedding_dim)
-        return F.linear(outputs, self.embedding.weight, self.bias)
-
-    @classmethod
-    def from_hf(cls, hf_module: nn.Module, embedding: nn.Embedding) -> "EmbeddingDecoderOutputAdapter":
-        """From a PerceiverEmbeddingDecoder, tied to `embedding` (ours, already converted)."""
-        adapter = cls(embedding)
-        with torch.no_grad():
-            adapter.bias.copy_(hf_module.bias)
-        return adapter.train(hf_module.training)
-
-
-class ProjectionOutputAdapter(nn.Module):
-    """Decoder outputs (B, O, in_channels) -> (B, O, out_channels) by a Linear.
-
-    (HF PerceiverProjectionPostprocessor.)
-    """
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.projection = nn.Linear(in_channels, out_channels)
-
-    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
-        check_channels("outputs", outputs, self.projection.in_features)
-        return self.projection(outputs)
-
-    @classmethod
-    def from_hf(cls, hf_module: nn.Module) -> "ProjectionOutputAdapter":
-        """From a PerceiverProjectionPostprocessor."""
-        adapter = cls(hf_module.classifier.in_features, hf_module.classifier.out_features)
-        _load(adapter.projection, hf_module.classifier)
-        return adapter.train(hf_module.training)
-
-
-class AudioOutputAdapter(nn.Module):
-    """Decoder outputs (B, O, in_channels), one per patch -> audio samples (B, O * samples_per_patch).
-
-    A Linear predicts each patch's samples; the patches are laid end to end.
-    (HF PerceiverAudioPostprocessor.)
-    """
-
-    def __init__(self, in_channels: int, samples_per_patch: int):
-        super().__init__()
-        self.projection = nn.Linear(in_channels, samples_per_patch)
-
-    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        check_dims("outputs", outputs, (3,), "(B, O, in_channels)")
-        check_channels("outputs", outputs, self.projection.in_features)
-        return self.projection(outputs).reshape(outputs.shape[0], -1)
-
-    @classmethod
-    def from_hf(cls, hf_module: nn.Module) -> "AudioOutputAdapter":
-        """From a PerceiverAudioPostprocessor."""
-        adapter = cls(hf_module.classifier.in_features, hf_module.classifier.out_features)
-        _load(adapter.projection, hf_module.classifier)
-        return adapter.train(hf_module.training)
-
-
-class MultimodalOutputAdapter(nn.Module):
-    """Decoder outputs of several modalities -> {name: that modality's adapter output}.
-
-    `outputs` is either a dict {name: (B, O_name, C)} or one (B, O, C) tensor holding
-    the modalities one after another in sorted name order (as MultimodalInputAdapter
-    and HF's multimodal decoder lay them out); the tensor is split by modality_sizes
-    {name: O_name}, given to forward or else to the constructor (the decoder's output
-    sizes are fixed by its queries). Sizes of modalities without an adapter are only
-    used for the split. (HF PerceiverMultimodalPostprocessor.)
-    """
-
-    def __init__(self, modalities: Mapping[str, nn.Module], modality_sizes: Optional[Mapping[str, int]] = None):
-        super().__init__()
-        self.modalities = nn.ModuleDict(modalities)
-        self.modality_sizes = dict(modality_sizes) if modality_sizes is not None else None
-
-    def forward(self, outputs: Union[torch.Tensor, Mapping[str, torch.Tensor]],
-                modality_sizes: Optional[Mapping[str, int]] = None) -> Dict[str, torch.Tensor]:
-        if isinstance(outputs, torch.Tensor):
-            outputs = self._split(outputs, modality_sizes if modality_sizes is not None else self.modality_sizes)
-        elif not isinstance(outputs, Mapping):
-            raise ValueError(f"outputs must be a (B, O, C) tensor or a dict of them, got {type(outputs).__name__}")
-        missing = sorted(set(self.modalities) - set(outputs))
-        if missing:
-            raise ValueError(f"outputs has no modalities {missing}")
-        return {name: adapter(outputs[name]) for name, adapter in self.modalities.items()}
-
-    @staticmethod
-    def _split(outputs: torch.Tensor, modality_sizes: Optional[Mapping[str, int]]) -> Dict[str, torch.Tensor]:
-        if modality_sizes is None:
-            raise ValueError("modality_sizes must be given (to forward or the constructor) when outputs is a tensor")
-        check_dims("outputs", outputs, (3,), "(B, O, C)")
-        names = sorted(modality_sizes)
-        sizes = [modality_sizes[name] for name in names]
-        if sum(sizes) != outputs.shape[1]:
-            raise ValueError(f"outputs has {outputs.shape[1]} positions, but modality_sizes {dict(modality_sizes)} "
-                             f"add up to {sum(sizes)}")
-        return dict(zip(names, torch.split(outputs, sizes, dim=1)))
-
-    @classmethod
-    def from_hf(cls, hf_module: nn.Module, modality_sizes: Optional[Mapping[str, int]] = None
-                ) -> "MultimodalOutputAdapter":
-        """From a PerceiverMultimodalPostprocessor, converting each modality with output_adapter_from_hf.
-
-        HF's input_is_dict flag is not needed: forward accepts both a dict and a tensor.
-        """
-        adapter = cls({name: output_adapter_from_hf(module) for name, module in hf_module.modalities.items()},
-                      modality_sizes)
-        return adapter.train(hf_module.training)
-
-
-class FlowOutputAdapter(nn.Module):
-    """Decoder outputs (B, H*W, C), one per pixel -> flow (B, H, W, C) / rescale_factor.
-
-    output_image_shape is (H, W). The decoder's final Linear to C = 2 flow channels
-    belongs to the decoder; this is what HF PerceiverOpticalFlowDecoder does after it.
-    """
-
-    def __init__(self, output_image_shape: Sequence[int], rescale_factor: float = 100.0):
-        super().__init__()
-        if len(output_image_shape) != 2:
-            raise ValueError(f"output_image_shape must be (H, W), got {tuple(output_image_shape)}")
-        self.output_image_shape = tuple(output_image_shape)
-        self.rescale_factor = rescale_factor
-
-    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
-        check_dims("outputs", outputs, (3,), "(B, H*W, C)")
-        if outputs.shape[1] != math.prod(self.output_image_shape):
-            raise ValueError(f"outputs has {outputs.shape[1]} positions, but output_image_shape "
-                             f"{self.output_image_shape} has {math.prod(self.output_image_shape)}")
-        flow = outputs / self.rescale_factor
-        return flow.reshape(outputs.shape[0], *self.output_image_shape, outputs.shape[-1])
-
-    @classmethod
-    def from_hf(cls, hf_module: nn.Module) -> "FlowOutputAdapter":
-        """From a PerceiverOpticalFlowDecoder (its reshape and rescale only)."""
-        return cls(hf_module.output_image_shape, hf_module.rescale_factor).train(hf_module.training)
 
 
 _INPUT_ADAPTERS = {
@@ -626,29 +392,10 @@ _INPUT_ADAPTERS = {
     "PerceiverMultimodalPreprocessor": MultimodalInputAdapter,
 }
 
-_OUTPUT_ADAPTERS = {
-    "PerceiverClassificationPostprocessor": ClassificationOutputAdapter,
-    "PerceiverProjectionPostprocessor": ProjectionOutputAdapter,
-    "PerceiverAudioPostprocessor": AudioOutputAdapter,
-    "PerceiverMultimodalPostprocessor": MultimodalOutputAdapter,
-    "PerceiverOpticalFlowDecoder": FlowOutputAdapter,
-}
-
 
 def input_adapter_from_hf(hf_module: nn.Module) -> nn.Module:
     """The input adapter equal to an HF Perceiver preprocessor, with its weights."""
-    converter = _INPUT_ADAPTERS.get(_hf_type(hf_module))
+    converter = _INPUT_ADAPTERS.get(hf_type(hf_module))
     if converter is None:
-        raise TypeError(f"no input adapter for {_hf_type(hf_module)}; supported: {sorted(_INPUT_ADAPTERS)}")
-    return converter.from_hf(hf_module)
-
-
-def output_adapter_from_hf(hf_module: nn.Module) -> nn.Module:
-    """The output adapter equal to an HF Perceiver postprocessor (or the optical flow decoder's reshape).
-
-    PerceiverEmbeddingDecoder needs the token embedding: use EmbeddingDecoderOutputAdapter.from_hf.
-    """
-    converter = _OUTPUT_ADAPTERS.get(_hf_type(hf_module))
-    if converter is None:
-        raise TypeError(f"no output adapter for {_hf_type(hf_module)}; supported: {sorted(_OUTPUT_ADAPTERS)}")
+        raise TypeError(f"no input adapter for {hf_type(hf_module)}; supported: {sorted(_INPUT_ADAPTERS)}")
     return converter.from_hf(hf_module)
