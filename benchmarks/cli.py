@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = args.out or Path("bench-out") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if device.type == "cpu" or args.threads is not None:
         harness.set_cpu_threads(args.threads or harness.default_cpu_threads())
+    steady_allocator = device.type == "cpu" and harness.steady_cpu_allocator()
 
     load_at_start = harness.load_average()
     print(f"measuring ceilings on {device} ({torch.get_num_threads()} CPU threads) ...", file=sys.stderr)
@@ -82,6 +83,6 @@ def main(argv: list[str] | None = None) -> None:
     for name in suites:
         rows += SUITES[name].run_suite(device, args.size, ceilings, progress)
     print(file=sys.stderr)
-    table = report.write(out_dir, report.environment(device, ceilings, args.size, load_at_start), rows)
+    table = report.write(out_dir, report.environment(device, ceilings, args.size, load_at_start, steady_allocator), rows)
     print(f"\nresults in {out_dir}/ (results.json, report.md, plots)\n")
     print(table)

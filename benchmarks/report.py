@@ -46,7 +46,7 @@ def project_commit() -> tuple[str, Optional[bool]]:
 
 
 def environment(device: torch.device, ceilings: dict, size: str = "quick",
-                load_at_start: Optional[tuple[float, float, float]] = None) -> dict:
+                load_at_start: Optional[tuple[float, float, float]] = None, steady_allocator: bool = False) -> dict:
     commit, dirty = project_commit()
     try:
         import triton
@@ -74,7 +74,7 @@ def environment(device: torch.device, ceilings: dict, size: str = "quick",
         "cpu_count": os.cpu_count(),
         "load_average_at_start": load_at_start,
         "load_average_at_end": harness.load_average(),
-        "timing": {"clock": harness.clock_name(device), "min_rounds": discipline.min_rounds, "max_rounds": discipline.max_rounds,
+        "timing": {"clock": harness.clock_name(device), "steady_cpu_allocator": steady_allocator, "min_rounds": discipline.min_rounds, "max_rounds": discipline.max_rounds,
                    "budget_s_per_case": discipline.budget_s, "target_ci": discipline.target_ci,
                    "ratio_noise_limit": RATIO_NOISE_LIMIT},
         "ceilings": ceilings,
@@ -201,7 +201,9 @@ def header(env: dict) -> list[str]:
         lines += [
             "",
             f"CPU run with {env['cpu_threads']} thread(s) of {env['cpu_count']} cores, timed by "
-            f"{env['timing']['clock']} (load average at the start "
+            f"{env['timing']['clock']}"
+            f"{', freed memory kept for reuse (no page faults timed)' if env['timing'].get('steady_cpu_allocator') else ''}"
+            " (load average at the start "
             f"{', '.join(f'{x:.2f}' for x in env['load_average_at_start'] or ())}, at the end "
             f"{', '.join(f'{x:.2f}' for x in env['load_average_at_end'] or ())}). On the CPU `cross_attention` "
             "runs its torch backend, which is SDPA: without a mask perceiver_kernels and sdpa time the same kernel and "

@@ -231,6 +231,7 @@ def test_cli_records_the_thread_setting_and_rejects_bad_arguments(tmp_path, monk
         torch.set_num_threads(threads)
     env = json.loads((tmp_path / "results.json").read_text())["environment"]
     assert env["cpu_threads"] == 2 and env["timing"]["clock"] == "wall clock" and env["size"] == "quick"
+    assert env["timing"]["steady_cpu_allocator"] == (sys.platform == "linux")  # glibc's mallopt took
     for bad in (["--threads", "0"], ["--device", "nonsense"]):
         with pytest.raises(SystemExit):
             cli.main(bad)
