@@ -51,15 +51,23 @@ def _check_writable(parser: argparse.ArgumentParser, out: Path) -> None:
 
 
 def parse_args(name: str, description: str, default_config, full_config,
-               argv: list[str] | None = None) -> tuple[argparse.Namespace, object, torch.device]:
-    """--full picks the GPU-sized config; --steps / --batch-size override either."""
-    parser = argparse.ArgumentParser(prog=f"python -m examples.{name}", description=description)
+               argv: list[str] | None = None, *,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+               prog: str | None = None) -> tuple[argparse.Namespace, object, torch.device]:
+    """--full picks the GPU-sized config; --steps / --batch-size override either.
+
+    add_arguments adds an example's own options; prog replaces "python -m examples.<name>"
+    in the usage line (a launcher such as torchrun).
+    """
+    parser = argparse.ArgumentParser(prog=prog or f"python -m examples.{name}", description=description)
     parser.add_argument("--full", action="store_true", help="the full-size run (meant for a GPU)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=Path("examples/out") / name, help="checkpoint, curve, metrics")
     parser.add_argument("--steps", type=_at_least_one, default=None, help="training steps (overrides the config)")
     parser.add_argument("--batch-size", type=_at_least_one, default=None, help="batch size (overrides the config)")
     parser.add_argument("--seed", type=int, default=0)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     device = _usable_device(parser, args.device)
     _check_writable(parser, args.out)
