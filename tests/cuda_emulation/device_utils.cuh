@@ -2,10 +2,11 @@
 // templates without a GPU (see emulator.cpp).
 //
 // It replaces the device header of the same name when the kernels are compiled by
-// the host compiler: CUDA keywords become plain C++, each CUDA thread is an OS
-// thread, and the warp-wide instructions (ldmatrix, mma.sync, shuffles) are
-// collectives in which every lane posts its operands, waits for the whole warp, and
-// computes its own result from the PTX ISA's fragment layouts. The definitions here
+// the host compiler: CUDA keywords become plain C++, each CUDA thread is a fiber
+// (fibers.h), and the warp-wide instructions (ldmatrix, mma.sync, shuffles) are
+// collectives in which every lane posts its operands and waits for the whole warp;
+// the last to arrive computes every lane's result from the PTX ISA's fragment
+// layouts, and each lane takes its own. The definitions here
 // are written from the PTX specification independently of the kernels, so a lane
 // address or fragment index that the kernels get wrong gives wrong numbers.
 #pragma once
@@ -45,30 +46,38 @@ inline dim3 blockDim;
 
 namespace pk::emulation {
 
-// What one warp's lanes share: a barrier and one slot of operands per lane.
+// What one warp's lanes share: a barrier, one slot of operands and one of results per lane.
 struct Warp {
   Barrier arrive{32};
   alignas(16) unsigned char slots[32][64];
+  alignas(16) unsigned char results[32][64];
 };
 
 inline Barrier* block_barrier = nullptr;  // of the block being run
 
-// Every lane posts `mine`, then each computes its result from all posted values.
-template <typename In, typename Compute>
-auto warp_collective(const In& mine, Compute compute) {
-  static_assert(sizeof(In) <= 64, "operands must fit a slot");
+// Every lane posts `mine` (all of its operands); the last lane to arrive runs
+// compute(operand, result) once for the warp, where operand(l) is lane l's posted
+// value and result(l, value) sets lane l's result; then each lane returns its own.
+// Operands are consumed before any lane is released, and a lane's result is read
+// before it can arrive at the next collective, so one rendezvous a collective suffices.
+template <typename Out, typename In, typename Compute>
+Out warp_collective(const In& mine, Compute compute) {
+  static_assert(sizeof(In) <= 64 && sizeof(Out) <= 64, "operands and results must fit a slot");
   Warp& warp = *current.warp;
   const int lane = current.lane;
   std::memcpy(warp.slots[lane], &mine, sizeof(In));
-  warp.arrive.arrive_and_wait();
-  auto operand = [&](int source) {
-    In value;
-    std::memcpy(&value, warp.slots[source], sizeof(In));
-    return value;
-  };
-  auto result = compute(operand, lane);
-  warp.arrive.arrive_and_wait();  // nobody overwrites a slot still being read
-  return result;
+  warp.arrive.arrive_and_wait([&] {
+    auto operand = [&](int source) {
+      In value;
+      std::memcpy(&value, warp.slots[source], sizeof(In));
+      return value;
+    };
+    auto result = [&](int target, const Out& value) { std::memcpy(warp.results[target], &value, sizeof(Out)); };
+    compute(operand, result);
+  });
+  Out out;
+  std::memcpy(&out, warp.results[lane], sizeof(Out));
+  return out;
 }
 
 inline uint16_t bits(const void* row, int column) {
@@ -90,27 +99,41 @@ float b16_to_float(uint16_t x) {
 
 inline void __syncthreads() { pk::emulation::block_barrier->arrive_and_wait(); }
 
+struct ShuffleOperand {
+  float x;
+  int lane;  // source lane (__shfl_sync) or lane mask (__shfl_xor_sync)
+};
+
 inline float __shfl_sync(unsigned, float x, int source) {
-  return pk::emulation::warp_collective(x, [&](auto operand, int) { return operand(source & 31); });
+  return pk::emulation::warp_collective<float>(ShuffleOperand{x, source}, [](auto operand, auto result) {
+    for (int l = 0; l < 32; ++l) result(l, operand(operand(l).lane & 31).x);
+  });
 }
 
 inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
-  return pk::emulation::warp_collective(x, [&](auto operand, int lane) { return operand((lane ^ lane_mask) & 31); });
+  return pk::emulation::warp_collective<float>(ShuffleOperand{x, lane_mask}, [](auto operand, auto result) {
+    for (int l = 0; l < 32; ++l) result(l, operand((l ^ operand(l).lane) & 31).x);
+  });
 }
 
 namespace pk {
 
+struct FourRegisters {
+  uint32_t r[4];
+};
+
 // ldmatrix .x4: lane i addresses row i % 8 of matrix i / 8; lane l receives, in
 // register j, elements (row l / 4, columns 2 (l % 4) and +1) of matrix j.
 inline void ldmatrix_x4(uint32_t (&regs)[4], const void* smem_row) {
-  struct Out { uint32_t r[4]; };
-  const Out out = emulation::warp_collective(smem_row, [](auto operand, int lane) {
-    Out o;
-    for (int j = 0; j < 4; ++j) {
-      const void* row = operand(8 * j + lane / 4);
-      o.r[j] = emulation::pair_bits(emulation::bits(row, 2 * (lane % 4)), emulation::bits(row, 2 * (lane % 4) + 1));
+  const auto out = emulation::warp_collective<FourRegisters>(smem_row, [](auto operand, auto result) {
+    for (int lane = 0; lane < 32; ++lane) {
+      FourRegisters o;
+      for (int j = 0; j < 4; ++j) {
+        const void* row = operand(8 * j + lane / 4);
+        o.r[j] = emulation::pair_bits(emulation::bits(row, 2 * (lane % 4)), emulation::bits(row, 2 * (lane % 4) + 1));
+      }
+      result(lane, o);
     }
-    return o;
   });
   for (int j = 0; j < 4; ++j) regs[j] = out.r[j];
 }
@@ -118,15 +141,16 @@ inline void ldmatrix_x4(uint32_t (&regs)[4], const void* smem_row) {
 // ldmatrix .x4 .trans: lane l receives elements (rows 2 (l % 4) and +1, column l / 4)
 // of matrix j.
 inline void ldmatrix_x4_trans(uint32_t (&regs)[4], const void* smem_row) {
-  struct Out { uint32_t r[4]; };
-  const Out out = emulation::warp_collective(smem_row, [](auto operand, int lane) {
-    Out o;
-    for (int j = 0; j < 4; ++j) {
-      const void* first = operand(8 * j + 2 * (lane % 4));
-      const void* second = operand(8 * j + 2 * (lane % 4) + 1);
-      o.r[j] = emulation::pair_bits(emulation::bits(first, lane / 4), emulation::bits(second, lane / 4));
+  const auto out = emulation::warp_collective<FourRegisters>(smem_row, [](auto operand, auto result) {
+    for (int lane = 0; lane < 32; ++lane) {
+      FourRegisters o;
+      for (int j = 0; j < 4; ++j) {
+        const void* first = operand(8 * j + 2 * (lane % 4));
+        const void* second = operand(8 * j + 2 * (lane % 4) + 1);
+        o.r[j] = emulation::pair_bits(emulation::bits(first, lane / 4), emulation::bits(second, lane / 4));
+      }
+      result(lane, o);
     }
-    return o;
   });
   for (int j = 0; j < 4; ++j) regs[j] = out.r[j];
 }
@@ -140,7 +164,7 @@ inline void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint
   struct In { uint32_t a[4]; uint32_t b[2]; float c[4]; };
   struct Out { float d[4]; };
   In mine{{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};
-  const Out out = emulation::warp_collective(mine, [](auto operand, int lane) {
+  const Out out = emulation::warp_collective<Out>(mine, [](auto operand, auto result) {
     float A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < 32; ++l) {
       const In in = operand(l);
@@ -162,16 +186,18 @@ inline void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint
       C[g + 8][2 * t] = in.c[2];
       C[g + 8][2 * t + 1] = in.c[3];
     }
-    const int g = lane / 4, t = lane % 4;
-    const int rows[4] = {g, g, g + 8, g + 8};
-    const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-    Out o;
-    for (int e = 0; e < 4; ++e) {
-      float sum = C[rows[e]][cols[e]];
-      for (int k = 0; k < 16; ++k) sum += A[rows[e]][k] * B[k][cols[e]];
-      o.d[e] = sum;
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      const int rows[4] = {g, g, g + 8, g + 8};
+      const int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+      Out o;
+      for (int e = 0; e < 4; ++e) {
+        float sum = C[rows[e]][cols[e]];
+        for (int k = 0; k < 16; ++k) sum += A[rows[e]][k] * B[k][cols[e]];
+        o.d[e] = sum;
+      }
+      result(lane, o);
     }
-    return o;
   });
   for (int e = 0; e < 4; ++e) d[e] = out.d[e];
 }
