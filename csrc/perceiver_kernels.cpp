@@ -49,6 +49,18 @@ py::dict build_info() {
   info["cudart_version"] = CUDART_VERSION;
   info["attention_kernels"] = true;
   info["forward_head_dims"] = compiled_head_dims();
+  // Dims beyond the compiled pairs: the wide kernels take any up to `max`, rounded up to
+  // a multiple of `multiple`, and cut Dv into blocks of at most value_channels_per_block
+  // (a split plan that counts blocks multiplies by cdiv(Dv, that)).
+  py::dict wide_value_channels;
+  wide_value_channels["float32"] = pk::config::kWideSimtBlockChannels;
+  wide_value_channels["float16"] = pk::config::kWideBlockChannels;
+  wide_value_channels["bfloat16"] = pk::config::kWideBlockChannels;
+  py::dict wide;
+  wide["multiple"] = pk::config::kWideHeadDimMultiple;
+  wide["max"] = pk::config::kWideMaxHeadDim;
+  wide["value_channels_per_block"] = wide_value_channels;
+  info["forward_wide_head_dims"] = wide;
   // What the Python launcher plans with: query rows per block of each dtype's kernel
   // (the split plan counts blocks) and the grid's batch * heads limit.
   py::dict query_tile_rows;
@@ -193,12 +205,15 @@ void forward(const std::string& dtype, int64_t device, uintptr_t stream, uintptr
 PYBIND11_MODULE(_C, m) {
   m.doc() = "perceiver_kernels CUDA extension (torch-independent)";
   m.def("build_info", &build_info,
-        "How this extension was built: CUDA version, architectures, build type, compiled head dims.");
+        "How this extension was built: CUDA version, architectures, build type, compiled head dims\n"
+        "and the wide kernels' range.");
   m.def("driver_version", &driver_version, "CUDA driver version as an integer (e.g. 13000), 0 without a driver.");
   m.def("device_count", &device_count,
         "Number of CUDA devices; raises RuntimeError when the driver is missing or too old.");
   m.def("forward_head_dims", &forward_head_dims, py::arg("head_dim_qk"), py::arg("head_dim_v"),
-        "The compiled (Dqk, Dv) pair that serves these head dims, or None.");
+        "The (Dqk, Dv) that serve these head dims: the cheapest compiled pair that holds them, else the\n"
+        "wide kernels' dims rounded up to a multiple of 16 (up to build_info()['forward_wide_head_dims']['max']),\n"
+        "else None.");
   m.def("forward", &forward,
         "Fused cross-attention forward on raw device pointers (see perceiver_kernels/cuda_launch.py).\n"
         "Strides are in elements, in (batch, head, row, channel) order; key_padding is a (batch, key)\n"

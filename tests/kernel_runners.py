@@ -149,8 +149,14 @@ TRITON_GPU = ForwardRunner(
     head_dims=TRITON_HEAD_DIMS,
 )
 
-# The compiled pairs, a dim padded up to one (24/7) and an odd Dv (stores channel by channel).
-CUDA_HEAD_DIMS = ((32, 32), (64, 64), (32, 96), (32, 160), (128, 128), (24, 7), (64, 120))
+# The compiled pairs, a dim padded up to one (24/7) and an odd Dv (stores channel by channel),
+# and the wide kernels: a dim that is no multiple of 16 (261 runs as 272, the query tile
+# resident in shared memory), Dqk != Dv with Dv cut into three slices (32/1280), Q
+# streamed beside K (512/512), and both at once (1024/1024: two slices).
+CUDA_HEAD_DIMS = ((32, 32), (64, 64), (32, 96), (32, 160), (128, 128), (24, 7), (64, 120),
+                  (261, 261), (32, 1280), (512, 512), (1024, 1024))
+# A GPU also runs the released models' other wide heads and the largest.
+CUDA_GPU_HEAD_DIMS = CUDA_HEAD_DIMS + ((322, 322), (64, 512), (1280, 1280))
 CUDA_EMULATION = ForwardRunner(
     name="cuda-emulation", device="cpu", run=_cuda_forward, dtypes=DTYPES,
     # The paths a GPU takes, forced on small problems: K/V streamed unsplit, split-KV
@@ -164,7 +170,7 @@ CUDA_EMULATION = ForwardRunner(
 CUDA_GPU = ForwardRunner(
     name="cuda-gpu", device="cuda", run=_cuda_forward, dtypes=DTYPES,
     paths={"unsplit": dict(num_splits=1), "split": dict(num_splits=3)}, gpu=True,
-    unavailable=_cuda_gpu_unavailable, head_dims=CUDA_HEAD_DIMS,
+    unavailable=_cuda_gpu_unavailable, head_dims=CUDA_GPU_HEAD_DIMS,
 )
 
 FORWARD_RUNNERS = (TRITON_INTERPRETER, CUDA_EMULATION, TRITON_GPU, CUDA_GPU)

@@ -22,11 +22,16 @@ enum class DType { kFloat32, kFloat16, kBFloat16 };
 // pairs of the pretrained Perceiver IO language model (32/96, 32/160). Smaller dims run
 // on the smallest pair that holds them, zero-padded on chip. Each pair has one
 // instantiation file per dtype in attention/instantiations/ (a test checks they agree).
+// Dims that no pair holds, up to config::kWideMaxHeadDim, run on the wide kernels
+// (forward_wide_*.cuh), one instantiation per dtype, with the dims as runtime sizes.
 #define PK_FORWARD_HEAD_DIMS(X) X(32, 32) X(64, 64) X(32, 96) X(128, 128) X(32, 160)
 
+// The head dims a kernel runs: a compiled pair, or (wide) the problem's dims rounded up
+// to a multiple of config::kWideHeadDimMultiple.
 struct HeadDims {
   int qk = 0;
   int v = 0;
+  bool wide = false;
 };
 
 struct ForwardParams {
@@ -61,11 +66,12 @@ struct ForwardParams {
   float scale = 1.0f;
 };
 
-// The compiled pair that serves (head_dim_qk, head_dim_v): the cheapest that holds both,
-// or {0, 0} when none does.
+// The head dims that serve (head_dim_qk, head_dim_v): the cheapest compiled pair that
+// holds both, else the wide kernels' rounded dims when both are at most
+// config::kWideMaxHeadDim, else {0, 0}.
 HeadDims select_head_dims(int head_dim_qk, int head_dim_v);
 
-// Every compiled pair, in order of cost.
+// Every compiled pair, in order of cost (the wide kernels are not among them).
 std::vector<HeadDims> compiled_head_dims();
 
 // Throws std::invalid_argument saying what is wrong with `params` (sizes, head dims,

@@ -39,6 +39,25 @@ struct BlockWork {
   }
 };
 
+// One 16-byte chunk, channels [c, c + 16 / sizeof(T)), of a tile row: zero when the row
+// is not live or the channels lie past `channels`; copied asynchronously (cp.async)
+// when vector_loads and the chunk is whole; else element by element with any stride.
+template <typename T>
+__device__ __forceinline__ void load_chunk(T* dst, const T* global_row, int c, int channels,
+                                           int64_t channel_stride, bool live, bool vector_loads) {
+  constexpr int kChunk = 16 / sizeof(T);
+  if (!live || c >= channels) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  } else if (vector_loads && c + kChunk <= channels) {
+    cp_async_16(dst, global_row + c);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      dst[e] = c + e < channels ? global_row[(c + e) * channel_stride] : from_float<T>(0.0f);
+    }
+  }
+}
+
 // Copies rows [row0, row0 + ROWS) x channels [0, D) of a (row, channel) matrix in global
 // memory into a shared tile with SMEM_STRIDE elements per row. Rows at or past
 // rows_end, rows marked as padding, and channels at or past `channels` become 0, so
@@ -59,19 +78,28 @@ __device__ __forceinline__ void load_tile(T* smem, const T* global, int64_t row_
     const int r = i / kChunksPerRow;
     const int c = (i % kChunksPerRow) * kChunk;
     const int row = row0 + r;
-    T* dst = smem + r * SMEM_STRIDE + c;
     const bool live = row < rows_end && (padding == nullptr || padding[row * padding_stride] == 0);
     if (row_live != nullptr && c == 0) row_live[r] = live;
-    if (!live || c >= channels) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    } else if (vector_loads && c + kChunk <= channels) {
-      cp_async_16(dst, global + row * row_stride + c);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kChunk; ++e) {
-        dst[e] = c + e < channels ? global[row * row_stride + (c + e) * channel_stride] : from_float<T>(0.0f);
-      }
-    }
+    load_chunk(smem + r * SMEM_STRIDE + c, global + row * row_stride, c, channels, channel_stride, live,
+               vector_loads);
+  }
+}
+
+// load_tile for a width known only at run time: `width` channels (a multiple of 16
+// bytes) of ROWS rows into a tile of smem_stride elements per row.
+template <typename T, int ROWS, int THREADS>
+__device__ __forceinline__ void load_rows(T* smem, int smem_stride, int width, const T* global, int64_t row_stride,
+                                          int64_t channel_stride, int row0, int rows_end, int channels,
+                                          bool vector_loads, const uint8_t* padding, int64_t padding_stride) {
+  constexpr int kChunk = 16 / sizeof(T);
+  const int chunks_per_row = width / kChunk;
+  for (int i = threadIdx.x; i < ROWS * chunks_per_row; i += THREADS) {
+    const int r = i / chunks_per_row;
+    const int c = (i % chunks_per_row) * kChunk;
+    const int row = row0 + r;
+    const bool live = row < rows_end && (padding == nullptr || padding[row * padding_stride] == 0);
+    load_chunk(smem + r * smem_stride + c, global + row * row_stride, c, channels, channel_stride, live,
+               vector_loads);
   }
 }
 

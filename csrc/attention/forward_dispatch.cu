@@ -84,6 +84,14 @@ bool aligned_rows(const void* base, const int64_t (&stride)[4], int element_byte
 
 template <typename T>
 void launch_for_dims(const ForwardParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  if (plan.dims.wide) {
+    if constexpr (std::is_same_v<T, float>) {
+      launch_wide_simt_forward<config::kWideSimtLaneChannels>(p, plan, stream);
+    } else {
+      launch_wide_tensor_core_forward<T>(p, plan, stream);
+    }
+    return;
+  }
 #define PK_LAUNCH_IF_DIMS(DQK, DV)                                            \
   if (plan.dims.qk == DQK && plan.dims.v == DV) {                             \
     if constexpr (std::is_same_v<T, float>) {                                 \
@@ -97,6 +105,43 @@ void launch_for_dims(const ForwardParams& p, const LaunchPlan& plan, cudaStream_
 #undef PK_LAUNCH_IF_DIMS
   throw std::invalid_argument("no compiled kernel for head dims " + std::to_string(plan.dims.qk) + "/" +
                               std::to_string(plan.dims.v));
+}
+
+// How the tensor-core kernels move data: cp.async when q, k, v rows are 16-byte aligned,
+// and channel pairs stored at once when the output holds them aligned.
+void plan_tensor_core_memory_access(const ForwardParams& p, LaunchPlan& plan) {
+  plan.vector_loads = aligned_rows(p.q, p.q_stride, 2) && aligned_rows(p.k, p.k_stride, 2) &&
+                      aligned_rows(p.v, p.v_stride, 2);
+  // Split partials are contiguous fp32 rows of Dv; out must hold aligned pairs itself.
+  const bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_stride[3] == 1 &&
+                         p.out_stride[0] % 2 == 0 && p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
+  plan.paired_stores = p.head_dim_v % 2 == 0 && (p.num_splits > 1 || out_pairs);
+}
+
+// The wide kernels' plan: Dv cut into the fewest equal slices that a block's
+// registers hold (slices of whole MMA tiles, or whole lanes' channels for fp32), one
+// block per (query tile, slice), and (tensor cores) the query tile resident when the
+// block then fits the shared-memory budget. Returns the grid's x: query tiles x slices.
+unsigned plan_wide_launch(const ForwardParams& p, LaunchPlan& plan) {
+  int query_tiles = 0;
+  if (p.dtype == DType::kFloat32) {
+    plan.threads = config::kSimtThreads;
+    plan.value_slices = config::cdiv(p.head_dim_v, config::kWideSimtBlockChannels);
+    plan.slice_channels = config::round_up(config::cdiv(p.head_dim_v, plan.value_slices), 32);
+    plan.shared_bytes = config::wide_simt_shared_bytes(plan.slice_channels);
+    query_tiles = config::cdiv(p.num_queries, config::kSimtBlockM);
+  } else {
+    plan.threads = config::kWideThreads;
+    plan_tensor_core_memory_access(p, plan);
+    plan.value_slices = config::cdiv(plan.dims.v, config::kWideBlockChannels);
+    plan.slice_channels = 2 * config::round_up(config::cdiv(plan.dims.v, 2 * plan.value_slices), 16);
+    const config::WideTensorCoreLayout resident(plan.dims.qk, plan.slice_channels, true);
+    plan.q_resident = resident.bytes() <= config::kWideSharedBudget;
+    plan.shared_bytes = plan.q_resident ? resident.bytes()
+                                        : config::WideTensorCoreLayout(plan.dims.qk, plan.slice_channels, false).bytes();
+    query_tiles = config::cdiv(p.num_queries, config::kWideBlockM);
+  }
+  return static_cast<unsigned>(query_tiles * plan.value_slices);
 }
 
 }  // namespace
@@ -117,6 +162,10 @@ HeadDims select_head_dims(int head_dim_qk, int head_dim_v) {
   for (const HeadDims& dims : compiled_head_dims()) {
     if (head_dim_qk <= dims.qk && head_dim_v <= dims.v) return dims;
   }
+  if (head_dim_qk <= config::kWideMaxHeadDim && head_dim_v <= config::kWideMaxHeadDim) {
+    return HeadDims{config::round_up(head_dim_qk, config::kWideHeadDimMultiple),
+                    config::round_up(head_dim_v, config::kWideHeadDimMultiple), true};
+  }
   return {};
 }
 
@@ -136,7 +185,9 @@ void check_forward_params(const ForwardParams& p) {
     }
     throw std::invalid_argument("no compiled kernel serves head dims Dqk=" + std::to_string(p.head_dim_qk) +
                                 " Dv=" + std::to_string(p.head_dim_v) +
-                                "; compiled Dqk/Dv pairs (smaller dims are padded up): " + pairs);
+                                "; compiled Dqk/Dv pairs (smaller dims are padded up): " + pairs +
+                                "; other dims up to " + std::to_string(config::kWideMaxHeadDim) +
+                                " run on the wide kernels");
   }
   const std::pair<const void*, const char*> required[] = {
       {p.q, "q"}, {p.k, "k"}, {p.v, "v"}, {p.out, "out"}, {p.lse, "lse"}};
@@ -182,18 +233,15 @@ LaunchPlan plan_launch(const ForwardParams& p) {
   const unsigned splits = static_cast<unsigned>(p.num_splits);
   const unsigned batch_heads = static_cast<unsigned>(p.batch * p.heads);
 
-  if (p.dtype == DType::kFloat32) {
+  if (plan.dims.wide) {
+    plan.grid = dim3(plan_wide_launch(p, plan), splits, batch_heads);
+  } else if (p.dtype == DType::kFloat32) {
     plan.threads = config::kSimtThreads;
     plan.shared_bytes = config::simt_shared_bytes(plan.dims);
     plan.grid = dim3(config::cdiv(p.num_queries, config::kSimtBlockM), splits, batch_heads);
   } else {
     plan.threads = config::kTensorCoreThreads;
-    plan.vector_loads = aligned_rows(p.q, p.q_stride, 2) && aligned_rows(p.k, p.k_stride, 2) &&
-                        aligned_rows(p.v, p.v_stride, 2);
-    // Split partials are contiguous fp32 rows of Dv; out must hold aligned pairs itself.
-    const bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0 && p.out_stride[3] == 1 &&
-                           p.out_stride[0] % 2 == 0 && p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
-    plan.paired_stores = p.head_dim_v % 2 == 0 && (p.num_splits > 1 || out_pairs);
+    plan_tensor_core_memory_access(p, plan);
     const int query_tiles = config::cdiv(p.num_queries, config::kTensorCoreBlockM);
     const int key_tiles = config::cdiv(std::min(p.keys_per_split, p.num_keys), config::kTensorCoreBlockN);
     const size_t resident_bytes = config::tensor_core_shared_bytes(plan.dims, key_tiles);

@@ -27,6 +27,12 @@ struct LaunchPlan {
   // Dv is even and out (or the split partials) holds channel pairs at 4-byte aligned
   // addresses, so each lane stores its two adjacent channels at once.
   bool paired_stores = false;
+  // Wide kernels: grid.x enumerates (query tile, value slice), each block accumulating
+  // slice_channels of Dv; the tensor-core kernel keeps the query tile in shared memory
+  // when it fits the budget (else Q streams in chunks beside K).
+  int value_slices = 1;
+  int slice_channels = 0;
+  bool q_resident = false;
 };
 
 // Chooses tiles, grid and shared memory for `params` on its device.
@@ -37,6 +43,12 @@ void launch_tensor_core_forward(const ForwardParams& params, const LaunchPlan& p
 
 template <int DQK, int DV>
 void launch_simt_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t stream);
+
+template <typename T>
+void launch_wide_tensor_core_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t stream);
+
+template <int LANE_CHANNELS>
+void launch_wide_simt_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t stream);
 
 // Turns the last CUDA error into std::runtime_error naming `what`.
 void check_launch(const char* what);

@@ -68,12 +68,19 @@ class EmulatedExtension:
 
     def plan(self, dtype: torch.dtype, batch: int, heads: int, num_queries: int, num_keys: int,
              head_dims: tuple[int, int], num_splits: int, keys_per_split: int) -> dict:
-        """The launch plan pk::plan_launch makes on the emulated GPU."""
-        resident, tiles, grid_x = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        """The launch plan pk::plan_launch makes on the emulated GPU: the narrow kernels'
+        resident K/V and query tiles per block, the wide kernels' value slices (and
+        slice width) and resident query tile, and for all the grid's x, threads and
+        shared memory per block."""
+        names = ("kv_resident", "query_tiles_per_block", "grid_x", "threads", "shared_bytes", "wide", "value_slices",
+                 "slice_channels", "q_resident")
+        values = [ctypes.c_int() for _ in names]
         self.library.pk_emulate_plan(DTYPE_CODES[dtype], batch, heads, num_queries, num_keys, *head_dims, num_splits,
-                                     keys_per_split, self.multiprocessors, ctypes.byref(resident),
-                                     ctypes.byref(tiles), ctypes.byref(grid_x))
-        return dict(kv_resident=bool(resident.value), query_tiles_per_block=tiles.value, grid_x=grid_x.value)
+                                     keys_per_split, self.multiprocessors, *map(ctypes.byref, values))
+        plan = dict(zip(names, (value.value for value in values)))
+        for flag in ("kv_resident", "wide", "q_resident"):
+            plan[flag] = bool(plan[flag])
+        return plan
 
 
 @functools.lru_cache(maxsize=None)

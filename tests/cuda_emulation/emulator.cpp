@@ -19,6 +19,8 @@
 #include "attention/device_utils.cuh"
 #include "attention/forward_simt.cuh"
 #include "attention/forward_tensor_core.cuh"
+#include "attention/forward_wide_simt.cuh"
+#include "attention/forward_wide_tensor_core.cuh"
 #include "attention/merge_splits.cuh"
 
 #include <cstdio>
@@ -73,6 +75,18 @@ void launch_tensor_core_forward(const ForwardParams& params, const LaunchPlan& p
 template <int DQK, int DV>
 void launch_simt_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t) {
   emulation::run_grid(plan.grid, plan.threads, plan.shared_bytes, [&] { forward_simt_kernel<DQK, DV>(params, plan); });
+}
+
+template <typename T>
+void launch_wide_tensor_core_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t) {
+  emulation::run_grid(plan.grid, plan.threads, plan.shared_bytes,
+                      [&] { forward_wide_tensor_core_kernel<T>(params, plan); });
+}
+
+template <int LANE_CHANNELS>
+void launch_wide_simt_forward(const ForwardParams& params, const LaunchPlan& plan, cudaStream_t) {
+  emulation::run_grid(plan.grid, plan.threads, plan.shared_bytes,
+                      [&] { forward_wide_simt_kernel<LANE_CHANNELS>(params, plan); });
 }
 
 template <typename T>
@@ -141,7 +155,8 @@ const char* cudaGetErrorString(cudaError_t) { return "emulated device"; }
 // The plan run_forward would launch with, for tests of the planner.
 int pk_emulate_plan(int dtype, int batch, int heads, int num_queries, int num_keys, int head_dim_qk, int head_dim_v,
                     int num_splits, int keys_per_split, int multiprocessors, int* kv_resident,
-                    int* query_tiles_per_block, int* grid_x) {
+                    int* query_tiles_per_block, int* grid_x, int* threads, int* shared_bytes, int* wide,
+                    int* value_slices, int* slice_channels, int* q_resident) {
   pk::ForwardParams p;
   p.dtype = static_cast<pk::DType>(dtype);
   p.batch = batch;
@@ -157,6 +172,12 @@ int pk_emulate_plan(int dtype, int batch, int heads, int num_queries, int num_ke
   *kv_resident = plan.kv_resident;
   *query_tiles_per_block = plan.query_tiles_per_block;
   *grid_x = static_cast<int>(plan.grid.x);
+  *threads = plan.threads;
+  *shared_bytes = static_cast<int>(plan.shared_bytes);
+  *wide = plan.dims.wide;
+  *value_slices = plan.value_slices;
+  *slice_channels = plan.slice_channels;
+  *q_resident = plan.q_resident;
   return 0;
 }
 }
