@@ -1,64 +1,45 @@
-"""Launchers of the Triton kernels: tile sizes, the chunking (split) plans, grids."""
+"""Launchers of the Triton kernels: blocks, split plans, configs, grids, buffers.
+
+Everything a launch decides from the call's signature (shapes, dtype, device, flags)
+is computed once per signature and cached (`_forward_launch`, `_backward_launch`), so
+a steady-state call only allocates its outputs, gathers pointers and strides, and
+launches. Configs come from triton_configs (a measured table, or autotuning on request).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
-from .chunking import SplitPlan, plan_chunks, plan_splits
+from . import triton_configs
+from .chunking import SplitPlan, cdiv, plan_chunks, plan_splits
 from .kernels import attention_bwd, attention_fwd
 from .kernels.common import LOG2E
 from .problem import allocate_output
+from .triton_configs import LaunchConfig, ShapeClass, next_power_of_2
 
 
-def _query_tile_rows(num_queries: int, block_dv: int, exact_fp32: bool) -> int:
+def _query_tile_rows(num_queries: int, block_dqk: int, block_dv: int, exact_fp32: bool) -> int:
     """Query rows per program of the split kernel: all the latents, up to a tile that fits.
 
     Exact fp32 dots run on CUDA cores with their operands in registers; taller tiles
-    than 64 rows spill there (sm_80 and sm_90, see tests/triton_compile.py).
+    than 64 rows (32 from head dims of 128) spill there (sm_80 and sm_90, see
+    tests/triton_compile.py and triton_configs.accumulator_registers).
     """
-    largest = 64 if block_dv > 128 or exact_fp32 else 128
-    return max(16, min(largest, triton.next_power_of_2(num_queries)))
+    if exact_fp32:
+        largest = 32 if max(block_dqk, block_dv) >= 128 else 64
+    else:
+        largest = 64 if block_dv > 128 else 128
+    return max(16, min(largest, next_power_of_2(num_queries)))
 
 
 def is_exact_fp32(dtype: torch.dtype, allow_tf32: bool) -> bool:
     """fp32 inputs are computed in full precision unless the user allowed TF32, as in PyTorch."""
     return dtype == torch.float32 and not allow_tf32
-
-
-def _tuning_bucket(length_per_program: int) -> int:
-    """Autotuning key: the rows a program walks rounded up to a power of two, so that
-    variable lengths share one tuned config instead of retuning for every length."""
-    return triton.next_power_of_2(max(1, length_per_program))
-
-
-def plan_triton_forward(
-    batch: int, heads: int, num_queries: int, num_keys: int, head_dim_qk: int, head_dim_v: int,
-    device: torch.device, num_splits: Optional[int] = None, exact_fp32: bool = False,
-) -> SplitPlan:
-    """The split plan of the Triton forward (see chunking.plan_chunks)."""
-    _, block_dv = head_dim_blocks(head_dim_qk, head_dim_v, tensor_cores=not exact_fp32)
-    tile_rows = _query_tile_rows(num_queries, block_dv, exact_fp32)
-    return plan_splits(batch, heads, num_queries, num_keys, tile_rows, device, num_splits)
-
-
-def _shared_arguments(q, v, key_padding_mask, allow_tf32) -> tuple[torch.Tensor, tuple, dict]:
-    """The mask pointer and strides, and the constexprs every kernel takes."""
-    # Absent mask: any valid pointer with zero strides; HAS_MASK keeps it unread.
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    exact_fp32 = is_exact_fp32(q.dtype, allow_tf32)
-    block_dqk, block_dv = head_dim_blocks(q.shape[-1], v.shape[-1], tensor_cores=not exact_fp32)
-    constexprs = dict(
-        BLOCK_DQK=block_dqk,
-        BLOCK_DV=block_dv,
-        DOT_PRECISION="ieee" if exact_fp32 else "tf32",  # tf32 is ignored for 16-bit inputs
-        HAS_MASK=key_padding_mask is not None,
-    )
-    return pad, pad_strides, constexprs
 
 
 def head_dim_blocks(head_dim_qk: int, head_dim_v: int, *, tensor_cores: bool) -> tuple[int, int]:
@@ -72,11 +53,74 @@ def head_dim_blocks(head_dim_qk: int, head_dim_v: int, *, tensor_cores: bool) ->
     the fault is below what the compile check can see. tests/repro_chained_dots.py
     is the minimal kernel that shows whether an installed Triton is affected.
     """
-    block_dqk = max(16, triton.next_power_of_2(head_dim_qk))
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    block_dqk = max(16, next_power_of_2(head_dim_qk))
+    block_dv = max(16, next_power_of_2(head_dim_v))
     if tensor_cores and block_dqk > block_dv:
         block_dv = block_dqk
     return block_dqk, block_dv
+
+
+def plan_triton_forward(
+    batch: int, heads: int, num_queries: int, num_keys: int, head_dim_qk: int, head_dim_v: int,
+    device: torch.device, num_splits: Optional[int] = None, exact_fp32: bool = False,
+) -> SplitPlan:
+    """The split plan of the Triton forward (see chunking.plan_chunks)."""
+    block_dqk, block_dv = head_dim_blocks(head_dim_qk, head_dim_v, tensor_cores=not exact_fp32)
+    tile_rows = _query_tile_rows(num_queries, block_dqk, block_dv, exact_fp32)
+    return plan_splits(batch, heads, num_queries, num_keys, tile_rows, device, num_splits)
+
+
+def _constexprs(head_dim_qk: int, head_dim_v: int, exact_fp32: bool, has_mask: bool) -> dict:
+    """The constexprs every kernel takes."""
+    block_dqk, block_dv = head_dim_blocks(head_dim_qk, head_dim_v, tensor_cores=not exact_fp32)
+    return dict(BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+                DOT_PRECISION="ieee" if exact_fp32 else "tf32",  # tf32 is ignored for 16-bit inputs
+                HAS_MASK=has_mask)
+
+
+def _config(kernel: str, constexprs: dict, element_bytes: int, inner_length: int, device: torch.device,
+            block_m: Optional[int] = None) -> tuple[dict, Optional[LaunchConfig]]:
+    """The launch meta-parameters of one kernel, and the config they came from (None
+    when autotuning chooses at launch)."""
+    if triton_configs.AUTOTUNE:
+        return {}, None
+    shape = ShapeClass(kernel, constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"], constexprs["DOT_PRECISION"] == "ieee",
+                       element_bytes, inner_length, block_m)
+    config = triton_configs.choose(shape, device)
+    return config.kwargs(kernel), config
+
+
+def _kernel(jit_function):
+    return triton_configs.autotuned(jit_function) if triton_configs.AUTOTUNE else jit_function
+
+
+@dataclass(frozen=True)
+class _ForwardLaunch:
+    plan: SplitPlan
+    constexprs: dict
+    kernel_meta: dict          # config of the tile kernel (num_splits == 1) or the split kernel
+    grid: Optional[tuple]      # None: autotuning picks BLOCK_M, the grid follows it
+    merge_rows: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_launch(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, element_bytes, device,
+                    exact_fp32, has_mask, has_residual, num_splits) -> _ForwardLaunch:
+    plan = plan_triton_forward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, device, num_splits,
+                               exact_fp32)
+    constexprs = {**_constexprs(head_dim_qk, head_dim_v, exact_fp32, has_mask), "HAS_RESIDUAL": has_residual}
+    if plan.num_splits == 1:
+        meta, config = _config(triton_configs.FORWARD_TILE, constexprs, element_bytes, num_keys, device)
+        grid = (cdiv(num_queries, config.block_m) * batch * heads,) if config else None
+    else:
+        tiles = cdiv(num_queries, plan.query_tile_rows)
+        meta, _ = _config(triton_configs.FORWARD_SPLIT, constexprs, element_bytes, plan.keys_per_split, device,
+                          plan.query_tile_rows)
+        meta = {**meta, "BLOCK_M": plan.query_tile_rows}
+        grid = (tiles * plan.num_splits * batch * heads,)
+    # The merge holds one fp32 output row per query: wide heads take 32 rows to stay in registers.
+    merge_rows = min(32 if constexprs["BLOCK_DV"] > 128 else 64, plan.query_tile_rows)
+    return _ForwardLaunch(plan, constexprs, meta, grid, merge_rows)
 
 
 def _device_context(x: torch.Tensor):
@@ -97,56 +141,82 @@ def run_triton_forward(
     """Runs the forward kernels on validated inputs; returns (out, lse natural-log)."""
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
+    launch = _forward_launch(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.element_size(),
+                             q.device, is_exact_fp32(q.dtype, allow_tf32), key_padding_mask is not None,
+                             residual is not None, num_splits)
     out, lse = allocate_output(q, head_dim_v)
-    plan = plan_triton_forward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.device, num_splits,
-                        is_exact_fp32(q.dtype, allow_tf32))
-
-    pad, pad_strides, common = _shared_arguments(q, v, key_padding_mask, allow_tf32)
-    # Absent residual: any valid pointer with zero strides; HAS_RESIDUAL keeps it unread.
+    # Absent mask or residual: any valid pointer with zero strides; HAS_MASK /
+    # HAS_RESIDUAL keep it unread.
+    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     res = residual if residual is not None else out
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    common["HAS_RESIDUAL"] = residual is not None
     qk_scale_log2 = scale * LOG2E
+    plan = launch.plan
 
     with _device_context(q):
         if plan.num_splits == 1:
-            grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-            attention_fwd.attention_fwd_kernel[grid](
+            grid = launch.grid or (lambda meta: (cdiv(num_queries, meta["BLOCK_M"]) * batch * heads,))
+            _kernel(attention_fwd.attention_fwd_kernel)[grid](
                 q, k, v, pad, res, out, lse,
                 *q.stride(), *k.stride(), *v.stride(), *pad_strides, *res_strides, *out.stride(),
                 heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
-                _tuning_bucket(num_keys),
-                **common,
+                next_power_of_2(num_keys),
+                **launch.constexprs, **launch.kernel_meta,
             )
             return out, lse
 
-        tiles = triton.cdiv(num_queries, plan.query_tile_rows)
         part_out = torch.empty((batch * heads, plan.num_splits, num_queries, head_dim_v),
                                dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch * heads, plan.num_splits, num_queries), dtype=torch.float32, device=q.device)
-        attention_fwd.attention_fwd_split_kernel[(tiles * plan.num_splits * batch * heads,)](
+        _kernel(attention_fwd.attention_fwd_split_kernel)[launch.grid](
             q, k, v, pad, part_out, part_lse,
             *q.stride(), *k.stride(), *v.stride(), *pad_strides,
             heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
             plan.num_splits, plan.keys_per_split,
-            _tuning_bucket(plan.keys_per_split),
-            BLOCK_M=plan.query_tile_rows,
-            **common,
+            next_power_of_2(plan.keys_per_split),
+            **launch.constexprs, **launch.kernel_meta,
         )
-        merge_rows = min(64, plan.query_tile_rows)
-        attention_fwd.merge_splits_kernel[(triton.cdiv(num_queries, merge_rows) * batch * heads,)](
+        attention_fwd.merge_splits_kernel[(cdiv(num_queries, launch.merge_rows) * batch * heads,)](
             part_out, part_lse, res, out, lse,
             *res_strides, *out.stride(),
             heads, num_queries, head_dim_v, plan.num_splits,
-            HAS_RESIDUAL=residual is not None, BLOCK_M=merge_rows, BLOCK_DV=common["BLOCK_DV"],
+            HAS_RESIDUAL=residual is not None, BLOCK_M=launch.merge_rows, BLOCK_DV=launch.constexprs["BLOCK_DV"],
         )
     return out, lse
 
 
+def _backward_block(block_dqk: int, block_dv: int, exact_fp32: bool) -> int:
+    """Rows of what one backward program writes. 64 rows let the dots use Hopper's wgmma
+    (whose tiles have 64 rows); the two accumulators need 32 rows to fit registers when
+    both heads are wide, and in exact fp32, whose dots hold their operands in registers
+    (ptxas for sm_80 and sm_90, tests/triton_compile.py)."""
+    return 32 if exact_fp32 or block_dqk + block_dv > 384 else 64
 
-def _backward_block(block_d: int) -> int:
-    """Rows of what one backward program writes; wide heads halve it to fit registers."""
-    return 32 if block_d > 128 else 64
+
+@dataclass(frozen=True)
+class _BackwardKernelLaunch:
+    chunks: int
+    per_chunk: int
+    grid: tuple
+    meta: dict
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_launch(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, element_bytes, device,
+                     exact_fp32, has_mask, num_chunks) -> tuple[dict, _BackwardKernelLaunch, _BackwardKernelLaunch]:
+    constexprs = _constexprs(head_dim_qk, head_dim_v, exact_fp32, has_mask)
+    block = _backward_block(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"], exact_fp32)
+    constexprs["BLOCK_OUTER"] = block
+    launches = []
+    # dK/dV: programs over key blocks, each summing over (a chunk of) the queries; dQ the mirror image.
+    for kernel, outer, inner in ((triton_configs.BACKWARD_DKDV, num_keys, num_queries),
+                                 (triton_configs.BACKWARD_DQ, num_queries, num_keys)):
+        blocks = cdiv(outer, block)
+        chunks, per_chunk = plan_chunks(blocks * batch * heads, inner, device, num_chunks)
+        meta, _ = _config(kernel, constexprs, element_bytes, per_chunk, device, block)
+        launches.append(_BackwardKernelLaunch(chunks, per_chunk, (blocks * chunks * batch * heads,), meta))
+    return constexprs, launches[0], launches[1]
 
 
 def run_triton_backward(
@@ -169,13 +239,16 @@ def run_triton_backward(
     """
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
+    constexprs, dkdv, dq_launch = _backward_launch(
+        batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.element_size(), q.device,
+        is_exact_fp32(q.dtype, allow_tf32), key_padding_mask is not None, num_chunks)
     # Delta_i = dO_i . O_i over the attention output alone (out holds the residual too).
     attention_out = out.float() if residual is None else out.float() - residual.float()
     delta = (dout.float() * attention_out).sum(-1).contiguous()
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    pad, pad_strides, common = _shared_arguments(q, v, key_padding_mask, allow_tf32)
-    block = _backward_block(max(common["BLOCK_DQK"], common["BLOCK_DV"]))
+    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     inputs = (*q.stride(), *k.stride(), *v.stride(), *pad_strides, *dout.stride())
     sizes = (heads, num_queries, num_keys, head_dim_qk, head_dim_v, scale, scale * LOG2E)
 
@@ -186,28 +259,24 @@ def run_triton_backward(
         return tuple(torch.empty((chunks, *g.shape), dtype=torch.float32, device=g.device) for g in final)
 
     with _device_context(q):
-        key_blocks = triton.cdiv(num_keys, block)
-        chunks, per_chunk = plan_chunks(key_blocks * batch * heads, num_queries, q.device, num_chunks)
-        part_dk, part_dv = chunk_targets((dk, dv), chunks)
-        attention_bwd.attention_bwd_dkdv_kernel[(key_blocks * chunks * batch * heads,)](
+        part_dk, part_dv = chunk_targets((dk, dv), dkdv.chunks)
+        _kernel(attention_bwd.attention_bwd_dkdv_kernel)[dkdv.grid](
             q, k, v, pad, dout, lse, delta, part_dk, part_dv,
             *inputs, *part_dk.stride(), *part_dv.stride(), *sizes,
-            chunks, per_chunk, _tuning_bucket(per_chunk),
-            BLOCK_OUTER=block, **common,
+            dkdv.chunks, dkdv.per_chunk, next_power_of_2(dkdv.per_chunk),
+            **constexprs, **dkdv.meta,
         )
-        if chunks > 1:
+        if dkdv.chunks > 1:
             dk.copy_(part_dk.sum(0))
             dv.copy_(part_dv.sum(0))
 
-        query_blocks = triton.cdiv(num_queries, block)
-        chunks, per_chunk = plan_chunks(query_blocks * batch * heads, num_keys, q.device, num_chunks)
-        (part_dq,) = chunk_targets((dq,), chunks)
-        attention_bwd.attention_bwd_dq_kernel[(query_blocks * chunks * batch * heads,)](
+        (part_dq,) = chunk_targets((dq,), dq_launch.chunks)
+        _kernel(attention_bwd.attention_bwd_dq_kernel)[dq_launch.grid](
             q, k, v, pad, dout, lse, delta, part_dq,
             *inputs, *part_dq.stride(), *sizes,
-            chunks, per_chunk, _tuning_bucket(per_chunk),
-            BLOCK_OUTER=block, **common,
+            dq_launch.chunks, dq_launch.per_chunk, next_power_of_2(dq_launch.per_chunk),
+            **constexprs, **dq_launch.meta,
         )
-        if chunks > 1:
+        if dq_launch.chunks > 1:
             dq.copy_(part_dq.sum(0))
     return dq, dk, dv

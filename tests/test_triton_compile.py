@@ -3,8 +3,9 @@
 The interpreter runs the kernels' arithmetic but never their compiler. Here every
 launch the launchers make (each dtype and head-dim pair, ENCODE and DECODE, forward
 and backward) is compiled to SASS for sm_80 and sm_90 by tests/triton_compile.py in
-a subprocess (it needs TRITON_INTERPRET unset), with the one fixed config the GPU
-test run uses and with every tuned config of the anchor problem.
+a subprocess (it needs TRITON_INTERPRET unset), with the config each launch takes from
+perceiver_kernels/triton_configs.py (the measured table and its heuristic, chosen for
+each target's shared memory) and with every config autotuning would try on the anchor.
 """
 
 import json
@@ -48,7 +49,7 @@ def failures(records: list[dict]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fixed_config_builds():
+def table_config_builds():
     return compile_records(autotune=False)
 
 
@@ -57,20 +58,34 @@ def tuned_anchor_builds():
     return compile_records("--dtypes", "bfloat16", "--head-dims", "64/64", "--arch", "90", autotune=True)
 
 
-def test_every_launch_compiles_for_sm80_and_sm90_with_the_fixed_config(fixed_config_builds):
-    assert not failures(fixed_config_builds), "\n".join(failures(fixed_config_builds))
+def test_every_launch_compiles_for_sm80_and_sm90_with_its_table_config(table_config_builds):
+    assert not failures(table_config_builds), "\n".join(failures(table_config_builds))
     for dtype in DTYPES:
         for dqk, dv in HEAD_DIMS:
             for arch in SHARED_MEMORY_LIMIT:
-                built = {r["kernel"] for r in fixed_config_builds
+                built = {r["kernel"] for r in table_config_builds
                          if r["problem"].startswith(f"{dtype} {dqk}/{dv} ") and r["arch"] == arch}
                 assert built == KERNELS, (dtype, dqk, dv, arch)
 
 
-def test_the_fixed_config_fits_the_shared_memory_of_every_target(fixed_config_builds):
+def test_the_table_configs_fit_the_shared_memory_of_every_target(table_config_builds):
     too_big = [f"{r['problem']} {r['kernel']} sm_{r['arch']}: {r['shared_bytes']} bytes"
-               for r in fixed_config_builds if not r["error"] and r["shared_bytes"] > SHARED_MEMORY_LIMIT[r["arch"]]]
+               for r in table_config_builds if not r["error"] and r["shared_bytes"] > SHARED_MEMORY_LIMIT[r["arch"]]]
     assert not too_big, "\n".join(too_big)
+
+
+def test_on_hopper_16_bit_dots_are_wgmma_and_nothing_spills(table_config_builds):
+    """sm_90: every 16-bit launch of a kernel with dot products runs them as warpgroup
+    matrix instructions and keeps its tiles in registers. The one exception is by
+    design: a backward with both heads wider than 128 takes 32-row blocks (64-row
+    blocks, which wgmma needs, spill there) and runs on mma.sync."""
+    for r in table_config_builds:
+        if r["arch"] != 90 or r["problem"].startswith("float32") or r["kernel"] == "merge_splits_kernel":
+            continue
+        assert r["stack_bytes"] == 0, f"{r['problem']} {r['kernel']} {r['config']} spills {r['stack_bytes']} bytes"
+        dims = [int(d) for d in r["problem"].split()[1].split("/")]
+        wide_backward = "bwd" in r["kernel"] and min(dims) > 128
+        assert r["wgmma"] or wide_backward, f"{r['problem']} {r['kernel']} {r['config']} has no wgmma"
 
 
 def test_every_tuned_config_of_the_anchor_compiles_and_one_per_kernel_does_not_spill(tuned_anchor_builds):

@@ -24,6 +24,7 @@ exits with MISSING_INTERNALS_EXIT and the tests skip with the reason.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -89,9 +90,14 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
-def record_launches(problem: Problem, allow_tf32: bool = False) -> list[tuple]:
-    """(kernel, args, kwargs) of every launch of one forward and one backward call."""
-    from perceiver_kernels import triton_launch
+def record_launches(problem: Problem, allow_tf32: bool = False, arch: int | None = None) -> list[tuple]:
+    """(kernel, args, kwargs) of every launch of one forward and one backward call.
+
+    The launches take the configs the launchers choose for a GPU of compute capability
+    `arch` (its shared memory included), or for the interpreter when arch is None;
+    under PERCEIVER_KERNELS_AUTOTUNE=1, _configs_to_try adds the tuning space.
+    """
+    from perceiver_kernels import triton_configs, triton_launch
     from perceiver_kernels.kernels import attention_bwd, attention_fwd
 
     dtype = getattr(torch, problem.dtype)
@@ -109,16 +115,26 @@ def record_launches(problem: Problem, allow_tf32: bool = False) -> list[tuple]:
                                                   "merge_splits_kernel")]
     kernels += [(attention_bwd, name) for name in ("attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
+    originals += [(triton_configs, "AUTOTUNE", triton_configs.AUTOTUNE),
+                  (triton_configs, "device_facts", triton_configs.device_facts),
+                  (triton_configs, "choose", triton_configs.choose)]
     try:
-        for module, name, kernel in originals:
+        for module, name, kernel in originals[: len(kernels)]:
             setattr(module, name, _Recorder(kernel, launches))
+        triton_configs.AUTOTUNE = False  # the table's config is recorded; _configs_to_try adds the tuning space
+        if arch is not None:
+            facts = (f"sm_{arch}", SHARED_MEMORY_LIMIT[arch])
+            triton_configs.device_facts = lambda device: facts
+            triton_configs.choose = functools.lru_cache(maxsize=None)(triton_configs.choose.__wrapped__)
         out, lse = triton_launch.run_triton_forward(q, k, v, mask, residual, scale, allow_tf32=allow_tf32)
         out, lse = torch.randn_like(out), torch.randn_like(lse)
         triton_launch.run_triton_backward(torch.randn_like(out), q, k, v, mask, residual, out, lse, scale,
                                          allow_tf32=allow_tf32)
     finally:
-        for module, name, kernel in originals:
-            setattr(module, name, kernel)
+        for module, name, original in originals:
+            setattr(module, name, original)
+        triton_launch._forward_launch.cache_clear()
+        triton_launch._backward_launch.cache_clear()
     return launches
 
 
@@ -143,16 +159,23 @@ class _CompileOnlyDriver:
         return GPUTarget("cuda", self.arch, 32)
 
 
-def _configs_to_try(kernel, args, kwargs) -> list[dict]:
-    """The config kwargs and launch options the autotuner would try for this launch."""
-    if not hasattr(kernel, "configs"):  # a plain @triton.jit kernel
+def _configs_to_try(kernel, args, kwargs, arch: int) -> list[dict]:
+    """The launch's own config, or under PERCEIVER_KERNELS_AUTOTUNE=1 every config the
+    autotuner would try for it (the tuning space pruned for this shape class and target)."""
+    from perceiver_kernels import triton_configs
+
+    name = kernel.__name__
+    if not triton_configs.AUTOTUNE or name not in triton_configs.SEARCH_SPACES:
         return [{}]
-    kernel.nargs = dict(zip(kernel.arg_names, args))
+    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    shape = triton_configs.shape_class(name, named)
+    device_facts = triton_configs.device_facts
     try:
-        configs = kernel.prune_configs(kwargs)
+        triton_configs.device_facts = lambda device: (f"sm_{arch}", SHARED_MEMORY_LIMIT[arch])
+        space = triton_configs.search_space(shape, torch.device("cpu"))
     finally:
-        kernel.nargs = None
-    return [config.all_kwargs() for config in configs]
+        triton_configs.device_facts = device_facts
+    return [config.kwargs(name) for config in space]
 
 
 def _cuobjdump() -> str | None:
@@ -192,6 +215,7 @@ class CompileRecord:
     registers: int | None = None
     stack_bytes: int | None = None
     local_bytes: int | None = None
+    wgmma: int | None = None  # Hopper warpgroup matrix instructions in the PTX
 
 
 def compile_launch(kernel, args, kwargs, arch: int, problem: Problem) -> Iterator[CompileRecord]:
@@ -201,11 +225,13 @@ def compile_launch(kernel, args, kwargs, arch: int, problem: Problem) -> Iterato
     jit_function = kernel if isinstance(kernel, JITFunction) else kernel.fn  # an autotuner wraps one
     # This process only compiles, so the stand-in is never swapped back.
     driver.set_active(_CompileOnlyDriver(arch))
-    for config in _configs_to_try(kernel, args, kwargs):
+    for config in _configs_to_try(jit_function, args, kwargs, arch):
+        launch = {**kwargs, **config}
         record = CompileRecord(problem.label, jit_function.__name__, arch,
-                               {key: value for key, value in config.items() if value is not None})
+                               {key: value for key, value in launch.items()
+                                if key in ("BLOCK_M", "BLOCK_N", "BLOCK_INNER", "num_warps", "num_stages")})
         try:
-            compiled = jit_function.warmup(*args, grid=(1,), **kwargs, **config)
+            compiled = jit_function.warmup(*args, grid=(1,), **launch)
         except Exception as error:  # noqa: BLE001 (every compile failure is a finding)
             record.error = f"{type(error).__name__}: {error}"[:2000]
         else:
@@ -213,6 +239,7 @@ def compile_launch(kernel, args, kwargs, arch: int, problem: Problem) -> Iterato
             usage = _resource_usage(compiled.asm["cubin"])
             record.registers, record.stack_bytes = usage.get("reg"), usage.get("stack")
             record.local_bytes = usage.get("local")
+            record.wgmma = compiled.asm["ptx"].count("wgmma.mma_async")
         yield record
 
 
@@ -225,7 +252,7 @@ def _triton_version() -> str:
 def _missing_internals() -> str | None:
     from triton.runtime import autotuner, driver, jit
 
-    needs = ((jit.JITFunction, "warmup"), (autotuner.Autotuner, "prune_configs"), (driver, "set_active"))
+    needs = ((jit.JITFunction, "warmup"), (driver, "set_active"))
     missing = [f"{getattr(owner, '__name__', 'driver')}.{name}" for owner, name in needs if not hasattr(owner, name)]
     return ", ".join(missing) or None
 
@@ -251,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     head_dims = [tuple(int(d) for d in pair.split("/")) for pair in args.head_dims.split(",")]
     flags = ((True, True), (False, False)) if args.both_flags else ((True, True),)
     chosen = problems(args.dtypes.split(","), head_dims, flags)
-    work = [(arch, problem, launch) for problem in chosen for launch in record_launches(problem)
-            for arch in (int(a) for a in args.arch.split(","))]
+    work = [(arch, problem, launch) for problem in chosen for arch in (int(a) for a in args.arch.split(","))
+            for launch in record_launches(problem, arch=arch)]
     for index, (arch, problem, (kernel, launch_args, launch_kwargs)) in enumerate(work):
         if index % shards != shard:
             continue

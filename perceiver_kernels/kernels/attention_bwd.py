@@ -28,35 +28,9 @@ their dK and dV are exactly 0.
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, AUTOTUNE_TIMER, LOG2E_CONSTEXPR, load_rows, program_coordinates, usable_keys
+from .common import LOG2E_CONSTEXPR, kept_key_range, load_rows, program_coordinates, usable_keys
 
 INF = tl.constexpr(float("inf"))
-
-
-def _keep_fitting_configs(configs, named_args, **kwargs):
-    """Inner blocks no longer than the range a program walks; small tiles for wide heads;
-    8 warps for exact fp32, whose CUDA-core dots spill with 4 (see the forward's pruning).
-    Without autotuning the first config that is kept runs."""
-    args = {**named_args, **kwargs}
-    inner = max(16, triton.next_power_of_2(max(1, args["tuning_inner_length"])))
-    wide_head = max(args["BLOCK_DQK"], args["BLOCK_DV"]) > 128
-    exact_fp32 = args["DOT_PRECISION"] == "ieee"
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_INNER"] <= inner
-            and not (wide_head and (c.kwargs["BLOCK_INNER"] > 32 or c.num_stages > 1))
-            and not (exact_fp32 and c.num_warps < 8)]
-    kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_INNER"], c.num_stages))]
-    return kept if AUTOTUNE else kept[:1]
-
-
-if AUTOTUNE:
-    _CONFIGS = [triton.Config({"BLOCK_INNER": n}, num_warps=w, num_stages=s)
-                for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
-else:  # one config for 16-bit inputs, then one for exact fp32 (the pruning picks)
-    _CONFIGS = [triton.Config({"BLOCK_INNER": 32}, num_warps=4, num_stages=1),
-                triton.Config({"BLOCK_INNER": 32}, num_warps=8, num_stages=1)]
-
-_TUNING_KEY = ["BLOCK_DQK", "BLOCK_DV", "BLOCK_OUTER", "tuning_inner_length", "HAS_MASK", "DOT_PRECISION"]
 
 
 @triton.jit
@@ -75,8 +49,6 @@ def _row_stats(lse_ptr, delta_ptr, rows, row_ok):
     return lse, delta
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs},
-                 do_bench=AUTOTUNE_TIMER)
 @triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, PAD, DO, LSE, DELTA, DK, DV,
@@ -107,6 +79,8 @@ def attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_OUTER, BLOCK_DV], dtype=tl.float32)
     query_start = chunk * queries_per_chunk
     query_end = tl.minimum(query_start + queries_per_chunk, num_queries)
+    if HAS_MASK:  # a block of padding keys gets zero gradients without walking the queries
+        query_end = tl.where(tl.max(key_ok.to(tl.int32)) > 0, query_end, query_start)
     for block_start in range(query_start, query_end, BLOCK_INNER):
         rows = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         row_ok = rows < query_end
@@ -128,8 +102,6 @@ def attention_bwd_dkdv_kernel(
                 stride_dvn, stride_dvd, head_dim_v, BLOCK_DV)
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs},
-                 do_bench=AUTOTUNE_TIMER)
 @triton.jit
 def attention_bwd_dq_kernel(
     Q, K, V, PAD, DO, LSE, DELTA, DQ,
@@ -159,6 +131,7 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_OUTER, BLOCK_DQK], dtype=tl.float32)
     key_start = chunk * keys_per_chunk
     key_end = tl.minimum(key_start + keys_per_chunk, num_keys)
+    key_start, key_end = kept_key_range(PAD + b * stride_pb, key_start, key_end, stride_pn, HAS_MASK)
     for block_start in range(key_start, key_end, BLOCK_INNER):
         keys = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         key_ok = usable_keys(PAD + b * stride_pb, keys, key_end, stride_pn, HAS_MASK)

@@ -33,59 +33,7 @@ inside) work, with any strides.
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, AUTOTUNE_TIMER, INTERPRETED, LN2, load_rows, program_coordinates, usable_keys
-
-
-def _keep_fitting_configs(configs, named_args, **kwargs):
-    """Drops configs that waste work or cannot fit for this shape class.
-
-    - A key block larger than the keys a program sees only multiplies padding.
-    - Head dims above 128 double the register/shared-memory cost of every tile:
-      keep tiles of at most 64x64 and at most 2 pipeline stages there.
-    - Exact fp32 (DOT_PRECISION "ieee") multiplies on CUDA cores with both operands
-      in registers: tiles above 64x32 or fewer than 8 warps spill (ptxas for sm_80
-      and sm_90, tests/triton_compile.py).
-    Without autotuning the first config that is kept runs.
-    """
-    args = {**named_args, **kwargs}
-    keys_per_program = max(16, triton.next_power_of_2(max(1, args["tuning_keys_per_program"])))
-    wide_head = max(args["BLOCK_DQK"], args["BLOCK_DV"]) > 128
-    exact_fp32 = args["DOT_PRECISION"] == "ieee"
-    kept = []
-    for config in configs:
-        block_n = config.kwargs["BLOCK_N"]
-        block_m = config.kwargs.get("BLOCK_M", args.get("BLOCK_M"))
-        if block_n > keys_per_program:
-            continue
-        if wide_head and (block_n > 64 or block_m > 64 or config.num_stages > 2):
-            continue
-        if exact_fp32 and (block_n > 32 or block_m > 64 or config.num_warps < 8):
-            continue
-        kept.append(config)
-    # Tiny shapes prune everything above 16 keys: fall back to the smallest tile.
-    kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_M", 0), c.num_stages))]
-    return kept if AUTOTUNE else kept[:1]
-
-
-def _configs(block_ms, block_ns, warps, stages):
-    return [
-        triton.Config({**({"BLOCK_M": m} if m else {}), "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m in block_ms
-        for n in block_ns
-        for w in warps
-        for s in stages
-    ]
-
-
-if AUTOTUNE:
-    _TILE_CONFIGS = _configs((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
-    _SPLIT_CONFIGS = _configs((None,), (32, 64, 128), (4, 8), (2, 3, 4))
-else:  # one config for 16-bit inputs, then one for exact fp32 (the pruning picks)
-    _TILE_CONFIGS = (_configs((32 if INTERPRETED else 64,), (64,), (4,), (2,))
-                     + _configs((32 if INTERPRETED else 64,), (32,), (8,), (2,)))
-    _SPLIT_CONFIGS = _configs((None,), (64,), (4,), (2,)) + _configs((None,), (32,), (8,), (2,))
-
-_TUNING_KEY = ["BLOCK_DQK", "BLOCK_DV", "tuning_keys_per_program", "HAS_MASK", "HAS_RESIDUAL", "DOT_PRECISION"]
+from .common import LN2, kept_key_range, load_rows, program_coordinates, usable_keys
 
 
 @triton.jit
@@ -103,6 +51,7 @@ def _accumulate_keys(
     offs_dv = tl.arange(0, BLOCK_DV)
     dqk_ok = offs_dqk < head_dim_qk
     dv_ok = offs_dv < head_dim_v
+    key_start, key_end = kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK)
     for block_start in range(key_start, key_end, BLOCK_N):
         keys = (block_start + offs_n).to(tl.int64)
         key_ok = usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK)
@@ -149,8 +98,6 @@ def _write_rows(
     tl.store(lse_ptr + rows * stride_lm, lse, mask=row_ok)
 
 
-@triton.autotune(configs=_TILE_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _keep_fitting_configs},
-                 do_bench=AUTOTUNE_TIMER)
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, PAD, RES, OUT, LSE,
@@ -161,7 +108,7 @@ def attention_fwd_kernel(
     stride_rb, stride_rh, stride_rm, stride_rd,
     stride_ob, stride_oh, stride_om, stride_od,
     heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
-    tuning_keys_per_program,
+    tuning_inner_length,
     HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -192,8 +139,6 @@ def attention_fwd_kernel(
     )
 
 
-@triton.autotune(configs=_SPLIT_CONFIGS, key=_TUNING_KEY + ["BLOCK_M"],
-                 prune_configs_by={"early_config_prune": _keep_fitting_configs}, do_bench=AUTOTUNE_TIMER)
 @triton.jit
 def attention_fwd_split_kernel(
     Q, K, V, PAD, PART_OUT, PART_LSE,
@@ -203,7 +148,7 @@ def attention_fwd_split_kernel(
     stride_pb, stride_pn,
     heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
     num_splits, keys_per_split,
-    tuning_keys_per_program,
+    tuning_inner_length,
     HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

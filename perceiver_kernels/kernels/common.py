@@ -1,5 +1,6 @@
-"""What every Triton kernel file shares: the interpreter and autotuning switches,
-constants, and the small @triton.jit helpers that forward and backward both use.
+"""What every Triton kernel file shares: the interpreter switch, constants, and the
+small @triton.jit helpers that forward and backward both use. (Launch configurations
+and autotuning are the launchers' business: perceiver_kernels/triton_configs.py.)
 """
 
 import os
@@ -10,24 +11,14 @@ import triton.language as tl
 # Triton reads TRITON_INTERPRET when it decorates a function, so the kernels of this
 # package (decorated when their module is imported) and Triton's own library functions
 # (decorated when triton is imported, e.g. by torch) only agree if it was set before
-# both; see interpreter_mismatch(). The interpreter (the CPU test path) runs in numpy
-# where tuning means nothing; PERCEIVER_KERNELS_AUTOTUNE=0 skips tuning on GPUs (fast
-# first calls, e.g. in test suites that visit hundreds of shapes).
+# both; see interpreter_mismatch().
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "1") != "0" and not INTERPRETED
 
 LOG2E = 1.4426950408889634  # the launchers scale q.k by scale * LOG2E so that kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E_CONSTEXPR = tl.constexpr(LOG2E)
-
-
-def _no_benchmark(kernel_call, quantiles):
-    """The autotuners' timer without autotuning: the pruning leaves one config, which
-    older Triton releases still time at every new tuning key; this times nothing."""
-    return [0.0] * len(quantiles)
-
-
-AUTOTUNE_TIMER = None if AUTOTUNE else _no_benchmark
+# Mask bytes one step of kept_key_range reads.
+MASK_SCAN_BLOCK = tl.constexpr(1024)
 
 
 def interpreter_mismatch() -> str:
@@ -77,3 +68,29 @@ def usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
         is_pad = tl.load(pad_ptr + keys * stride_pad_n, mask=key_ok, other=1)
         key_ok = key_ok & (is_pad == 0)
     return key_ok
+
+
+@triton.jit
+def kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
+    """[lo, hi) within [key_start, key_end): from the first to the last key that is not padding.
+
+    Read from the mask bytes alone, before any K/V: the tiles outside the range are
+    skipped whole. A mask that pads the tail of each row (variable-length inputs, the
+    common case) then costs only the keys it keeps; holes inside the range are still
+    masked tile by tile. Empty (lo >= hi) when every key is padding.
+    """
+    if HAS_MASK:
+        offs = tl.arange(0, MASK_SCAN_BLOCK)
+        # int32 tensors from the start, whether the bounds come in as arguments or
+        # literals: a loop-carried value must keep its type (key indices fit int32;
+        # only the byte offsets below need int64).
+        lo = tl.full([], 0, tl.int32) + key_end
+        hi = tl.full([], 0, tl.int32) + key_start
+        for scan_start in range(key_start, key_end, MASK_SCAN_BLOCK):
+            keys = scan_start + offs
+            kept = keys < key_end
+            kept = kept & (tl.load(pad_ptr + keys.to(tl.int64) * stride_pad_n, mask=kept, other=1) == 0)
+            lo = tl.minimum(lo, tl.min(tl.where(kept, keys, key_end), 0))
+            hi = tl.maximum(hi, tl.max(tl.where(kept, keys + 1, key_start), 0))
+        return lo, hi
+    return key_start, key_end

@@ -1,0 +1,238 @@
+"""Launch configurations of the Triton kernels: measured per GPU architecture, a
+heuristic for the rest, and autotuning only on request.
+
+By default every launch takes its config (tile sizes, warps, pipeline stages) from
+MEASURED, the winners of autotuning on a GPU for the shape classes that were tuned
+there, or else from the first entry of PREFERENCES that fits: no key block longer than
+the keys a program walks, tiles that compile without spilling (tests/triton_compile.py)
+and shared memory within the device's limit. A new shape class then costs one compile
+(a second or two on a GPU) instead of timing dozens of configs (15-35 s on an H200).
+
+PERCEIVER_KERNELS_AUTOTUNE=1 makes the launchers go through triton.autotune over
+SEARCH_SPACES (pruned by the same rules) with cache_results=True: the winners persist in
+Triton's cache directory and later processes reuse them. Read once, at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "0") == "1"
+
+# The kernels, by the names the launchers and the compile check use.
+FORWARD_TILE = "attention_fwd_kernel"
+FORWARD_SPLIT = "attention_fwd_split_kernel"
+BACKWARD_DKDV = "attention_bwd_dkdv_kernel"
+BACKWARD_DQ = "attention_bwd_dq_kernel"
+# The meta-parameter each kernel walks its summed dimension with.
+INNER_BLOCK = {FORWARD_TILE: "BLOCK_N", FORWARD_SPLIT: "BLOCK_N", BACKWARD_DKDV: "BLOCK_INNER",
+               BACKWARD_DQ: "BLOCK_INNER"}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    inner: int            # BLOCK_N (forward) or BLOCK_INNER (backward)
+    num_warps: int
+    num_stages: int
+    block_m: Optional[int] = None  # the tile kernel's query rows; the others get theirs from the plan
+
+    def kwargs(self, kernel: str) -> dict:
+        meta = {INNER_BLOCK[kernel]: self.inner, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.block_m is not None:
+            meta["BLOCK_M"] = self.block_m
+        return meta
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """What a config depends on: the blocks a launch gets and the rows its programs walk."""
+
+    kernel: str
+    block_dqk: int
+    block_dv: int
+    exact_fp32: bool  # fp32 without TF32: dots on CUDA cores with operands in registers
+    element_bytes: int
+    inner_length: int  # keys (forward, dQ) or queries (dK/dV) one program walks
+    block_m: Optional[int] = None  # rows per program fixed by the launcher (split, backward)
+
+    @property
+    def wide_head(self) -> bool:
+        return max(self.block_dqk, self.block_dv) > 128
+
+
+def _c(inner, warps, stages, block_m=None) -> LaunchConfig:
+    return LaunchConfig(inner, warps, stages, block_m)
+
+
+# Winners of autotuning (triton 3.6 on an H200, bf16, head dims 64/64; tuned.txt of
+# benchmarks/results/2026-11-30-h200): DEC-1's tile forward, ENC-1/ENC-3's split forward
+# (4 stages won ENC-3 and 3 ENC-1), and the backward's inner blocks (64 over long ranges:
+# dQ of ENCODE, dK/dV of DECODE; 32 over the short ones).
+MEASURED: dict[tuple, LaunchConfig] = {
+    ("sm_90", FORWARD_TILE, 64, 64): _c(64, 4, 4, block_m=128),
+    ("sm_90", FORWARD_SPLIT, 64, 64): _c(64, 8, 4),
+}
+
+# Ordered by preference; the first that fits a shape class runs. The narrow 16-bit
+# entries start from the measured winners; wide heads and exact fp32 from the tiles the
+# compile check found free of spills.
+# Short ranges, wide heads, exact fp32.
+_SMALL = (_c(32, 4, 1), _c(32, 8, 2), _c(32, 8, 1), _c(16, 4, 1), _c(16, 8, 2), _c(16, 8, 1))
+PREFERENCES: dict[str, tuple[LaunchConfig, ...]] = {
+    FORWARD_TILE: (_c(64, 4, 4, 128), _c(64, 4, 3, 64), _c(64, 4, 2, 64), _c(32, 4, 2, 64), _c(32, 8, 2, 64),
+                   _c(16, 8, 1, 64), *(LaunchConfig(c.inner, c.num_warps, c.num_stages, 32) for c in _SMALL),
+                   _c(16, 8, 1, 16)),
+    FORWARD_SPLIT: (_c(64, 8, 4), _c(64, 8, 3), _c(64, 4, 2), _c(32, 8, 2), _c(32, 4, 2), *_SMALL),
+    BACKWARD_DKDV: (_c(64, 4, 2), _c(32, 4, 2), _c(32, 8, 2), *_SMALL),
+    BACKWARD_DQ: (_c(64, 4, 2), _c(32, 4, 2), _c(32, 8, 2), *_SMALL),
+}
+# The interpreter runs in numpy: configs only change its speed and how many blocks a
+# test walks, so it takes small query tiles (more programs, more edges tested).
+INTERPRETER_TILE_ROWS = 32
+
+SEARCH_SPACES: dict[str, tuple[LaunchConfig, ...]] = {
+    FORWARD_TILE: tuple(_c(n, w, s, m) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)),
+    FORWARD_SPLIT: tuple(_c(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)),
+    BACKWARD_DKDV: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
+    BACKWARD_DQ: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
+}
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def shared_memory_bytes(config: LaunchConfig, shape: ShapeClass) -> int:
+    """An upper estimate of a launch's shared memory: the stationary tile plus `stages`
+    buffers of the streamed K/V (forward) or Q/dO (backward) blocks."""
+    rows = config.block_m or shape.block_m or 64
+    stationary = rows * (shape.block_dqk + shape.block_dv)
+    streamed = max(1, config.num_stages) * config.inner * (shape.block_dqk + shape.block_dv)
+    return (stationary + streamed) * shape.element_bytes
+
+
+def _register_budget_exceeded(config: LaunchConfig, shape: ShapeClass, arch: str) -> bool:
+    """Whether the live tiles of a launch outgrow the registers, by estimates calibrated
+    on ptxas's reports for sm_80 and sm_90 (tests/triton_compile.py), per thread:
+
+    - forward on tensor cores: the fp32 accumulator and score tile, rows x (Dv + inner)
+      / threads, within 128 on sm_90 (wgmma keeps operands in shared memory; the
+      measured head-dim-64 winners sit at 128) and 64 before it (mma.sync holds them);
+    - forward in exact fp32 (dots on CUDA cores): rows x inner x (Dqk + Dv) / threads
+      within 1024;
+    - backward on tensor cores: two accumulators as wide as the heads plus two score
+      tiles, rows x (Dqk + Dv + 2 inner) / threads, within 192 on sm_90 and 96 before.
+    """
+    rows = config.block_m or shape.block_m or 64
+    threads = 32 * config.num_warps
+    hopper = arch >= "sm_90"
+    if shape.kernel in (BACKWARD_DKDV, BACKWARD_DQ):
+        if shape.exact_fp32:
+            return False
+        return rows * (shape.block_dqk + shape.block_dv + 2 * config.inner) / threads > (192 if hopper else 96)
+    if shape.exact_fp32:
+        return rows * config.inner * (shape.block_dqk + shape.block_dv) / threads > 1024
+    return rows * (shape.block_dv + config.inner) / threads > (128 if hopper else 64)
+
+
+def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[int], arch: str = "sm_90") -> bool:
+    """The pruning rules (each found by compiling for sm_80/sm_90, see tests/triton_compile.py):
+
+    - an inner block longer than the rows a program walks only multiplies padding;
+    - tiles whose registers would spill (_register_budget_exceeded);
+    - head dims above 128: inner blocks of at most 64 (32 in the backward), query tiles
+      of at most 64 rows, at most 2 stages (1 in the backward), 8 warps in the backward;
+    - exact fp32 dots keep both operands in registers: forward inner blocks of at most
+      32, 8 warps everywhere, 1 stage in the backward and from Dqk + Dv of 256;
+    - shared memory within the device's limit (None: no limit, the interpreter).
+    """
+    backward = shape.kernel in (BACKWARD_DKDV, BACKWARD_DQ)
+    rows = config.block_m or shape.block_m or 0
+    if config.inner > max(16, next_power_of_2(shape.inner_length)):
+        return False
+    if arch != "interpreter" and _register_budget_exceeded(config, shape, arch):
+        return False
+    if shape.wide_head and (config.inner > (32 if backward else 64) or rows > 64
+                            or config.num_stages > (1 if backward else 2) or (backward and config.num_warps < 8)):
+        return False
+    if shape.exact_fp32 and (config.num_warps < 8 or (not backward and config.inner > 32) or (
+            config.num_stages > 1 and (backward or shape.block_dqk + shape.block_dv >= 256))):
+        return False
+    if shared_memory_limit is not None and shared_memory_bytes(config, shape) > shared_memory_limit:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def device_facts(device: torch.device) -> tuple[str, Optional[int]]:
+    """("sm_XY", opt-in shared memory per block) of a GPU; ("interpreter", None) on the CPU."""
+    if device.type != "cuda":
+        return "interpreter", None
+    properties = torch.cuda.get_device_properties(device)
+    return f"sm_{properties.major}{properties.minor}", properties.shared_memory_per_block_optin
+
+
+@functools.lru_cache(maxsize=4096)
+def choose(shape: ShapeClass, device: torch.device) -> LaunchConfig:
+    """The config a launch of this shape class takes without autotuning."""
+    arch, limit = device_facts(device)
+    if arch == "interpreter":
+        for config in PREFERENCES[shape.kernel]:
+            if fits(config, shape, None, arch):
+                tile_rows = INTERPRETER_TILE_ROWS if config.block_m else None
+                return LaunchConfig(config.inner, config.num_warps, config.num_stages, tile_rows)
+    measured = MEASURED.get((arch, shape.kernel, shape.block_dqk, shape.block_dv))
+    if measured is not None and not shape.exact_fp32 and fits(measured, shape, limit, arch):
+        return measured
+    for config in PREFERENCES[shape.kernel]:
+        if fits(config, shape, limit, arch):
+            return config
+    return min(PREFERENCES[shape.kernel], key=lambda c: shared_memory_bytes(c, shape))
+
+
+def search_space(shape: ShapeClass, device: torch.device) -> list[LaunchConfig]:
+    """What autotuning tries for this shape class: the search space, pruned."""
+    arch, limit = device_facts(device)
+    space = [config for config in SEARCH_SPACES[shape.kernel] if fits(config, shape, limit, arch)]
+    return space or [choose(shape, device)]
+
+
+def shape_class(kernel: str, args: dict) -> ShapeClass:
+    """The shape class of a launch, from its named arguments (as the autotuner sees them)."""
+    return ShapeClass(kernel, args["BLOCK_DQK"], args["BLOCK_DV"], args["DOT_PRECISION"] == "ieee",
+                      args["Q"].element_size(), args["tuning_inner_length"],
+                      args.get("BLOCK_M") if kernel == FORWARD_SPLIT else args.get("BLOCK_OUTER"))
+
+
+def _tuning_key(kernel: str) -> list[str]:
+    outer = ["BLOCK_M"] if kernel == FORWARD_SPLIT else ["BLOCK_OUTER"] if kernel != FORWARD_TILE else []
+    length = "tuning_inner_length"
+    return ["BLOCK_DQK", "BLOCK_DV", length, "HAS_MASK", "DOT_PRECISION", *outer] + (
+        ["HAS_RESIDUAL"] if kernel in (FORWARD_TILE, FORWARD_SPLIT) else [])
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned(kernel):
+    """`kernel` (a @triton.jit function) behind triton.autotune with results kept on disk."""
+    import triton
+
+    name = kernel.__name__
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        kept = {(c.inner, c.num_warps, c.num_stages, c.block_m)
+                for c in search_space(shape_class(name, args), args["Q"].device)}
+        return [c for c in configs if (c.kwargs[INNER_BLOCK[name]], c.num_warps, c.num_stages,
+                                       c.kwargs.get("BLOCK_M")) in kept] or configs[:1]
+
+    configs = []
+    for config in SEARCH_SPACES[name]:
+        meta = {INNER_BLOCK[name]: config.inner, **({"BLOCK_M": config.block_m} if config.block_m else {})}
+        configs.append(triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages))
+    return triton.autotune(configs=configs, key=_tuning_key(name), prune_configs_by={"early_config_prune": prune},
+                           cache_results=True)(kernel)
