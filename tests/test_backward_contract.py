@@ -95,6 +95,16 @@ def test_padding_keys_and_rows_without_keys_get_exactly_zero_gradients(runner):
 
 
 @pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
+@pytest.mark.parametrize("num_chunks", [1, 4])
+def test_variable_length_masks(runner, num_chunks):
+    from tests.test_forward_contract import variable_length_inputs
+
+    inputs = variable_length_inputs(runner.device, dtype=torch.float32, num_queries=100)
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(runner.gradients(inputs, dout, num_chunks), inputs, dout, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
 @pytest.mark.parametrize("num_queries,num_keys", [(1, 300), (300, 1)])
 def test_a_single_query_or_a_single_key(runner, num_queries, num_keys):
     inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_v=24, residual=True), runner.device)

@@ -120,6 +120,28 @@ def test_splits_made_entirely_of_padding(runner, num_splits):
     assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
+def variable_length_inputs(device, dtype=torch.float16, num_queries=20) -> dict:
+    """Masks as variable-length inputs make them: padding at the tail (batch 0), at both
+    ends (batch 1), holes between kept keys (batch 2), a single kept key (batch 3)."""
+    inputs = make_inputs(Case(batch=4, num_queries=num_queries, num_keys=700, head_dim_qk=32, head_dim_v=48,
+                              mask=True, residual=True, dtype=dtype), device)
+    mask = inputs["key_padding_mask"]
+    mask[:] = True
+    mask[0, :100] = False
+    mask[1, 300:600] = False
+    mask[2, 150:650:3] = False
+    mask[3, 433] = False
+    return inputs
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in FORWARD_RUNNERS])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_variable_length_masks(runner, num_splits):
+    inputs = variable_length_inputs(runner.device)
+    out, lse = runner.run(inputs, num_splits=num_splits)
+    assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
 @pytest.mark.parametrize("runner,dtype", _per_runner(_every_path))
 def test_rows_without_keys_give_exactly_the_residual_and_minus_inf_lse(runner, dtype):
     inputs = make_inputs(Case(num_queries=70, num_keys=150, mask=True, residual=True, dtype=dtype), runner.device)
