@@ -8,7 +8,8 @@
 // perceiver_kernels/cuda_launch.py then drives it exactly as it drives the GPU build.
 // This file supplies only what a GPU would:
 //   - the launchers, which run a grid block after block, every CUDA thread a fiber,
-//     __syncthreads a barrier, warp-wide instructions collectives (device_utils.cuh);
+//     __syncthreads a barrier, warp-wide instructions collectives (device_utils.cuh),
+//     shared memory starting as NaN bytes and guarded past the plan's allocation;
 //   - the CUDA runtime calls of the binding and the dispatch, answering for emulated
 //     devices: device N has N multiprocessors (the dispatch caches limits per device),
 //     so few SMs make small problems take the resident-K/V plan a real GPU takes for
@@ -24,6 +25,9 @@
 #include "attention/merge_splits.cuh"
 
 #include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace pk {
@@ -37,9 +41,20 @@ namespace emulation {
 constexpr int kSharedPerBlock = 227 * 1024;
 constexpr int kSharedPerSm = 228 * 1024;
 
+// Shared memory starts undefined on a GPU: here every block's starts as 0xff bytes, NaN
+// in every float format, so a value read before it is written shows in the results.
+// Bytes past the block's allocation hold kGuard, checked after the grid: a kernel that
+// strays past its plan's shared memory (which a GPU may not report) fails here.
+constexpr unsigned char kUndefined = 0xff;
+constexpr unsigned char kGuard = 0xa5;
+constexpr size_t kGuardBytes = 64 * 1024;
+
 template <typename Body>
 void run_grid(dim3 grid, int threads, size_t shared_bytes, Body body) {
-  if (shared_bytes > kSharedBufferBytes) throw std::invalid_argument("the plan needs more shared memory than emulated");
+  if (shared_bytes + kGuardBytes > kSharedBufferBytes) {
+    throw std::invalid_argument("the plan needs more shared memory than emulated");
+  }
+  std::memset(shared_raw + shared_bytes, kGuard, kGuardBytes);
   Barrier block(threads);
   std::vector<Warp> warps(threads / 32);
   std::vector<ThreadState> initial(threads);
@@ -56,12 +71,20 @@ void run_grid(dim3 grid, int threads, size_t shared_bytes, Body body) {
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
           blockIdx = make_uint3(x, y, z);
+          if (threadIdx.x == 0) std::memset(shared_raw, kUndefined, shared_bytes);
+          __syncthreads();
           body();
           __syncthreads();  // the next block reuses shared memory
         }
       }
     }
   });
+  for (size_t i = 0; i < kGuardBytes; ++i) {
+    if (shared_raw[shared_bytes + i] != kGuard) {
+      throw std::logic_error("a kernel wrote shared memory at byte " + std::to_string(shared_bytes + i) +
+                             ", past the " + std::to_string(shared_bytes) + " bytes its plan allocates");
+    }
+  }
 }
 
 }  // namespace emulation
