@@ -13,7 +13,7 @@ import torch
 
 import perceiver_kernels as pk
 from perceiver_kernels import cuda_extension
-from perceiver_kernels.backends.cuda_backend import NOT_YET_VALIDATED
+from perceiver_kernels.backends.cuda_backend import SLOWER_THAN_THE_OTHERS
 from perceiver_kernels.cuda_launch import plan_cuda_forward
 from tests import cuda_emulation
 from tests.attention_cases import Case, assert_matches_reference, make_inputs, nan_padding_inputs
@@ -140,12 +140,12 @@ def test_split_plan_counts_blocks_of_the_cuda_kernels(monkeypatch):
     assert plan.num_splits * plan.keys_per_split >= 400_000
 
 
-def test_auto_never_picks_the_unvalidated_kernels_and_says_so():
+def test_auto_never_picks_the_slower_cuda_kernels_and_says_so():
     inputs = make_inputs(Case(), "cuda" if HAS_GPU else "cpu")
     explanation = pk.explain(inputs["q"], inputs["k"], inputs["v"])
     assert explanation.chosen != "cuda"
     if HAS_GPU and BUILT:
-        assert NOT_YET_VALIDATED in explanation.refusals["cuda"]
+        assert SLOWER_THAN_THE_OTHERS in explanation.refusals["cuda"]
 
 
 @needs_emulation

@@ -75,12 +75,17 @@ def test_chained_dots_reproducer_runs_and_is_right_in_the_interpreter():
 @pytest.mark.parametrize("shape", [(8, 8, 256, 50_176), (1, 8, 256, 400_000), (2, 8, 20_000, 256)],
                          ids=["enc1", "enc3", "dec"])
 def test_auto_on_perceiver_shapes(shape, dtype):
+    """auto takes the kernels exactly where they were measured faster (auto_policy), and
+    whichever backend it takes is right."""
+    from perceiver_kernels.backends.auto_policy import kernels_measured_faster
+
     batch, heads, nq, nk = shape
     case = Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=64, head_dim_v=64,
                 dtype=dtype, mask=True, residual=True, transposed=True)
     inputs = make_inputs(case, "cuda")
     explanation = pk.explain(**inputs)
-    assert explanation.chosen == "triton", str(explanation)
+    assert explanation.chosen == ("triton" if kernels_measured_faster(explanation.problem) else "torch"), \
+        str(explanation)
     out = pk.cross_attention(**inputs)
     assert_matches_reference(out[:, :, :64], {**inputs, "q": inputs["q"][:, :, :64],
                                               "residual": inputs["residual"][:, :, :64]})

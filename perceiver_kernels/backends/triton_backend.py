@@ -8,6 +8,7 @@ import torch
 
 from ..machine_facts import machine_fact
 from ..problem import Problem
+from .auto_policy import sdpa_faster_reason
 from .base import Backend
 
 
@@ -54,6 +55,10 @@ class TritonBackend(Backend):
         if auto and problem.device.type == "cpu":
             reasons.append("on cpu Triton runs in its interpreter (TRITON_INTERPRET=1): correct but slow, "
                            "so only an explicit backend='triton' uses it")
+        elif auto:
+            slower = sdpa_faster_reason(problem)
+            if slower:
+                reasons.append(slower)
         if problem.dtype == torch.bfloat16:
             bfloat16 = _bfloat16_refusal(problem.device.type, problem.device.index)
             if bfloat16:
@@ -71,5 +76,5 @@ class TritonBackend(Backend):
     def run(self, q, k, v, key_padding_mask, residual, scale, dropout_p):
         from .. import ops
 
-        out, _ = ops.triton_forward(q, k, v, key_padding_mask, residual, scale, torch.backends.cuda.matmul.allow_tf32)
-        return out
+        return ops.attention("triton", q, k, v, key_padding_mask, residual, scale,
+                             torch.backends.cuda.matmul.allow_tf32)
