@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .backends import AUTO_PRIORITY, BACKENDS, Backend
@@ -43,8 +44,29 @@ def _check_name(backend: str) -> None:
 
 
 def select(problem: Problem, backend: str) -> Backend:
-    """The backend that runs `problem`; raises BackendRefusedError if an explicit one cannot."""
+    """The backend that runs `problem`; raises BackendRefusedError if an explicit one cannot.
+
+    A backend's answer depends only on the problem (and on facts about the machine that
+    cannot change while the process runs), so the choice is remembered per problem:
+    repeated calls of one shape pay a dictionary lookup.
+    """
     _check_name(backend)
+    chosen = _select(problem, backend)
+    if isinstance(chosen, str):
+        raise BackendRefusedError(chosen)
+    return chosen
+
+
+@functools.lru_cache(maxsize=4096)
+def _select(problem: Problem, backend: str) -> Backend | str:
+    """The backend, or the message of the refusal (a cached exception would keep its traceback)."""
+    try:
+        return _select_uncached(problem, backend)
+    except BackendRefusedError as error:
+        return str(error)
+
+
+def _select_uncached(problem: Problem, backend: str) -> Backend:
     if backend != "auto":
         reasons = BACKENDS[backend].refusals(problem, auto=False)
         if reasons:

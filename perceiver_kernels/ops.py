@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .problem import allocate_output
+from .problem import allocate_output, needs_grad
 
 
 @torch.library.custom_op("perceiver_kernels::triton_forward", mutates_args=())
@@ -107,9 +107,18 @@ def _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output):
     ctx.allow_tf32 = allow_tf32
 
 
-def _gradients(ctx, dout):
+def _gradients(ctx, dout, eager: bool = False):
+    """Gradients of q, k, v and residual. `eager`: the launcher runs directly, unless the
+    backward itself is being recorded (create_graph=True), where the registered op's own
+    autograd refuses a second derivative with a clear message."""
     q, k, v, key_padding_mask, residual, out, lse = ctx.saved_tensors
-    dq, dk, dv = triton_backward(dout, q, k, v, key_padding_mask, residual, out, lse, ctx.scale, ctx.allow_tf32)
+    args = (dout, q, k, v, key_padding_mask, residual, out, lse, ctx.scale, ctx.allow_tf32)
+    if eager and not torch.is_grad_enabled():
+        from .triton_launch import run_triton_backward
+
+        dq, dk, dv = run_triton_backward(*args)
+    else:
+        dq, dk, dv = triton_backward(*args)
     # out = attention + residual, so the residual's gradient is dout itself.
     return dq, dk, dv, None, dout if residual is not None else None
 
@@ -132,6 +141,46 @@ def _no_double_backward(ctx, ddq, ddk, ddv):
 
 def _mark_double_backward(ctx, inputs, output):
     pass
+
+
+class _EagerForward(torch.autograd.Function):
+    """A kernel forward in eager mode with the custom ops' autograd, without their dispatch.
+
+    Going through a torch.library op costs about 15 us of host time a call (on a 2-core
+    CPU), more than the validation, dispatch and launcher together; in eager mode the
+    op's tracing machinery buys nothing, so the launchers run directly. Same saved
+    tensors and gradients as the registered ops (_save, _gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, launch, q, k, v, key_padding_mask, residual, scale, allow_tf32):
+        output = launch(q, k, v, key_padding_mask, residual, scale)
+        _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        return None, *_gradients(ctx, dout, eager=True), None, None
+
+
+def attention(kernel: str, q, k, v, key_padding_mask, residual, scale: float, allow_tf32: bool) -> torch.Tensor:
+    """The output of a kernel forward ("triton" or "cuda"), differentiable, at the lowest
+    host cost the mode allows: the registered custom op under torch.compile, the launcher
+    behind _EagerForward when autograd records the call, the launcher alone otherwise."""
+    if torch.compiler.is_compiling():
+        if kernel == "triton":
+            return triton_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32)[0]
+        return cuda_forward(q, k, v, key_padding_mask, residual, scale)[0]
+    if kernel == "triton":
+        from .triton_launch import run_triton_forward
+
+        def launch(*args):
+            return run_triton_forward(*args, allow_tf32)
+    else:
+        from .cuda_launch import run_cuda_forward as launch
+    if needs_grad(q, k, v, residual):
+        return _EagerForward.apply(launch, q, k, v, key_padding_mask, residual, scale, allow_tf32)[0]
+    return launch(q, k, v, key_padding_mask, residual, scale)[0]
 
 
 triton_forward.register_autograd(_triton_forward_backward, setup_context=_save_for_backward)

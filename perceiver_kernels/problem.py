@@ -7,8 +7,7 @@ Every check names the argument and the expected shape or dtype, so a user who pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -20,9 +19,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_ABS_SCALE = 2.0**16
 
 
-@dataclass(frozen=True)
-class Problem:
-    """What a backend needs to know to accept or refuse a call (no tensor data)."""
+class Problem(NamedTuple):
+    """What a backend needs to know to accept or refuse a call (no tensor data).
+
+    A NamedTuple: built on every call and the key of dispatch's cache, so it must be
+    cheap to make and to hash.
+    """
 
     device: torch.device
     dtype: torch.dtype
@@ -67,19 +69,7 @@ def _check_tensor(name: str, x, expected: str) -> None:
         raise ValueError(f"{name} must have 4 dimensions {expected}, got shape {tuple(x.shape)}")
 
 
-def validate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    scale: Optional[float],
-    dropout_p: float = 0.0,
-) -> tuple[Problem, float]:
-    """Checks the arguments of cross_attention; returns the problem and the resolved scale."""
-    _check_tensor("q", q, "(B, H, Nq, Dqk)")
-    _check_tensor("k", k, "(B, H, Nk, Dqk)")
-    _check_tensor("v", v, "(B, H, Nk, Dv)")
+def _check_dtypes_and_devices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not q.dtype.is_floating_point:
         raise TypeError(f"q must be a floating-point tensor (float32, float16 or bfloat16), got {q.dtype}")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -90,75 +80,95 @@ def validate(
         if x.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
 
+
+def _check_mask(key_padding_mask, batch: int, num_keys: int, device: torch.device) -> None:
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor of shape (B, Nk), got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must have dtype torch.bool (True = padding, ignored), got {key_padding_mask.dtype}"
+        )
+    if key_padding_mask.shape != (batch, num_keys):
+        raise ValueError(
+            f"key_padding_mask must have shape (B={batch}, Nk={num_keys}), got {tuple(key_padding_mask.shape)}"
+        )
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask must be on the device of q ({device}), got {key_padding_mask.device}")
+
+
+def _check_residual(residual, expected: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a tensor of shape (B, H, Nq, Dv), got {type(residual).__name__}")
+    if residual.shape != expected:
+        raise ValueError(f"residual must have shape (B, H, Nq, Dv) = {expected}, got {tuple(residual.shape)}")
+    if residual.dtype != dtype:
+        raise TypeError(f"residual must have the dtype of q ({dtype}), got {residual.dtype}")
+    if residual.device != device:
+        raise ValueError(f"residual must be on the device of q ({device}), got {residual.device}")
+
+
+def _resolve_scale(scale, head_dim_qk: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim_qk)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and abs(scale) <= MAX_ABS_SCALE):
+        raise ValueError(f"scale must be finite with |scale| <= {MAX_ABS_SCALE:g} (larger scales overflow the "
+                         f"float32 scores q.k * scale), got {scale}")
+    return float(scale)
+
+
+def validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    scale: Optional[float],
+    dropout_p: float = 0.0,
+) -> tuple[Problem, float]:
+    """Checks the arguments of cross_attention; returns the problem and the resolved scale.
+
+    Runs on every call (a few microseconds): the common case passes a handful of cheap
+    comparisons, and the messages are only built when a check fails.
+    """
+    _check_tensor("q", q, "(B, H, Nq, Dqk)")
+    _check_tensor("k", k, "(B, H, Nk, Dqk)")
+    _check_tensor("v", v, "(B, H, Nk, Dv)")
+    dtype, device = q.dtype, q.device
+    if dtype not in SUPPORTED_DTYPES or k.dtype is not dtype or v.dtype is not dtype or k.device != device \
+            or v.device != device:
+        _check_dtypes_and_devices(q, k, v)
+
     batch, heads, num_queries, head_dim_qk = q.shape
-    num_keys = k.shape[2]
-    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim_qk:
+    k_batch, k_heads, num_keys, k_dim = k.shape
+    v_batch, v_heads, v_keys, head_dim_v = v.shape
+    if k_batch != batch or k_heads != heads or k_dim != head_dim_qk:
         raise ValueError(
             f"k must have shape (B={batch}, H={heads}, Nk, Dqk={head_dim_qk}) to match q "
             f"{tuple(q.shape)}, got {tuple(k.shape)}"
         )
-    if v.shape[0] != batch or v.shape[1] != heads or v.shape[2] != num_keys:
+    if v_batch != batch or v_heads != heads or v_keys != num_keys:
         raise ValueError(
             f"v must have shape (B={batch}, H={heads}, Nk={num_keys}, Dv) to match q and k, got {tuple(v.shape)}"
         )
-    head_dim_v = v.shape[3]
     if head_dim_qk < 1 or head_dim_v < 1:
         raise ValueError(f"head dims must be at least 1, got Dqk={head_dim_qk} (q, k) and Dv={head_dim_v} (v)")
-
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a bool tensor of shape (B, Nk), got {type(key_padding_mask).__name__}")
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"key_padding_mask must have dtype torch.bool (True = padding, ignored), got {key_padding_mask.dtype}"
-            )
-        if tuple(key_padding_mask.shape) != (batch, num_keys):
-            raise ValueError(
-                f"key_padding_mask must have shape (B={batch}, Nk={num_keys}), got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {key_padding_mask.device}")
-
+        _check_mask(key_padding_mask, batch, num_keys, device)
     if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"residual must be a tensor of shape (B, H, Nq, Dv), got {type(residual).__name__}")
-        expected = (batch, heads, num_queries, head_dim_v)
-        if tuple(residual.shape) != expected:
-            raise ValueError(f"residual must have shape (B, H, Nq, Dv) = {expected}, got {tuple(residual.shape)}")
-        if residual.dtype != q.dtype:
-            raise TypeError(f"residual must have the dtype of q ({q.dtype}), got {residual.dtype}")
-        if residual.device != q.device:
-            raise ValueError(f"residual must be on the device of q ({q.device}), got {residual.device}")
+        _check_residual(residual, (batch, heads, num_queries, head_dim_v), dtype, device)
+    scale = _resolve_scale(scale, head_dim_qk)
+    if dropout_p != 0.0 or type(dropout_p) is not float:
+        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+            raise TypeError(f"dropout_p must be a Python float, got {type(dropout_p).__name__}")
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim_qk)
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
-        if not (math.isfinite(scale) and abs(scale) <= MAX_ABS_SCALE):
-            raise ValueError(f"scale must be finite with |scale| <= {MAX_ABS_SCALE:g} (larger scales overflow the "
-                             f"float32 scores q.k * scale), got {scale}")
-        scale = float(scale)
-
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a Python float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-    problem = Problem(
-        device=q.device,
-        dtype=q.dtype,
-        batch=batch,
-        heads=heads,
-        num_queries=num_queries,
-        num_keys=num_keys,
-        head_dim_qk=head_dim_qk,
-        head_dim_v=head_dim_v,
-        has_mask=key_padding_mask is not None,
-        has_residual=residual is not None,
-        requires_grad=needs_grad(q, k, v, residual),
-        dropout=dropout_p > 0.0,
-    )
+    requires_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (residual is not None and residual.requires_grad))
+    problem = Problem(device, dtype, batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v,
+                      key_padding_mask is not None, residual is not None, requires_grad, dropout_p > 0.0)
     return problem, scale
 
 
