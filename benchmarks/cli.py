@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from . import harness, model_suite, op_suite, report, scaling_suite
+from . import harness, host_suite, model_suite, op_suite, report, scaling_suite
 
-SUITES = {"op": op_suite, "scaling": scaling_suite, "model": model_suite}
+SUITES = {"op": op_suite, "scaling": scaling_suite, "model": model_suite, "host": host_suite}
 
 
 class Progress:
@@ -33,20 +33,13 @@ class Progress:
 
 def _count_cases(device: torch.device, size: str, suites: list[str]) -> int:
     """The cases to measure (each times all its providers interleaved), for the progress bar."""
-    total = 0
-    if "op" in suites:
-        total += len(op_suite.cases(device, size))
-    if "scaling" in suites:
-        total += len(scaling_suite.config_for(device, size).sizes)
-    if "model" in suites:
-        total += 2
-    return total
+    return sum(len(SUITES[name].cases(device, size)) for name in suites)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--suite", default="op,scaling,model",
-                        help="comma-separated suites among op, scaling, model (default: all)")
+    parser.add_argument("--suite", default="op,scaling,model,host",
+                        help="comma-separated suites among op, scaling, model, host (default: all)")
     parser.add_argument("--size", choices=("quick", "full"), default="quick",
                         help="GPU: quick = the headline anchors, full = every anchor and the sweeps; "
                              "CPU: scaled-down shapes, full = larger ones (several times longer)")

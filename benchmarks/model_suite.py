@@ -106,6 +106,14 @@ def config_for(device: torch.device, size: str) -> ModelConfig:
     return CPU_FULL if size == "full" else CPU_CONFIG
 
 
+PASSES = (("inference", False), ("training step", True))
+
+
+def cases(device: torch.device, size: str) -> list[str]:
+    """The passes measured (each times every model interleaved)."""
+    return [name for name, _ in PASSES]
+
+
 def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
     config = config_for(device, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -119,8 +127,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
     forward_flops = model_flops(config)
     case = f"{config.image_size}x{config.image_size} Fourier classifier"
     rows = []
-    for training in (False, True):
-        pass_name = "training step" if training else "inference"
+    for pass_name, training in PASSES:
         progress(f"model {pass_name}")
 
         def step(name, model):

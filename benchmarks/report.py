@@ -90,11 +90,13 @@ BASELINES = {
     "op": ("best SDPA", lambda provider: provider.startswith("sdpa")),
     "scaling": ("Transformer", lambda provider: provider == "transformer"),
     "model": ("HF transformers", lambda provider: provider == "hf_transformers"),
+    "host": ("SDPA", lambda provider: provider == "sdpa"),
 }
 SUITE_TITLES = {
     "op": "cross_attention (op)",
     "scaling": "Scaling with input size M (inference)",
     "model": "End-to-end Perceiver IO (model)",
+    "host": "Host cost per call (ms; validation and dispatch, whole small calls)",
 }
 
 

@@ -73,6 +73,11 @@ def transformer_flops(config: ScalingConfig, size: int) -> int:
     return (config.depth + 2) * layer
 
 
+def cases(device: torch.device, size: str) -> list[int]:
+    """The input sizes M measured (each times both models interleaved)."""
+    return list(config_for(device, size).sizes)
+
+
 def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
     config = config_for(device, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -82,7 +87,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
     }
     out_of_memory: set[str] = set()
     rows = []
-    for length in config.sizes:
+    for length in cases(device, size):
         progress(f"scaling M={length}")
         inputs = torch.randn(config.batch, length, config.width, device=device, dtype=dtype)
 

@@ -12,6 +12,7 @@ Metrics:
 - "peak ratio": peak memory over that of the same baseline row, at most `threshold`.
 - "vs <case>": the provider's time on <case> over its time on this case (a mask that
   costs nothing gives 1.0), at least `threshold`.
+- "us per call": the host suite's microseconds per call, at most `threshold`.
 Kernel targets are the Triton backend's (issue 14): the perceiver_kernels[triton]
 row, or in runs without one the perceiver_kernels (auto) row where auto ran Triton.
 """
@@ -37,7 +38,7 @@ class Target:
 
     @property
     def at_most(self) -> bool:
-        return self.metric == "peak ratio"
+        return self.metric in ("peak ratio", "us per call")
 
 
 MODEL_CASE = "224x224 Fourier classifier"  # model_suite.GPU_CONFIG
@@ -52,6 +53,9 @@ TARGETS = [
     Target(14, "ENC-3 masked", "forward", "speedup", 5.0),
     Target(14, "ENC-1 masked", "forward", "vs ENC-1", 0.9),
     Target(14, "ENC-3 masked", "forward", "vs ENC-3", 0.9),
+    Target(14, "call 1x1x16x16 d64", "host", "us per call", 25.0, suite="host"),
+    Target(14, "call 8x8x512x512 d64", "host", "us per call", 25.0, suite="host"),
+    Target(14, "dispatch", "host", "us per call", 8.0, suite="host", provider="perceiver_kernels"),
     # 15: the fused backward (forward + backward).
     Target(15, "ENC-1", "forward+backward", "speedup", 1.2),
     Target(15, "ENC-3", "forward+backward", "speedup", 1.5),
@@ -107,6 +111,8 @@ def _check(target: Target, rows: list[dict]) -> Result:
         if base is None or not row.get("peak_mib") or not base.get("peak_mib"):
             return Result(target, "no peak memory")
         measured, against = row["peak_mib"] / base["peak_mib"], base["provider"]
+    elif target.metric == "us per call":
+        measured, against, noisy = row["median_ms"] * 1e3, "", False
     elif target.metric.startswith("vs "):
         other = _by_name(rows).get((target.suite, target.metric[3:], target.pass_name, row["provider"]))
         if other is None or other["status"] != "ok":
@@ -130,10 +136,11 @@ def table(results: list[Result]) -> str:
         target = result.target
         sign = "<=" if target.at_most else ">="
         metric = target.metric + (f" ({result.against})" if result.against else "")
-        measured = "-" if result.measured is None else f"{result.measured:.2f}x"
+        unit = " us" if target.metric == "us per call" else "x"
+        measured = "-" if result.measured is None else f"{result.measured:.2f}{unit}"
         status = result.status + (" (noisy)" if result.noisy else "")
         lines.append(f"| {target.issue} | {target.case} | {target.pass_name} | {metric} | {measured} | "
-                     f"{sign} {target.threshold:.2f}x | {status} |")
+                     f"{sign} {target.threshold:.2f}{unit} | {status} |")
     passed = sum(result.status == "PASS" for result in results)
     measured = sum(result.measured is not None for result in results)
     lines += ["", f"{passed} of {measured} measured targets pass ({len(results)} targets in all)."]

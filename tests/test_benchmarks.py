@@ -42,7 +42,7 @@ def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys, few_
     results = json.loads((tmp_path / "results.json").read_text())
     env, rows = results["environment"], results["results"]
     assert env["torch"] and env["commit"] and env["ceilings"]["matmul_tflops"] > 0
-    assert {row["suite"] for row in rows} == {"op", "scaling", "model"}
+    assert {row["suite"] for row in rows} == {"op", "scaling", "model", "host"}
     op_rows = [row for row in rows if row["suite"] == "op" and not row["sweep"]]
     assert {row["provider"] for row in op_rows} == {"perceiver_kernels", "naive", "sdpa"}
     assert {row["pass"] for row in op_rows} == {"forward", "forward+backward"}
@@ -384,3 +384,16 @@ def test_compare_counts_unflagged_ratios_outside_the_tolerance(tmp_path):
     assert outside == 0 and "1 of 1 counted ratios agree within 10% (1 flagged noisy in either run)." in table
     _, outside = compare.compare(a, run(tmp_path / "c.json", 1.25, 1.0), 0.10)
     assert outside == 1
+
+
+def test_host_suite_times_dispatch_per_call_and_checks_its_target(few_rounds):
+    from benchmarks import host_suite, report, targets
+
+    rows = host_suite.run_suite(torch.device("cpu"), "quick", {}, lambda message: None)
+    dispatch = [row for row in rows if row["case"] == "dispatch"]
+    assert {row["provider"] for row in dispatch} == {"perceiver_kernels", "perceiver_kernels[torch]"}
+    assert all(row["status"] == "ok" and 0 < row["us_per_call"] < 1e4 for row in dispatch)
+    report.annotate_ratios(rows)
+    (result,) = [r for r in targets.evaluate(rows) if r.target.suite == "host" and r.measured is not None]
+    assert result.target.case == "dispatch" and result.status in ("PASS", "FAIL")
+    assert "us" in targets.table([result])
