@@ -6,8 +6,8 @@
 #   install       pip install -e . offline, CUDA extension for sm_90a          25 s    120 s
 #   cuda-tests    the CUDA C++ kernel tests (-n 4)          } side by side      30 s    240 s
 #   triton-tests  the Triton kernel tests (-n 12)           }                   70 s    240 s
-#   bench         python -m benchmarks --suite op,model --size quick,        ~120 s    240 s
-#                 fixed kernel configs (PERCEIVER_KERNELS_AUTOTUNE=0)
+#   bench         python -m benchmarks --suite op,model,host --size quick,   ~120 s    240 s
+#                 table kernel configs (PERCEIVER_KERNELS_AUTOTUNE=0, the default)
 #   summary       the table printed last: steps, test counts and failures, the
 #                 benchmark's headline, the targets of issues 14-16 (benchmarks/targets.py)
 #
@@ -24,7 +24,7 @@
 # with at most 8 files: summary.md, results.json, report.md, op.png (copy these into
 # benchmarks/results/<date>-<device>/ and commit them), tests-cuda.log, tests-triton.log,
 # bench.log, and logs.tar.gz with the rest (install log, nvidia-smi, build info, JUnit
-# XML, benchmark progress, step times). Overrides: KERNEL_TESTS, CUDA_TESTS,
+# XML, benchmark progress, step times). Overrides: KERNEL_TESTS, KERNEL_SELECT, CUDA_TESTS, CUDA_SELECT,
 # TEST_WORKERS, BENCH_SUITES, BENCH_SIZE, PERCEIVER_KERNELS_CUDA_ARCHS, MAX_JOBS.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
@@ -33,8 +33,14 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PERCEIVER_KERNELS_AUTOTUNE=0
 DRY_RUN=${DRY_RUN:-0}
 DEADLINE_S=${DEADLINE_S:-530}
-CUDA_TESTS=${CUDA_TESTS:-tests/test_cuda_forward.py}
-KERNEL_TESTS=${KERNEL_TESTS:-tests/test_triton_gpu.py tests/test_triton_forward.py tests/test_triton_backward.py tests/test_op.py tests/test_build.py}
+# The kernel tests (the contract suites' GPU runners, tests/kernel_runners.py, and the
+# launchers' tests), split by kernel family with -k: the CUDA C++ runners' ids say cuda.
+KERNEL_FILES="tests/test_forward_contract.py tests/test_backward_contract.py tests/test_triton_launch.py
+  tests/test_cuda_extension.py tests/test_training.py tests/test_op.py tests/test_build.py tests/test_auto_policy.py"
+CUDA_TESTS=${CUDA_TESTS:-$KERNEL_FILES}
+CUDA_SELECT=${CUDA_SELECT:-cuda}
+KERNEL_TESTS=${KERNEL_TESTS:-$KERNEL_FILES}
+KERNEL_SELECT=${KERNEL_SELECT:-not cuda}
 TEST_WORKERS=${TEST_WORKERS:-12}
 KEEP="summary.md results.json report.md op.png tests-cuda.log tests-triton.log bench.log logs.tar.gz"
 
@@ -89,11 +95,11 @@ fi
 
 # Both test sets at once: the CUDA tests need few workers, the Triton tests many.
 # shellcheck disable=SC2046,SC2086  # word splitting of the worker options and file lists is meant
-run cuda-tests 240 "$OUT/tests-cuda.log" "${PYTEST[@]}" $(workers 4) $CUDA_TESTS \
+run cuda-tests 240 "$OUT/tests-cuda.log" "${PYTEST[@]}" $(workers 4) $CUDA_TESTS -k "$CUDA_SELECT" \
   --junitxml="$OUT/extra/junit-cuda.xml" &
 cuda_pid=$!
 # shellcheck disable=SC2046,SC2086
-run triton-tests 240 "$OUT/tests-triton.log" "${PYTEST[@]}" $(workers "$TEST_WORKERS") $KERNEL_TESTS \
+run triton-tests 240 "$OUT/tests-triton.log" "${PYTEST[@]}" $(workers "$TEST_WORKERS") $KERNEL_TESTS -k "$KERNEL_SELECT" \
   --junitxml="$OUT/extra/junit-triton.xml"
 wait $cuda_pid
 cuda_status=$?
@@ -102,7 +108,7 @@ if [ "$cuda_status" != 0 ]; then
   echo "CUDA kernel tests did not pass (exit $cuda_status): the benchmark leaves backend='cuda' out"
   export BENCH_SKIP_PROVIDERS="perceiver_kernels[cuda]"
 fi
-run bench 240 "$OUT/bench.log" python -m benchmarks --suite "${BENCH_SUITES:-op,model}" --size "${BENCH_SIZE:-quick}" \
+run bench 240 "$OUT/bench.log" python -m benchmarks --suite "${BENCH_SUITES:-op,model,host}" --size "${BENCH_SIZE:-quick}" \
   --out "$OUT/bench"
 for file in results.json report.md op.png; do
   [ -f "$OUT/bench/$file" ] && mv "$OUT/bench/$file" "$OUT/$file"

@@ -47,15 +47,14 @@ def assert_gradients_match(grads: dict, inputs: dict, dout: torch.Tensor, epsilo
 
 
 def _grid(runner):
-    """The forward grid's shapes; on the CPU the dtype takes turns (as in the forward)."""
+    """The forward grid's shapes, the dtype taking turns (as in the forward)."""
     i = 0
     for nq in NUM_QUERIES:
         for nk in NUM_KEYS:
             for dqk, dv in HEAD_DIMS:
                 turn = i + i // len(HEAD_DIMS)
                 i += 1
-                dtypes = runner.dtypes if runner.gpu else (runner.dtypes[turn % len(runner.dtypes)],)
-                for dtype in dtypes:
+                for dtype in (runner.dtypes[turn % len(runner.dtypes)],):
                     case = Case(batch=2, heads=2, num_queries=nq, num_keys=nk, head_dim_qk=dqk, head_dim_v=dv,
                                 dtype=dtype, mask=True, residual=True, transposed=True)
                     yield runner.param(case, id_suffix=f"-q{nq}-k{nk}-d{dqk}x{dv}-{str(dtype)[6:]}")

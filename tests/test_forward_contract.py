@@ -4,7 +4,8 @@ Every case compares against the float64 reference under the tolerance rule with 
 outputs poisoned with NaN before the call, so an element a kernel forgets to write
 fails. Runners (tests/kernel_runners.py): the Triton kernels in the interpreter and
 the CUDA kernels in the host emulation on the CPU (CI), and both on a GPU (marked
-`gpu`), which run exactly these cases, in every dtype, plus the GPU-only sizes at the end.
+`gpu`), which run exactly these cases (bfloat16 among their dtypes), plus the GPU-only
+sizes at the end.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ HEAD_DIMS = ((16, 16), (40, 24), (64, 64), (100, 128), (128, 100))  # (Dqk, Dv),
 
 def _grid(runner):
     """Every (Nq, Nk, head dims) with a mask that leaves some rows without keys, a residual
-    and the transposed (B, L, H, D) layout. On the CPU the dtype and (for rotating runners)
-    the path take turns, so that each meets every Nq x Nk pair and every head dim; a GPU
-    runner takes every dtype and path."""
+    and the transposed (B, L, H, D) layout. The dtype and (for rotating runners) the path
+    take turns, so that each meets every Nq x Nk pair and every head dim (a GPU runner's
+    turns include bfloat16, which the interpreter cannot run)."""
     shapes = list(itertools.product(NUM_QUERIES, NUM_KEYS, HEAD_DIMS))
     for i, (nq, nk, (dqk, dv)) in enumerate(shapes):
         turn = i + i // len(HEAD_DIMS)
-        dtypes = runner.dtypes if runner.gpu else (runner.dtypes[turn % len(runner.dtypes)],)
-        for dtype in dtypes:
+        for dtype in (runner.dtypes[turn % len(runner.dtypes)],):
             if dtype == torch.float32 and runner.max_fp32_cells and nq * nk > runner.max_fp32_cells:
                 dtype = torch.float16
             case = Case(batch=2, heads=2, num_queries=nq, num_keys=nk, head_dim_qk=dqk, head_dim_v=dv, dtype=dtype,
