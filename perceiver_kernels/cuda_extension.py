@@ -97,9 +97,12 @@ def head_dims_problem(head_dim_qk: int, head_dim_v: int) -> str:
     loaded = module()
     if loaded.forward_head_dims(head_dim_qk, head_dim_v) is not None:
         return ""
-    pairs = ", ".join(f"{qk}/{v}" for qk, v in _build_info()["forward_head_dims"])
+    info = _build_info()
+    pairs = ", ".join(f"{qk}/{v}" for qk, v in info["forward_head_dims"])
+    wide = info.get("forward_wide_head_dims")
+    beyond = f", and the wide kernels take any head dims up to {wide['max']}" if wide else ""
     return (f"no compiled kernel for Dqk={head_dim_qk} Dv={head_dim_v}; the compiled Dqk/Dv pairs are {pairs} "
-            "(smaller dims run padded up to a pair)")
+            f"(smaller dims run padded up to a pair){beyond}")
 
 
 @machine_fact

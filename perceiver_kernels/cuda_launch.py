@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import cuda_extension
-from .chunking import SplitPlan, plan_splits
+from .chunking import SplitPlan, cdiv, plan_splits
 from .problem import allocate_output
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -26,12 +26,15 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 def plan_cuda_forward(batch: int, heads: int, num_queries: int, num_keys: int, dtype: torch.dtype,
                       device: torch.device, num_splits: Optional[int] = None,
-                      extension: Optional[ModuleType] = None) -> SplitPlan:
+                      extension: Optional[ModuleType] = None, head_dim_v: int = 0) -> SplitPlan:
     """The split plan of the CUDA forward (see chunking.plan_chunks); blocks take the
-    kernel's query rows of this dtype."""
+    kernel's query rows of this dtype, and the wide kernels' blocks each one slice of Dv
+    (as many blocks per query tile as slices), which the plan counts as programs."""
     info = cuda_extension.build_info() if extension is None else extension.build_info()
     tile_rows = info["query_tile_rows"][DTYPE_NAMES[dtype]]
-    return plan_splits(batch, heads, num_queries, num_keys, tile_rows, device, num_splits)
+    wide = info.get("forward_wide_head_dims")
+    slices = cdiv(head_dim_v, wide["value_channels_per_block"][DTYPE_NAMES[dtype]]) if wide and head_dim_v else 1
+    return plan_splits(batch * slices, heads, num_queries, num_keys, tile_rows, device, num_splits)
 
 
 def run_cuda_forward(
@@ -48,7 +51,7 @@ def run_cuda_forward(
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     out, lse = allocate_output(q, head_dim_v)
-    plan = plan_cuda_forward(batch, heads, num_queries, num_keys, q.dtype, q.device, num_splits, extension)
+    plan = plan_cuda_forward(batch, heads, num_queries, num_keys, q.dtype, q.device, num_splits, extension, head_dim_v)
     extension = extension or cuda_extension.module()
     partial_out = partial_lse = None
     if plan.num_splits > 1:

@@ -308,3 +308,27 @@ def test_wide_heads_offsets_beyond_int32():
     out, _ = CUDA_GPU.run(dict(q=q, k=k, v=v, key_padding_mask=mask, residual=None, scale=dim ** -0.5))
     tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
     assert_matches_reference(out, tail, epsilon=CUDA_GPU.epsilon)
+
+
+@needs_extension
+@pytest.mark.parametrize("dims,grad,refused", [
+    ((261, 261), False, ""),
+    ((261, 261), True, "takes head dims up to 256"),
+    ((64, 64), True, ""),
+    ((1281, 64), False, "wide kernels take any head dims up to 1280"),
+])
+def test_wide_heads_run_forward_and_training_only_where_the_triton_backward_reaches(monkeypatch, dims, grad,
+                                                                                     refused):
+    from perceiver_kernels.backends.cuda_backend import WIDE_NOT_YET_TIMED, CudaBackend
+    from perceiver_kernels.problem import Problem
+
+    monkeypatch.setattr(cuda_extension, "architecture_problem", lambda index: "")
+    problem = Problem(torch.device("cuda", 0), torch.float16, 2, 1, 512, 50_176, dims[0], dims[1], False, False,
+                      grad, False)
+    reasons = CudaBackend().own_refusals(problem, auto=False)
+    if refused:
+        assert any(refused in reason for reason in reasons), reasons
+    else:
+        assert reasons == []
+        auto_reasons = CudaBackend().own_refusals(problem, auto=True)
+        assert (WIDE_NOT_YET_TIMED in auto_reasons) == (max(dims) > 256), auto_reasons

@@ -9,21 +9,29 @@ import torch
 from .. import cuda_extension
 from ..problem import Problem
 from .base import Backend
+from .triton_backend import TritonBackend
+
+# Training runs the Triton backward: the widest head it takes.
+TRITON_BACKWARD_MAX_HEAD_DIM = TritonBackend.max_head_dim
 
 # On the first GPU run (an H200) these kernels passed every test but ran slower than
 # the Triton kernels and SDPA on every measured shape, so "auto" leaves them out.
 SLOWER_THAN_THE_OTHERS = ("auto does not choose the CUDA kernels: on an H200 they were correct but slower than the "
                           "Triton kernels and SDPA on every measured shape (benchmarks/results/2026-11-30-h200); "
                           "backend='cuda' runs them")
+# The wide-head kernels came after that run: auto waits for a GPU run to time them.
+WIDE_NOT_YET_TIMED = ("auto does not choose the CUDA wide-head kernels: no GPU has run or timed them yet; "
+                      "backend='cuda' runs them")
 
 
 class CudaBackend(Backend):
     """Forward kernels in CUDA C++ (fp16/bf16 on tensor cores, fp32 exact on CUDA cores).
 
-    Training works: the backward runs in Triton from the forward's lse, so it needs
-    triton installed. Head dims are those of the compiled instantiations (smaller ones
-    run padded up); other dims are refused with the list of compiled pairs. The grid
-    limit comes from the extension itself (build_info).
+    Head dims: the compiled pairs (smaller dims run padded up to one), and beyond them the
+    wide kernels up to the bound build_info() reports (1280), rounded up to a multiple of
+    16. Training works where the Triton backward does (head dims up to 256, triton
+    installed): the backward runs in Triton from the forward's lse. The grid limit
+    comes from the extension itself (build_info).
     """
 
     name = "cuda"
@@ -49,17 +57,24 @@ class CudaBackend(Backend):
         head_dims = cuda_extension.head_dims_problem(problem.head_dim_qk, problem.head_dim_v)
         if head_dims:
             reasons.append(head_dims)
-        if problem.requires_grad and importlib.util.find_spec("triton") is None:
-            reasons.append("gradients come from the Triton backward, and triton is not installed")
+        if problem.requires_grad:
+            if importlib.util.find_spec("triton") is None:
+                reasons.append("gradients come from the Triton backward, and triton is not installed")
+            if max(problem.head_dim_qk, problem.head_dim_v) > TRITON_BACKWARD_MAX_HEAD_DIM:
+                reasons.append("gradients come from the Triton backward, which takes head dims up to "
+                               f"{TRITON_BACKWARD_MAX_HEAD_DIM}; "
+                               f"Dqk={problem.head_dim_qk} Dv={problem.head_dim_v} runs forward only (no CUDA backward "
+                               "for wide heads yet)")
         if auto:
-            reasons.append(SLOWER_THAN_THE_OTHERS)
+            wide = max(problem.head_dim_qk, problem.head_dim_v) > TRITON_BACKWARD_MAX_HEAD_DIM
+            reasons.append(WIDE_NOT_YET_TIMED if wide else SLOWER_THAN_THE_OTHERS)
         return reasons
 
     def describe(self, problem: Problem) -> str:
         from ..cuda_launch import plan_cuda_forward
 
         plan = plan_cuda_forward(problem.batch, problem.heads, problem.num_queries, problem.num_keys, problem.dtype,
-                                 problem.device)
+                                 problem.device, head_dim_v=problem.head_dim_v)
         kernel = "fp32 CUDA-core kernel" if problem.dtype == torch.float32 else "tensor-core kernel (mma.sync)"
         return f"cuda ({kernel}; {plan.describe()})"
 
