@@ -12,6 +12,7 @@ CPU (tests/cuda_emulation/), so this launcher is what they test too.
 
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
 from typing import Optional
 
@@ -67,15 +68,18 @@ def run_cuda_forward(
         return () if x is None else x.stride()
 
     device, stream = (q.device.index, torch.cuda.current_stream(q.device).cuda_stream) if q.is_cuda else (0, 0)
-    extension.forward(
-        dtype=DTYPE_NAMES[q.dtype], device=device, stream=stream,
-        q=q.data_ptr(), q_stride=q.stride(), k=k.data_ptr(), k_stride=k.stride(), v=v.data_ptr(), v_stride=v.stride(),
-        key_padding=pointer(mask), key_padding_stride=strides(mask),
-        residual=pointer(residual), residual_stride=strides(residual),
-        out=out.data_ptr(), out_stride=out.stride(), lse=lse.data_ptr(),
-        partial_out=pointer(partial_out), partial_lse=pointer(partial_lse),
-        batch=batch, heads=heads, num_queries=num_queries, num_keys=num_keys,
-        head_dim_qk=head_dim_qk, head_dim_v=head_dim_v, scale=scale,
-        num_splits=plan.num_splits, keys_per_split=plan.keys_per_split,
-    )
+    # The tensors' device made current as torch does it; the extension would otherwise
+    # switch devices itself, and cudaSetDevice creates contexts.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        extension.forward(
+            dtype=DTYPE_NAMES[q.dtype], device=device, stream=stream,
+            q=q.data_ptr(), q_stride=q.stride(), k=k.data_ptr(), k_stride=k.stride(), v=v.data_ptr(),
+            v_stride=v.stride(), key_padding=pointer(mask), key_padding_stride=strides(mask),
+            residual=pointer(residual), residual_stride=strides(residual),
+            out=out.data_ptr(), out_stride=out.stride(), lse=lse.data_ptr(),
+            partial_out=pointer(partial_out), partial_lse=pointer(partial_lse),
+            batch=batch, heads=heads, num_queries=num_queries, num_keys=num_keys,
+            head_dim_qk=head_dim_qk, head_dim_v=head_dim_v, scale=scale,
+            num_splits=plan.num_splits, keys_per_split=plan.keys_per_split,
+        )
     return out, lse

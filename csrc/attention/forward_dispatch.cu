@@ -62,18 +62,26 @@ const DeviceLimits& device_limits(int device) {
 }
 
 // Makes `device` current for the launches and restores the caller's device after.
+// Restores only a device it changed: cudaSetDevice creates a context on its device,
+// and a thread that never chose one reports device 0, so restoring unconditionally
+// would give every process of a multi-GPU job a context on GPU 0. The Python launcher
+// makes the tensors' device current first, so normally nothing changes here.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    changed_ = previous_ != device;
+    if (changed_) check(cudaSetDevice(device), "cudaSetDevice");
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(previous_);
+  }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
   int previous_ = 0;
+  bool changed_ = false;
 };
 
 bool aligned_rows(const void* base, const int64_t (&stride)[4], int element_bytes) {
