@@ -19,6 +19,7 @@ def cross_attention(
     residual: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    causal: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v (+ residual), for the asymmetric shapes of Perceiver IO.
@@ -33,6 +34,10 @@ def cross_attention(
         scale: multiplies q k^T; default 1 / sqrt(Dqk).
         dropout_p: attention-probability dropout (pass 0 in evaluation). The fused
             kernels have none: a call with dropout_p > 0 runs on "torch" (SDPA).
+        causal: query i sees key j only if j <= i + Nk - Nq: aligned at the bottom
+            right, as when the queries are the last Nq positions of a sequence of Nk
+            (Perceiver AR's latents). Combines with key_padding_mask. Rows that see no
+            key (the first Nq - Nk when Nq > Nk) get 0 (+ residual).
         backend: "auto" (the first of triton, cuda, torch that accepts the input),
             or one of them explicitly (raises BackendRefusedError saying why if it
             cannot serve the input). explain() shows the choice.
@@ -42,9 +47,9 @@ def cross_attention(
     lay it out as (B, Nq, H, Dv), so merging the heads is free, while "torch" returns
     SDPA's layout.
     """
-    problem, scale = validate(q, k, v, key_padding_mask, residual, scale, dropout_p)
+    problem, scale = validate(q, k, v, key_padding_mask, residual, scale, dropout_p, causal)
     impl = dispatch.select(problem, backend)
-    return impl.forward(q, k, v, key_padding_mask, residual, scale, dropout_p)
+    return impl.forward(q, k, v, key_padding_mask, residual, scale, dropout_p, causal)
 
 
 def explain(
@@ -56,11 +61,12 @@ def explain(
     residual: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    causal: bool = False,
     backend: str = "auto",
 ) -> dispatch.Explanation:
     """Which backend cross_attention would run for these arguments, and why not the others.
 
     Takes the arguments of cross_attention; computes nothing. print() the result.
     """
-    problem, _ = validate(q, k, v, key_padding_mask, residual, scale, dropout_p)
+    problem, _ = validate(q, k, v, key_padding_mask, residual, scale, dropout_p, causal)
     return dispatch.explain_problem(problem, backend)

@@ -38,6 +38,7 @@ class Problem(NamedTuple):
     has_residual: bool
     requires_grad: bool
     dropout: bool
+    causal: bool = False
 
     def describe(self) -> str:
         parts = [
@@ -54,6 +55,8 @@ class Problem(NamedTuple):
             parts.append("requires_grad")
         if self.dropout:
             parts.append("dropout")
+        if self.causal:
+            parts.append("causal")
         return ", ".join(parts)
 
 
@@ -126,6 +129,7 @@ def validate(
     residual: Optional[torch.Tensor],
     scale: Optional[float],
     dropout_p: float = 0.0,
+    causal: bool = False,
 ) -> tuple[Problem, float]:
     """Checks the arguments of cross_attention; returns the problem and the resolved scale.
 
@@ -164,11 +168,13 @@ def validate(
             raise TypeError(f"dropout_p must be a Python float, got {type(dropout_p).__name__}")
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if causal is not False and causal is not True:
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
     requires_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (residual is not None and residual.requires_grad))
     problem = Problem(device, dtype, batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v,
-                      key_padding_mask is not None, residual is not None, requires_grad, dropout_p > 0.0)
+                      key_padding_mask is not None, residual is not None, requires_grad, dropout_p > 0.0, causal)
     return problem, scale
 
 

@@ -220,3 +220,42 @@ def test_output_layout_of_each_backend_is_as_documented():
     if not HAS_GPU:
         out = pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], backend="triton")
         assert out.shape == (2, 2, 10, 24) and out.transpose(1, 2).is_contiguous()
+
+
+CAUSAL_SHAPES = [(3, 5), (5, 3), (4, 4), (1, 7), (7, 1), (64, 300)]
+
+
+@pytest.mark.parametrize("num_queries,num_keys", CAUSAL_SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_causal_attention_on_the_torch_backend(num_queries, num_keys, masked, monkeypatch):
+    """Bottom-right causal masking, alone and with padding, against the reference, with
+    gradients; rows that see no key (Nq > Nk) give the residual and zero gradients. A
+    tiny mask-chunk bound makes the padded path build its mask in several chunks."""
+    from perceiver_kernels.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CAUSAL_MASK_CELLS", 2 * num_keys * 3)
+    case = Case(num_queries=num_queries, num_keys=num_keys, head_dim_v=24, dtype=torch.float64, mask=masked,
+                residual=True)
+    inputs = make_inputs(case, "cpu")
+    leaves = {n: inputs[n].detach().requires_grad_() for n in ("q", "k", "v")}
+    out = pk.cross_attention(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=inputs["key_padding_mask"],
+                             residual=inputs["residual"], causal=True, backend="torch")
+    reference = {n: inputs[n].detach().requires_grad_() for n in ("q", "k", "v")}
+    truth = pk.reference_attention(reference["q"], reference["k"], reference["v"],
+                                   key_padding_mask=inputs["key_padding_mask"], residual=inputs["residual"],
+                                   causal=True)
+    torch.testing.assert_close(out, truth)
+    dout = torch.randn_like(out)
+    for mine, theirs in zip(torch.autograd.grad(out, tuple(leaves.values()), dout),
+                            torch.autograd.grad(truth, tuple(reference.values()), dout)):
+        torch.testing.assert_close(mine, theirs)
+    blind = max(0, num_queries - num_keys)
+    torch.testing.assert_close(out[:, :, :blind], inputs["residual"][:, :, :blind], rtol=0, atol=0)
+
+
+def test_causal_is_checked_and_the_kernels_say_they_lack_it():
+    inputs = make_inputs(Case(), "cpu")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], causal=1)
+    explanation = pk.explain(inputs["q"], inputs["k"], inputs["v"], causal=True, backend="torch")
+    assert explanation.chosen == "torch" and "causal" in str(explanation)

@@ -30,6 +30,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     max_head_dim: Optional[int] = None  # None: no bound (or bounds stated by own_refusals)
     dropout: bool = False
+    causal: bool = False  # causal masking (cross_attention's causal=True)
     empty_dimensions: bool = False  # B, H, Nq or Nk may be 0
     max_batch_heads: Optional[int] = None
     # The backward needs the attention output alone: with a residual and gradients
@@ -55,6 +56,8 @@ class Backend:
             )
         if problem.dropout and not self.dropout:
             reasons.append(DROPOUT_NOT_FUSED)
+        if problem.causal and not self.causal:
+            reasons.append(f"causal masking is not in the {self.name} kernels")
         if not self.empty_dimensions and 0 in (problem.batch, problem.heads, problem.num_queries, problem.num_keys):
             reasons.append("an empty dimension (B, H, Nq or Nk is 0): nothing to launch")
         batch_heads = problem.batch * problem.heads
@@ -83,13 +86,14 @@ class Backend:
         residual: Optional[torch.Tensor],
         scale: float,
         dropout_p: float,
+        causal: bool = False,
     ) -> torch.Tensor:
         if residual is not None and self.backward_needs_plain_output and needs_grad(q, k, v, residual):
             # Recovering the attention output as out - residual from the rounded output
             # would lose precision when the residual is large, so training adds it here.
-            return self.run(q, k, v, key_padding_mask, None, scale, dropout_p) + residual
-        return self.run(q, k, v, key_padding_mask, residual, scale, dropout_p)
+            return self.run(q, k, v, key_padding_mask, None, scale, dropout_p, causal) + residual
+        return self.run(q, k, v, key_padding_mask, residual, scale, dropout_p, causal)
 
-    def run(self, q, k, v, key_padding_mask, residual, scale, dropout_p) -> torch.Tensor:
+    def run(self, q, k, v, key_padding_mask, residual, scale, dropout_p, causal) -> torch.Tensor:
         """The backend's computation on validated inputs it accepted."""
         raise NotImplementedError

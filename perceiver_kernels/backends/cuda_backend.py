@@ -78,7 +78,7 @@ class CudaBackend(Backend):
         kernel = "fp32 CUDA-core kernel" if problem.dtype == torch.float32 else "tensor-core kernel (mma.sync)"
         return f"cuda ({kernel}; {plan.describe()})"
 
-    def run(self, q, k, v, key_padding_mask, residual, scale, dropout_p):
+    def run(self, q, k, v, key_padding_mask, residual, scale, dropout_p, causal):
         from .. import ops
 
         return ops.attention("cuda", q, k, v, key_padding_mask, residual, scale,

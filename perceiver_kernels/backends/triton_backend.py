@@ -73,7 +73,7 @@ class TritonBackend(Backend):
                                    exact_fp32=is_exact_fp32(problem.dtype, torch.backends.cuda.matmul.allow_tf32))
         return f"triton ({plan.describe()})"
 
-    def run(self, q, k, v, key_padding_mask, residual, scale, dropout_p):
+    def run(self, q, k, v, key_padding_mask, residual, scale, dropout_p, causal):
         from .. import ops
 
         return ops.attention("triton", q, k, v, key_padding_mask, residual, scale,
