@@ -29,9 +29,11 @@ FORWARD_TILE = "attention_fwd_kernel"
 FORWARD_SPLIT = "attention_fwd_split_kernel"
 BACKWARD_DKDV = "attention_bwd_dkdv_kernel"
 BACKWARD_DQ = "attention_bwd_dq_kernel"
+BACKWARD_ENCODE = "attention_bwd_encode_kernel"
+BACKWARD_DECODE = "attention_bwd_decode_kernel"
+BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_ENCODE, BACKWARD_DECODE)
 # The meta-parameter each kernel walks its summed dimension with.
-INNER_BLOCK = {FORWARD_TILE: "BLOCK_N", FORWARD_SPLIT: "BLOCK_N", BACKWARD_DKDV: "BLOCK_INNER",
-               BACKWARD_DQ: "BLOCK_INNER"}
+INNER_BLOCK = {FORWARD_TILE: "BLOCK_N", FORWARD_SPLIT: "BLOCK_N", **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,29 @@ PREFERENCES: dict[str, tuple[LaunchConfig, ...]] = {
     FORWARD_SPLIT: (_c(64, 8, 4), _c(64, 8, 3), _c(64, 4, 2), _c(32, 8, 2), _c(32, 4, 2), *_SMALL),
     BACKWARD_DKDV: (_c(64, 4, 2), _c(32, 4, 2), _c(32, 8, 2), *_SMALL),
     BACKWARD_DQ: (_c(64, 4, 2), _c(32, 4, 2), _c(32, 8, 2), *_SMALL),
+    # The fused kernels hold every row of the short side (up to 256) on 8 warps; how long
+    # the blocks walking the other side may be is FUSED_MAX_INNER's.
+    BACKWARD_ENCODE: (_c(64, 8, 2), _c(32, 8, 2), _c(16, 8, 1)),
+    BACKWARD_DECODE: (_c(64, 8, 2), _c(32, 8, 2), _c(16, 8, 1)),
 }
+# The fused backward kernels' longest inner block without spills, by (kernel, rows held
+# (the short side: up to 128, or up to 256), head block (up to 32, 64 or 128)), from
+# ptxas for sm_90, where they run (on sm_80 every config spilled hundreds of bytes, so
+# the launcher keeps the two general kernels there). ptxas is not monotonic here:
+# 256 rows fit at head dim 64 but spill 700 bytes at 32. Absent: no fused kernel.
+FUSED_MAX_INNER = {
+    (BACKWARD_ENCODE, 128, 32): 64, (BACKWARD_ENCODE, 128, 64): 32, (BACKWARD_ENCODE, 256, 64): 32,
+    (BACKWARD_ENCODE, 128, 128): 16,
+    (BACKWARD_DECODE, 128, 32): 64, (BACKWARD_DECODE, 128, 64): 32, (BACKWARD_DECODE, 256, 64): 16,
+    (BACKWARD_DECODE, 128, 128): 16,
+}
+
+
+def fused_max_inner(kernel: str, rows: int, block_d: int) -> Optional[int]:
+    """FUSED_MAX_INNER for `rows` held rows and head blocks of `block_d`, or None."""
+    rows_bucket = 128 if rows <= 128 else 256 if rows <= 256 else None
+    d_bucket = 32 if block_d <= 32 else block_d
+    return FUSED_MAX_INNER.get((kernel, rows_bucket, d_bucket))
 # The interpreter runs in numpy: configs only change its speed and how many blocks a
 # test walks, so it takes small query tiles (more programs, more edges tested).
 INTERPRETER_TILE_ROWS = 32
@@ -100,6 +124,8 @@ SEARCH_SPACES: dict[str, tuple[LaunchConfig, ...]] = {
     FORWARD_SPLIT: tuple(_c(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)),
     BACKWARD_DKDV: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
     BACKWARD_DQ: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
+    BACKWARD_ENCODE: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
+    BACKWARD_DECODE: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
 }
 
 
@@ -131,7 +157,7 @@ def _register_budget_exceeded(config: LaunchConfig, shape: ShapeClass, arch: str
     rows = config.block_m or shape.block_m or 64
     threads = 32 * config.num_warps
     hopper = arch >= "sm_90"
-    if shape.kernel in (BACKWARD_DKDV, BACKWARD_DQ):
+    if shape.kernel in BACKWARDS:
         if shape.exact_fp32:
             return False
         return rows * (shape.block_dqk + shape.block_dv + 2 * config.inner) / threads > (192 if hopper else 96)
@@ -151,10 +177,14 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
       32, 8 warps everywhere, 1 stage in the backward and from Dqk + Dv of 256;
     - shared memory within the device's limit (None: no limit, the interpreter).
     """
-    backward = shape.kernel in (BACKWARD_DKDV, BACKWARD_DQ)
+    backward = shape.kernel in BACKWARDS
     rows = config.block_m or shape.block_m or 0
     if config.inner > max(16, next_power_of_2(shape.inner_length)):
         return False
+    if shape.kernel in (BACKWARD_ENCODE, BACKWARD_DECODE):
+        longest = fused_max_inner(shape.kernel, rows, max(shape.block_dqk, shape.block_dv))
+        return longest is not None and config.inner <= longest and config.num_warps == 8 and (
+            config.num_stages == 1 or config.inner >= 32)
     if arch != "interpreter" and _register_budget_exceeded(config, shape, arch):
         return False
     if shape.wide_head and (config.inner > (32 if backward else 64) or rows > 64

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +18,7 @@ import torch
 
 from . import triton_configs
 from .chunking import SplitPlan, cdiv, plan_chunks, plan_splits
-from .kernels import attention_bwd, attention_fwd
+from .kernels import attention_bwd, attention_bwd_fused, attention_fwd
 from .kernels.common import LOG2E
 from .problem import allocate_output
 from .triton_configs import LaunchConfig, ShapeClass, next_power_of_2
@@ -194,29 +195,79 @@ def _backward_block(block_dqk: int, block_dv: int, exact_fp32: bool) -> int:
     return 32 if exact_fp32 or block_dqk + block_dv > 384 else 64
 
 
+# PERCEIVER_KERNELS_BACKWARD=two-kernel runs the general backward everywhere (the fused
+# kernels replace it on the asymmetric shapes; the benchmark times both).
+BACKWARD_VARIANTS = ("fused", "two-kernel")
+
+
+def backward_variant() -> str:
+    variant = os.environ.get("PERCEIVER_KERNELS_BACKWARD", "fused")
+    if variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"PERCEIVER_KERNELS_BACKWARD must be one of {BACKWARD_VARIANTS}, got {variant!r}")
+    return variant
+
+
 @dataclass(frozen=True)
 class _BackwardKernelLaunch:
+    kernel: str  # a name of triton_configs: which kernel, and the config it gets
     chunks: int
     per_chunk: int
     grid: tuple
     meta: dict
 
 
+@dataclass(frozen=True)
+class BackwardPlan:
+    """How a backward call runs: the fused ENCODE or DECODE kernel, or the two general ones."""
+
+    constexprs: dict
+    launches: tuple[_BackwardKernelLaunch, ...]
+
+    def describe(self) -> str:
+        first = self.launches[0]
+        if first.kernel == triton_configs.BACKWARD_ENCODE:
+            return f"fused ENCODE backward (one pass over K/V in {first.chunks} key chunks, dQ partials summed)"
+        if first.kernel == triton_configs.BACKWARD_DECODE:
+            return f"fused DECODE backward (one pass over Q in {first.chunks} query chunks, dK/dV partials summed)"
+        return "two-kernel backward (dK/dV over key blocks, dQ over query blocks)"
+
+
 @functools.lru_cache(maxsize=4096)
-def _backward_launch(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, element_bytes, device,
-                     exact_fp32, has_mask, num_chunks) -> tuple[dict, _BackwardKernelLaunch, _BackwardKernelLaunch]:
+def plan_triton_backward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, element_bytes, device,
+                         exact_fp32, has_mask, num_chunks=None, variant="fused") -> BackwardPlan:
+    """The fused kernel where one side fits a program (ENCODE: Nq rows; DECODE: Nk rows;
+    triton_configs.FUSED_MAX_INNER says how many) and the other side is at least 4x
+    longer, on Hopper and newer; else the general two kernels."""
     constexprs = _constexprs(head_dim_qk, head_dim_v, exact_fp32, has_mask)
-    block = _backward_block(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"], exact_fp32)
-    constexprs["BLOCK_OUTER"] = block
-    launches = []
-    # dK/dV: programs over key blocks, each summing over (a chunk of) the queries; dQ the mirror image.
-    for kernel, outer, inner in ((triton_configs.BACKWARD_DKDV, num_keys, num_queries),
-                                 (triton_configs.BACKWARD_DQ, num_queries, num_keys)):
-        blocks = cdiv(outer, block)
-        chunks, per_chunk = plan_chunks(blocks * batch * heads, inner, device, num_chunks)
-        meta, _ = _config(kernel, constexprs, element_bytes, per_chunk, device, block)
-        launches.append(_BackwardKernelLaunch(chunks, per_chunk, (blocks * chunks * batch * heads,), meta))
-    return constexprs, launches[0], launches[1]
+    block_d = max(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"])
+    arch, _ = triton_configs.device_facts(device)
+    fused = variant == "fused" and not exact_fp32 and (arch == "interpreter" or arch >= "sm_90")
+
+    def fits(kernel: str, rows: int) -> bool:
+        return triton_configs.fused_max_inner(kernel, max(16, next_power_of_2(rows)), block_d) is not None
+
+    if fused and num_keys >= 4 * num_queries and fits(triton_configs.BACKWARD_ENCODE, num_queries):
+        kernel, rows, long_side = triton_configs.BACKWARD_ENCODE, num_queries, num_keys
+    elif fused and num_queries >= 4 * num_keys and fits(triton_configs.BACKWARD_DECODE, num_keys):
+        kernel, rows, long_side = triton_configs.BACKWARD_DECODE, num_keys, num_queries
+    else:
+        block = _backward_block(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"], exact_fp32)
+        constexprs["BLOCK_OUTER"] = block
+        launches = []
+        # dK/dV: programs over key blocks, each summing over (a chunk of) the queries; dQ the mirror image.
+        for kernel, outer, inner in ((triton_configs.BACKWARD_DKDV, num_keys, num_queries),
+                                     (triton_configs.BACKWARD_DQ, num_queries, num_keys)):
+            blocks = cdiv(outer, block)
+            chunks, per_chunk = plan_chunks(blocks * batch * heads, inner, device, num_chunks)
+            meta, _ = _config(kernel, constexprs, element_bytes, per_chunk, device, block)
+            launches.append(_BackwardKernelLaunch(kernel, chunks, per_chunk, (blocks * chunks * batch * heads,),
+                                                  meta))
+        return BackwardPlan(constexprs, tuple(launches))
+    constexprs["BLOCK_OUTER"] = max(16, next_power_of_2(rows))
+    chunks, per_chunk = plan_chunks(batch * heads, long_side, device, num_chunks)
+    meta, _ = _config(kernel, constexprs, element_bytes, per_chunk, device, constexprs["BLOCK_OUTER"])
+    return BackwardPlan(constexprs, (_BackwardKernelLaunch(kernel, chunks, per_chunk, (chunks * batch * heads,),
+                                                           meta),))
 
 
 def run_triton_backward(
@@ -234,18 +285,16 @@ def run_triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) from the forward's out and lse; the residual's gradient is dout.
 
-    num_chunks forces the number of chunks of the summed dimension in both kernels
-    (tests); by default plan_chunks picks it per kernel.
+    num_chunks forces the number of chunks of the summed dimension (tests); by default
+    plan_chunks picks it per kernel.
     """
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
-    constexprs, dkdv, dq_launch = _backward_launch(
-        batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.element_size(), q.device,
-        is_exact_fp32(q.dtype, allow_tf32), key_padding_mask is not None, num_chunks)
-    # Delta_i = dO_i . O_i over the attention output alone (out holds the residual too).
-    attention_out = out.float() if residual is None else out.float() - residual.float()
-    delta = (dout.float() * attention_out).sum(-1).contiguous()
-    lse = lse.contiguous()
+    plan = plan_triton_backward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.element_size(),
+                                q.device, is_exact_fp32(q.dtype, allow_tf32), key_padding_mask is not None,
+                                num_chunks, backward_variant())
+    constexprs = plan.constexprs
+    delta = torch.empty((batch * heads, num_queries), dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
@@ -259,6 +308,39 @@ def run_triton_backward(
         return tuple(torch.empty((chunks, *g.shape), dtype=torch.float32, device=g.device) for g in final)
 
     with _device_context(q):
+        # Delta_i = dO_i . O_i over the attention output alone (out holds the residual too).
+        res = residual if residual is not None else out
+        delta_rows = 32 if constexprs["BLOCK_DV"] > 128 else 64
+        attention_bwd.attention_bwd_delta_kernel[(cdiv(num_queries, delta_rows) * batch * heads,)](
+            out, res, dout, delta, *out.stride(), *res.stride(), *dout.stride(), heads, num_queries, head_dim_v,
+            HAS_RESIDUAL=residual is not None, BLOCK_M=delta_rows, BLOCK_DV=constexprs["BLOCK_DV"],
+        )
+        first = plan.launches[0]
+        if first.kernel == triton_configs.BACKWARD_ENCODE:
+            (part_dq,) = chunk_targets((dq,), first.chunks)
+            _kernel(attention_bwd_fused.attention_bwd_encode_kernel)[first.grid](
+                q, k, v, pad, dout, lse, delta, part_dq, dk, dv,
+                *inputs, *part_dq.stride(), *dk.stride(), *dv.stride(), *sizes,
+                first.chunks, first.per_chunk, next_power_of_2(first.per_chunk),
+                **constexprs, **first.meta,
+            )
+            if first.chunks > 1:
+                dq.copy_(part_dq.sum(0))
+            return dq, dk, dv
+        if first.kernel == triton_configs.BACKWARD_DECODE:
+            part_dk, part_dv = chunk_targets((dk, dv), first.chunks)
+            _kernel(attention_bwd_fused.attention_bwd_decode_kernel)[first.grid](
+                q, k, v, pad, dout, lse, delta, dq, part_dk, part_dv,
+                *inputs, *dq.stride(), *part_dk.stride(), *part_dv.stride(), *sizes,
+                first.chunks, first.per_chunk, next_power_of_2(first.per_chunk),
+                **constexprs, **first.meta,
+            )
+            if first.chunks > 1:
+                dk.copy_(part_dk.sum(0))
+                dv.copy_(part_dv.sum(0))
+            return dq, dk, dv
+
+        dkdv, dq_launch = plan.launches
         part_dk, part_dv = chunk_targets((dk, dv), dkdv.chunks)
         _kernel(attention_bwd.attention_bwd_dkdv_kernel)[dkdv.grid](
             q, k, v, pad, dout, lse, delta, part_dk, part_dv,

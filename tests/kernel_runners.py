@@ -17,6 +17,7 @@ gets the whole contract.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -115,6 +116,10 @@ class BackwardRunner:
     dtypes: tuple[torch.dtype, ...]
     gpu: bool = False
     epsilon: dict = field(default_factory=lambda: dict(EPSILON))
+    # PERCEIVER_KERNELS_BACKWARD: "fused" (the fused kernels on the asymmetric shapes,
+    # the two general ones elsewhere) or "two-kernel" (the general ones everywhere).
+    variant: str = "fused"
+    grid_every: int = 1  # the contract grid's cases this runner takes (every n-th)
 
     def gradients(self, inputs: dict, dout: torch.Tensor, num_chunks: Optional[int],
                   fuse_residual: bool = False) -> dict:
@@ -126,8 +131,16 @@ class BackwardRunner:
         forward_inputs = {**inputs, "residual": residual}
         out, lse = self.forward.run(forward_inputs)
         args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], residual)
-        return dict(zip("qkv", run_triton_backward(dout, *args, out, lse, _scale(inputs), False,
-                                                   num_chunks=num_chunks)))
+        previous = os.environ.get("PERCEIVER_KERNELS_BACKWARD")
+        os.environ["PERCEIVER_KERNELS_BACKWARD"] = self.variant
+        try:
+            grads = run_triton_backward(dout, *args, out, lse, _scale(inputs), False, num_chunks=num_chunks)
+        finally:
+            if previous is None:
+                del os.environ["PERCEIVER_KERNELS_BACKWARD"]
+            else:
+                os.environ["PERCEIVER_KERNELS_BACKWARD"] = previous
+        return dict(zip("qkv", grads))
 
     def marks(self) -> list:
         return self.forward.marks()
@@ -178,7 +191,12 @@ FORWARD_RUNNERS = (TRITON_INTERPRETER, CUDA_EMULATION, TRITON_GPU, CUDA_GPU)
 BACKWARD_RUNNERS = (
     BackwardRunner(name="triton-interpreter", device="cpu", forward=TRITON_INTERPRETER,
                    dtypes=TRITON_INTERPRETER.dtypes),
+    # The general two kernels on the shapes the fused ones take by default (a third of the grid).
+    BackwardRunner(name="triton-interpreter-two-kernel", device="cpu", forward=TRITON_INTERPRETER,
+                   dtypes=TRITON_INTERPRETER.dtypes, variant="two-kernel", grid_every=3),
     BackwardRunner(name="triton-gpu", device="cuda", forward=TRITON_GPU, dtypes=DTYPES, gpu=True),
+    BackwardRunner(name="triton-gpu-two-kernel", device="cuda", forward=TRITON_GPU, dtypes=DTYPES, gpu=True,
+                   variant="two-kernel", grid_every=3),
     # The CUDA backend trains through the Triton backward from the CUDA forward's lse.
     BackwardRunner(name="cuda-gpu+triton", device="cuda", forward=CUDA_GPU, dtypes=DTYPES, gpu=True),
 )

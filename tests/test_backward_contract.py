@@ -54,6 +54,8 @@ def _grid(runner):
             for dqk, dv in HEAD_DIMS:
                 turn = i + i // len(HEAD_DIMS)
                 i += 1
+                if (i - 1) % runner.grid_every:
+                    continue
                 for dtype in (runner.dtypes[turn % len(runner.dtypes)],):
                     case = Case(batch=2, heads=2, num_queries=nq, num_keys=nk, head_dim_qk=dqk, head_dim_v=dv,
                                 dtype=dtype, mask=True, residual=True, transposed=True)

@@ -22,8 +22,9 @@ from tests.triton_compile import DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT, SHAR
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernel tests compile every kernel for real")
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = {"attention_fwd_kernel", "attention_fwd_split_kernel", "merge_splits_kernel",
-           "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
+KERNELS = {"attention_fwd_kernel", "attention_fwd_split_kernel", "merge_splits_kernel", "attention_bwd_delta_kernel",
+           "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel", "attention_bwd_encode_kernel",
+           "attention_bwd_decode_kernel"}
 
 
 def compile_records(*args: str, autotune: bool, shards: int = 2) -> list[dict]:

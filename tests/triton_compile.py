@@ -98,7 +98,7 @@ def record_launches(problem: Problem, allow_tf32: bool = False, arch: int | None
     under PERCEIVER_KERNELS_AUTOTUNE=1, _configs_to_try adds the tuning space.
     """
     from perceiver_kernels import triton_configs, triton_launch
-    from perceiver_kernels.kernels import attention_bwd, attention_fwd
+    from perceiver_kernels.kernels import attention_bwd, attention_bwd_fused, attention_fwd
 
     dtype = getattr(torch, problem.dtype)
     batch, heads = 1, 2
@@ -113,7 +113,9 @@ def record_launches(problem: Problem, allow_tf32: bool = False, arch: int | None
     launches: list = []
     kernels = [(attention_fwd, name) for name in ("attention_fwd_kernel", "attention_fwd_split_kernel",
                                                   "merge_splits_kernel")]
-    kernels += [(attention_bwd, name) for name in ("attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")]
+    kernels += [(attention_bwd, name) for name in ("attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel",
+                                                   "attention_bwd_dq_kernel")]
+    kernels += [(attention_bwd_fused, name) for name in ("attention_bwd_encode_kernel", "attention_bwd_decode_kernel")]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     originals += [(triton_configs, "AUTOTUNE", triton_configs.AUTOTUNE),
                   (triton_configs, "device_facts", triton_configs.device_facts),
@@ -131,10 +133,11 @@ def record_launches(problem: Problem, allow_tf32: bool = False, arch: int | None
         triton_launch.run_triton_backward(torch.randn_like(out), q, k, v, mask, residual, out, lse, scale,
                                          allow_tf32=allow_tf32)
     finally:
+        os.environ.pop("PERCEIVER_KERNELS_BACKWARD", None)
         for module, name, original in originals:
             setattr(module, name, original)
         triton_launch._forward_launch.cache_clear()
-        triton_launch._backward_launch.cache_clear()
+        triton_launch.plan_triton_backward.cache_clear()
     return launches
 
 

@@ -66,12 +66,18 @@ class TritonBackend(Backend):
         return reasons
 
     def describe(self, problem: Problem) -> str:
-        from ..triton_launch import is_exact_fp32, plan_triton_forward
+        from ..triton_launch import backward_variant, is_exact_fp32, plan_triton_backward, plan_triton_forward
 
+        exact_fp32 = is_exact_fp32(problem.dtype, torch.backends.cuda.matmul.allow_tf32)
         plan = plan_triton_forward(problem.batch, problem.heads, problem.num_queries, problem.num_keys,
-                                   problem.head_dim_qk, problem.head_dim_v, problem.device,
-                                   exact_fp32=is_exact_fp32(problem.dtype, torch.backends.cuda.matmul.allow_tf32))
-        return f"triton ({plan.describe()})"
+                                   problem.head_dim_qk, problem.head_dim_v, problem.device, exact_fp32=exact_fp32)
+        path = plan.describe()
+        if problem.requires_grad:
+            backward = plan_triton_backward(problem.batch, problem.heads, problem.num_queries, problem.num_keys,
+                                            problem.head_dim_qk, problem.head_dim_v, problem.dtype.itemsize,
+                                            problem.device, exact_fp32, problem.has_mask, None, backward_variant())
+            path += f"; {backward.describe()}"
+        return f"triton ({path})"
 
     def run(self, q, k, v, key_padding_mask, residual, scale, dropout_p, causal):
         from .. import ops

@@ -17,6 +17,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634  # the launchers scale q.k by scale * LOG2E so that kernels use exp2
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E_CONSTEXPR = tl.constexpr(LOG2E)
+INF = tl.constexpr(float("inf"))
 # Mask bytes one step of kept_key_range reads.
 MASK_SCAN_BLOCK = tl.constexpr(1024)
 
@@ -94,3 +95,20 @@ def kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK: tl.const
             hi = tl.maximum(hi, tl.max(tl.where(kept, keys + 1, key_start), 0))
         return lo, hi
     return key_start, key_end
+
+
+@triton.jit
+def store_rows(ptr, value, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
+    """Stores `value` into rows `rows` x channels [0, dim) of a strided matrix, in its dtype."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(ptr + rows[:, None] * stride_row + offs_d[None, :] * stride_d, value.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < dim)[None, :])
+
+
+@triton.jit
+def row_stats(lse_ptr, delta_ptr, rows, row_ok):
+    """lse in base 2 with +inf for rows without keys (so their P is 0), and Delta."""
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf")) * LOG2E_CONSTEXPR
+    lse = tl.where(lse == float("-inf"), INF, lse)
+    delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+    return lse, delta
