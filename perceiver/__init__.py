@@ -4,6 +4,7 @@ Model code uses only the public API of perceiver_kernels: it runs on the CPU thr
 the "torch" backend and on GPUs through the fused kernels.
 """
 
+from .ar import PerceiverAR
 from .attention import CrossAttention, MultiHeadAttention
 from .interop import from_hf
 from .layers import MLP, PerceiverLayer, self_attention_layer
@@ -26,6 +27,7 @@ __all__ = [
     "MLP",
     "MultimodalQueries",
     "MultiHeadAttention",
+    "PerceiverAR",
     "PerceiverDecoder",
     "PerceiverEncoder",
     "PerceiverIO",

@@ -11,7 +11,7 @@ dropout in training the op runs on its "torch" backend (SDPA), the one with drop
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -175,13 +175,24 @@ class MultiHeadAttention(nn.Module):
         values: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         normed_queries: Optional[torch.Tensor] = None,
+        *,
+        causal: bool = False,
+        transform_queries: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """Attention of (B, Nq, q_dim) queries to projected keys and values."""
+        """Attention of (B, Nq, q_dim) queries to projected keys and values.
+
+        causal: the op's bottom-right causal mask (the queries are the last Nq of the
+        Nk positions). transform_queries maps the projected queries (B, H, Nq, Dqk)
+        before the attention: a position encoding applied to q and k after their
+        projections (rotary), whose keys the caller passes already transformed.
+        """
         normed = self.query_norm(queries) if normed_queries is None else normed_queries
         q = split_heads(self.query(normed), self.num_heads)
+        if transform_queries is not None:
+            q = transform_queries(q)
         context = merge_heads(pk.cross_attention(q, keys, values, key_padding_mask=key_padding_mask,
                                                  dropout_p=self.dropout if self.training else 0.0,
-                                                 backend=self.backend))
+                                                 causal=causal, backend=self.backend))
         if not self.use_query_residual:
             return self.output(context)
         # The residual enters as the GEMM's C operand; the bias is added in place.
