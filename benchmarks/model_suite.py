@@ -8,6 +8,14 @@ architecture and weights: inputs of the same width, the same latents, depth and
 heads). Inference (no grad) and a training step (forward + backward) are timed, the
 three models interleaved. A comparison package that is not installed gets a row that
 says so (the GPU machine has no perceiver-pytorch).
+
+Perceiver AR (issue 17): a training step of perceiver.PerceiverAR against PlainPerceiverAR,
+the same model in plain PyTorch (same parameters, loaded from its state dict; attention
+as explicit matmuls and softmax under the causal mask, rotary embeddings as complex
+multiplication), and generation with the key/value cache against generate(use_cache=False),
+which recomputes the whole forward for every token. A generation call makes
+`new_tokens` tokens after a prompt filling the rest of the context; both providers pay
+one full forward for the first token.
 """
 
 from __future__ import annotations
@@ -15,15 +23,18 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import perceiver
 
 from . import flops
 from .harness import measure_case, throughput
 
+GENERATION_BASELINE = "perceiver_kernels, no cache"
 FOURIER_CHANNELS = 261  # 3 pixel channels + 2 positions + 2 x 2 x 64 Fourier bands
 
 
@@ -107,11 +118,12 @@ def config_for(device: torch.device, size: str) -> ModelConfig:
 
 
 PASSES = (("inference", False), ("training step", True))
+AR_PASSES = ("Perceiver AR training step", "Perceiver AR generation")
 
 
 def cases(device: torch.device, size: str) -> list[str]:
     """The passes measured (each times every model interleaved)."""
-    return [name for name, _ in PASSES]
+    return [name for name, _ in PASSES] + list(AR_PASSES)
 
 
 def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
@@ -150,4 +162,199 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
                 row["tflops"] = throughput(case_flops, row["median_ms"])
                 row["samples_per_s"] = config.batch / (row["median_ms"] * 1e-3)
             rows.append(row)
+    return rows + perceiver_ar_rows(device, size, progress)
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    seq_len: int
+    num_latents: int
+    dim: int
+    num_heads: int
+    num_layers: int
+    batch: int
+    new_tokens: int  # per timed generation call
+    vocab_size: int = 256
+    widening_factor: int = 4
+
+
+AR_CPU = ARConfig(seq_len=1024, num_latents=128, dim=128, num_heads=4, num_layers=2, batch=2, new_tokens=32)
+AR_CPU_FULL = ARConfig(seq_len=4096, num_latents=256, dim=256, num_heads=4, num_layers=4, batch=2, new_tokens=64)
+# The paper's shape: 1,024 latents over 8k positions.
+AR_GPU = ARConfig(seq_len=8192, num_latents=1024, dim=512, num_heads=8, num_layers=8, batch=4, new_tokens=128)
+
+
+def ar_config_for(device: torch.device, size: str) -> ARConfig:
+    if device.type == "cuda":
+        return AR_GPU
+    return AR_CPU_FULL if size == "full" else AR_CPU
+
+
+def ar_case(config: ARConfig) -> str:
+    return f"Perceiver AR L={config.seq_len} N={config.num_latents}"
+
+
+class _PlainAttention(nn.Module):
+    """The parameters of perceiver.MultiHeadAttention, by the same names."""
+
+    def __init__(self, dim: int, cross_attention: bool):
+        super().__init__()
+        self.query_norm = nn.LayerNorm(dim)
+        self.kv_norm = nn.LayerNorm(dim) if cross_attention else nn.Identity()
+        self.query, self.key, self.value, self.output = (nn.Linear(dim, dim) for _ in range(4))
+
+
+class _PlainLayer(nn.Module):
+    """The parameters of perceiver.PerceiverLayer, by the same names."""
+
+    def __init__(self, dim: int, widening_factor: int, cross_attention: bool):
+        super().__init__()
+        self.attention = _PlainAttention(dim, cross_attention)
+        self.layernorm = nn.LayerNorm(dim)
+        self.mlp = nn.Module()
+        self.mlp.dense1 = nn.Linear(dim, widening_factor * dim)
+        self.mlp.dense2 = nn.Linear(widening_factor * dim, dim)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp.dense2(F.gelu(self.mlp.dense1(self.layernorm(x))))
+
+
+class PlainPerceiverAR(nn.Module):
+    """perceiver.PerceiverAR (no padding, no dropout) in plain PyTorch; loads its state dict."""
+
+    def __init__(self, config: ARConfig, rotary_base: float = 10_000.0):
+        super().__init__()
+        self.num_latents, self.num_heads = config.num_latents, config.num_heads
+        self.embedding = nn.Embedding(config.vocab_size, config.dim)
+        self.cross_attention = _PlainLayer(config.dim, config.widening_factor, cross_attention=True)
+        self.layers = nn.ModuleList(_PlainLayer(config.dim, config.widening_factor, cross_attention=False)
+                                    for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.vocab_size)
+        half = config.dim // config.num_heads // 2
+        frequencies = rotary_base ** (-torch.arange(half, dtype=torch.float64) / half)
+        angles = torch.arange(config.seq_len, dtype=torch.float64)[:, None] * frequencies
+        self.register_buffer("phases", torch.polar(torch.ones_like(angles), angles).to(torch.complex64),
+                             persistent=False)
+
+    def _heads(self, x: torch.Tensor, positions: Optional[slice]) -> torch.Tensor:
+        """(B, L, dim) -> (B, H, L, D); with positions, rotary: channels i and i + D/2 of a
+        head turned as one complex number by the phase of its position."""
+        batch, length, dim = x.shape
+        x = x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        if positions is None:
+            return x
+        half = x.shape[-1] // 2
+        turned = torch.complex(x[..., :half].float(), x[..., half:].float()) * self.phases[positions]
+        return torch.cat([turned.real, turned.imag], dim=-1).to(x.dtype)
+
+    def _attention(self, layer: _PlainLayer, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The causal cross-attention layer: the latents are the last positions of the context."""
+        attention = layer.attention
+        length, count = context.shape[1], latents.shape[1]
+        latent_positions = slice(length - count, length)
+        q = self._heads(attention.query(attention.query_norm(latents)), latent_positions)
+        context = attention.kv_norm(context)
+        k = self._heads(attention.key(context), slice(0, length))
+        v = self._heads(attention.value(context), None)
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        # Latent i (position length - count + i) sees positions up to its own.
+        hidden = torch.ones(count, length, dtype=torch.bool, device=q.device).triu(length - count + 1)
+        weights = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        merged = (weights @ v).transpose(1, 2).flatten(2)
+        return layer.mlp_block(latents + attention.output(merged))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) -> logits (B, num_latents, vocab_size), as PerceiverAR.forward."""
+        embedded = self.embedding(tokens)
+        latents = self._attention(self.cross_attention, embedded[:, -self.num_latents:], embedded)
+        for layer in self.layers:
+            latents = self._self_attention(layer, latents, tokens.shape[1])
+        return self.head(self.norm(latents))
+
+    def _self_attention(self, layer: _PlainLayer, latents: torch.Tensor, length: int) -> torch.Tensor:
+        """Queries, keys and values all from the normalised latents, the last of `length` positions."""
+        attention = layer.attention
+        normed = attention.query_norm(latents)
+        count = latents.shape[1]
+        positions = slice(length - count, length)
+        q = self._heads(attention.query(normed), positions)
+        k = self._heads(attention.key(normed), positions)
+        v = self._heads(attention.value(normed), None)
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        hidden = torch.ones(count, count, dtype=torch.bool, device=q.device).triu(1)
+        weights = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        merged = (weights @ v).transpose(1, 2).flatten(2)
+        return layer.mlp_block(latents + attention.output(merged))
+
+
+def build_perceiver_ar(config: ARConfig) -> tuple[perceiver.PerceiverAR, PlainPerceiverAR]:
+    """PerceiverAR and its plain-PyTorch twin with the same weights."""
+    ours = perceiver.PerceiverAR(config.vocab_size, config.seq_len, config.num_latents, config.dim,
+                                 num_heads=config.num_heads, num_layers=config.num_layers,
+                                 widening_factor=config.widening_factor)
+    plain = PlainPerceiverAR(config)
+    plain.load_state_dict(ours.state_dict())
+    return ours, plain
+
+
+def perceiver_ar_loss(model: nn.Module, windows: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """Next-token cross-entropy of the latents; windows (B, L + 1) hold each input and the token after it."""
+    logits = model(windows[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, -num_latents:].flatten())
+
+
+def perceiver_ar_flops(config: ARConfig) -> int:
+    """Forward FLOPs of PerceiverAR: the attentions over the pairs their causal masks leave."""
+    b, n, length, d, h = config.batch, config.num_latents, config.seq_len, config.dim, config.num_heads
+    mlp = 2 * flops.linear(b * n, d, config.widening_factor * d)
+    cross = (flops.linear(b * n, d, 2 * d) + flops.linear(b * length, d, 2 * d) + mlp
+             + flops.attention(b, h, 1, n * (length - n) + n * (n + 1) // 2, d // h))
+    layer = flops.linear(b * n, d, 4 * d) + mlp + flops.attention(b, h, 1, n * (n + 1) // 2, d // h)
+    return cross + config.num_layers * layer + flops.linear(b * n, d, config.vocab_size)
+
+
+def perceiver_ar_rows(device: torch.device, size: str, progress: Callable[[str], None]) -> list[dict]:
+    config = ar_config_for(device, size)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext())
+    torch.manual_seed(0)
+    ours, plain = (model.to(device) for model in build_perceiver_ar(config))
+    windows = torch.randint(0, config.vocab_size, (config.batch, config.seq_len + 1), device=device)
+    prompt = windows[:, :config.seq_len - config.new_tokens]
+    case = ar_case(config)
+    common = {"suite": "model", "case": case, "batch": config.batch, "dtype": str(dtype).replace("torch.", ""),
+              "seq_len": config.seq_len, "num_latents": config.num_latents}
+    rows = []
+
+    progress(AR_PASSES[0])
+
+    def step(model):
+        with autocast:
+            model.zero_grad(set_to_none=True)
+            perceiver_ar_loss(model, windows, config.num_latents).backward()
+
+    step_flops = 3 * perceiver_ar_flops(config)  # backward of dense layers and attention: 2x forward
+    results = measure_case({"perceiver_kernels": functools.partial(step, ours),
+                            "plain_pytorch": functools.partial(step, plain)}, device)
+    for name, result in results.items():
+        row = {**common, "pass": "training step", "provider": name, "flops": step_flops, **result}
+        if row["status"] == "ok":
+            row["tflops"] = throughput(step_flops, row["median_ms"])
+        rows.append(row)
+
+    progress(AR_PASSES[1])
+    ours.eval()
+
+    def generate(use_cache):
+        with autocast:
+            return ours.generate(prompt, config.new_tokens, temperature=0, use_cache=use_cache)
+
+    results = measure_case({"perceiver_kernels": functools.partial(generate, True),
+                            GENERATION_BASELINE: functools.partial(generate, False)}, device)
+    for name, result in results.items():
+        row = {**common, "pass": "generation", "provider": name, "new_tokens": config.new_tokens, **result}
+        if row["status"] == "ok":
+            row["ms_per_token"] = row["median_ms"] / config.new_tokens
+        rows.append(row)
     return rows

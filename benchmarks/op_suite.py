@@ -7,6 +7,16 @@ that never splits the keys), and two forward sweeps: ENCODE over the number of
 inputs M and DECODE over the number of outputs O. The CPU runs scaled-down versions
 (larger ones with --size full). A masked case pads the last PAD_FRACTION of the keys
 of every batch element, as variable-length inputs padded to one length do.
+
+Perceiver AR's attentions (issue 17) come in pairs, each with and without the causal
+mask on the same shape: the cross-attention of 1,024 latents over 8k and 64k context
+positions ("AR-8k", "AR-64k") and the latents' self-attention ("AR-1k self"). The
+mask is aligned at the bottom right (query i sees keys j <= i + Nk - Nq); our op gets
+causal=True, SDPA the lower-right causal bias (a backend that refuses it gets a row
+saying so), naive attention the reference's mask. Over 8k keys the mask hides only
+the last 1,024 x 1,024 triangle (1/16 of the scores), so a causal kernel can save
+about half the work only on the square self-attention; FLOPs count the scores the
+mask leaves visible.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import perceiver_kernels as pk
+
+from torch.nn.attention.bias import causal_lower_right
 
 from .flops import BACKWARD_FACTOR
 from .flops import attention as attention_flops
@@ -36,6 +48,12 @@ class Shape:
     head_dim: int
     pad_fraction: float = 0.0  # of the keys of every batch element, padded at the end
     sweep: str = ""  # "encode" or "decode": a point of that sweep, plotted against its long side
+    causal: bool = False  # bottom-right aligned, as Perceiver AR's latents over their context
+
+    def __post_init__(self):
+        if self.causal and self.masked:
+            raise ValueError(f"shape {self.name!r}: a causal case of this suite takes no key padding "
+                             "(SDPA's causal bias does not combine with a mask)")
 
     @property
     def masked(self) -> bool:
@@ -46,9 +64,21 @@ class Shape:
         """Padding keys per batch element."""
         return round(self.pad_fraction * self.num_keys)
 
+    @property
+    def visible_pairs(self) -> int:
+        """(query, key) pairs whose scores count: all, or those the causal mask leaves.
+
+        Causal: the last r = min(Nq, Nk) queries see keys (the first Nq - r see none);
+        the k-th of them sees Nk - r + k + 1."""
+        if not self.causal:
+            return self.num_queries * self.num_keys
+        seeing = min(self.num_queries, self.num_keys)
+        return seeing * (self.num_keys - seeing) + seeing * (seeing + 1) // 2
+
     def flops(self, backward: bool) -> int:
-        """The forward's count, plus BACKWARD_FACTOR times it for the backward."""
-        forward = attention_flops(self.batch, self.heads, self.num_queries, self.num_keys, self.head_dim)
+        """The forward's count over the visible pairs, plus BACKWARD_FACTOR times it for the backward."""
+        full = attention_flops(self.batch, self.heads, self.num_queries, self.num_keys, self.head_dim)
+        forward = full * self.visible_pairs // (self.num_queries * self.num_keys)
         return int(forward * (1 + BACKWARD_FACTOR)) if backward else forward
 
     def min_bytes(self, element_size: int, backward: bool) -> int:
@@ -61,6 +91,13 @@ class Shape:
 
 
 PAD_FRACTION = 0.25
+
+
+def causal_pair(name: str, *sizes: int) -> list[Shape]:
+    """The same shape without and with the causal mask ("<name>", "<name> causal")."""
+    return [Shape(name, *sizes), Shape(f"{name} causal", *sizes, causal=True)]
+
+
 GPU_SHAPES = [
     Shape("ENC-1", 8, 8, 256, 50_176, 64),
     Shape("ENC-1 masked", 8, 8, 256, 50_176, 64, pad_fraction=PAD_FRACTION),
@@ -70,20 +107,26 @@ GPU_SHAPES = [
     Shape("ENC-4", 8, 8, 256, 50_176, 32),
     Shape("DEC-1", 8, 8, 50_176, 256, 64),
     Shape("DEC-2", 1, 8, 800_000, 2048, 64),
+    *causal_pair("AR-8k", 4, 8, 1024, 8192, 64),
+    *causal_pair("AR-64k", 1, 8, 1024, 65_536, 64),
+    *causal_pair("AR-1k self", 8, 8, 1024, 1024, 64),
 ]
 # One CPU core runs these in a few minutes in all (quick) or about a quarter of an hour (full).
 CPU_SHAPES = [
     Shape("ENC small", 1, 4, 64, 16_384, 64),
     Shape("ENC small masked", 1, 4, 64, 16_384, 64, pad_fraction=PAD_FRACTION),
     Shape("DEC small", 1, 4, 16_384, 64, 64),
+    *causal_pair("AR small", 1, 4, 128, 2048, 64),
 ]
 CPU_SHAPES_FULL = [
     Shape("ENC medium", 1, 8, 128, 65_536, 64),
     Shape("ENC medium masked", 1, 8, 128, 65_536, 64, pad_fraction=PAD_FRACTION),
     Shape("DEC medium", 1, 8, 65_536, 128, 64),
+    *causal_pair("AR medium", 1, 8, 256, 8192, 64),
 ]
-QUICK_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
-BACKWARD_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1")
+AR_QUICK = ("AR-8k", "AR-8k causal", "AR-1k self", "AR-1k self causal")
+QUICK_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1", *AR_QUICK)
+BACKWARD_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1", *AR_QUICK, "AR-64k", "AR-64k causal")
 
 
 def sweep_shapes(batch: int, heads: int, short_side: int, long_sides: tuple[int, ...], head_dim: int) -> list[Shape]:
@@ -120,12 +163,15 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
     if shape.masked:
         keys = torch.arange(shape.num_keys, device=device)
         mask = (keys >= shape.num_keys - shape.padded_keys).expand(shape.batch, -1).contiguous()
-    return {"q": randn(shape.num_queries), "k": randn(shape.num_keys), "v": randn(shape.num_keys), "mask": mask}
+    return {"q": randn(shape.num_queries), "k": randn(shape.num_keys), "v": randn(shape.num_keys), "mask": mask,
+            "causal": shape.causal}
 
 
 def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
     def run(inputs):
         attn_mask = None if inputs["mask"] is None else ~inputs["mask"][:, None, None, :]
+        if inputs["causal"]:
+            attn_mask = causal_lower_right(inputs["q"].shape[2], inputs["k"].shape[2])
         context = contextlib.nullcontext()
         if backend_name is not None:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -144,7 +190,8 @@ OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[triton]": "trito
 
 
 def _ours(backend: str) -> Callable[[dict], torch.Tensor]:
-    return lambda x: pk.cross_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"], backend=backend)
+    return lambda x: pk.cross_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"], causal=x["causal"],
+                                        backend=backend)
 
 
 def providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]:
@@ -160,7 +207,8 @@ def _all_providers(device: torch.device) -> dict[str, Callable[[dict], torch.Ten
     if device.type == "cuda":
         ours["perceiver_kernels[triton]"] = _ours("triton")
         ours["perceiver_kernels[cuda]"] = _ours("cuda")
-    ours["naive"] = lambda x: pk.reference_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"])
+    ours["naive"] = lambda x: pk.reference_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"],
+                                                     causal=x["causal"])
     if device.type != "cuda":
         return {**ours, "sdpa": _sdpa(None)}
     sdpa = {f"sdpa-{name.lower()}": _sdpa(name)
@@ -197,13 +245,14 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
             row = {"suite": "op", "pass": pass_name, "case": shape.name, "provider": name,
                    "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
                    "d": shape.head_dim, "masked": shape.masked, "pad_fraction": shape.pad_fraction,
+                   "causal": shape.causal,
                    "padded_keys": shape.batch * shape.padded_keys, "dtype": str(dtype).replace("torch.", ""),
                    "sweep": shape.sweep, "flops": case_flops, "min_bytes": case_bytes, "roofline_ms": roofline_ms,
                    **result}
             if name in OUR_BACKENDS:
                 q = inputs["q"].detach().requires_grad_(backward)
                 row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"],
-                                         backend=OUR_BACKENDS[name]).path
+                                         causal=shape.causal, backend=OUR_BACKENDS[name]).path
             if row["status"] == "ok":
                 row["tflops"] = throughput(case_flops, row["median_ms"])
                 row["gbps"] = case_bytes / (row["median_ms"] * 1e-3) / 1e9

@@ -89,13 +89,16 @@ def _fmt(value, spec):
 BASELINES = {
     "op": ("best SDPA", lambda provider: provider.startswith("sdpa")),
     "scaling": ("Transformer", lambda provider: provider == "transformer"),
-    "model": ("HF transformers", lambda provider: provider == "hf_transformers"),
+    # Perceiver IO against HF; Perceiver AR's training step against plain PyTorch, its
+    # generation against itself without the cache.
+    "model": ("baseline", lambda provider: provider in ("hf_transformers", "plain_pytorch",
+                                                        "perceiver_kernels, no cache")),
     "host": ("SDPA", lambda provider: provider == "sdpa"),
 }
 SUITE_TITLES = {
     "op": "cross_attention (op)",
     "scaling": "Scaling with input size M (inference)",
-    "model": "End-to-end Perceiver IO (model)",
+    "model": "End-to-end models (model; baseline: HF transformers, or for Perceiver AR plain PyTorch / no cache)",
     "host": "Host cost per call (ms; validation and dispatch, whole small calls)",
 }
 

@@ -8,13 +8,17 @@ the cases; `gpu_run.sh` prints it last. Re-check any results file with
 
 Metrics:
 - "speedup": the suite's speed-up column (op: over the best SDPA backend timed in the
-  same run; model: over HF transformers), at least `threshold`.
+  same run; model: over HF transformers, or for Perceiver AR over plain PyTorch and,
+  in generation, over generating without the cache), at least `threshold`.
 - "peak ratio": peak memory over that of the same baseline row, at most `threshold`.
 - "vs <case>": the provider's time on <case> over its time on this case (a mask that
-  costs nothing gives 1.0), at least `threshold`.
+  costs nothing gives 1.0), at least `threshold` (a causal case at most 0.6x the time
+  of the same shape without the mask: at least 1 / 0.6).
 - "us per call": the host suite's microseconds per call, at most `threshold`.
 Kernel targets are the Triton backend's (issue 14): the perceiver_kernels[triton]
 row, or in runs without one the perceiver_kernels (auto) row where auto ran Triton.
+The causal speed-ups (issue 17) are over the best SDPA backend that accepts the
+lower-right causal bias: a backend that refuses it has no time, so it is no baseline.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Target:
 
 
 MODEL_CASE = "224x224 Fourier classifier"  # model_suite.GPU_CONFIG
+AR_CPU_CASE = "Perceiver AR L=1024 N=128"  # model_suite.ar_case(model_suite.AR_CPU)
 TARGETS = [
     # 14: the forward on Hopper (H200/H100, bf16).
     Target(14, "ENC-1", "forward", "speedup", 1.1),
@@ -67,6 +72,22 @@ TARGETS = [
     Target(16, MODEL_CASE, "inference", "speedup", 6.0, suite="model", provider="perceiver_kernels"),
     Target(16, MODEL_CASE, "training step", "speedup", 3.0, suite="model", provider="perceiver_kernels"),
     Target(16, MODEL_CASE, "training step", "peak ratio", 0.5, suite="model", provider="perceiver_kernels"),
+    # 17: causal cross-attention for Perceiver AR (Hopper, bf16): >= 2x the best SDPA
+    # backend that accepts the causal mask, forward and forward + backward ...
+    Target(17, "AR-8k causal", "forward", "speedup", 2.0),
+    Target(17, "AR-8k causal", "forward+backward", "speedup", 2.0),
+    Target(17, "AR-64k causal", "forward", "speedup", 2.0),
+    Target(17, "AR-64k causal", "forward+backward", "speedup", 2.0),
+    # ... and at most 0.6x the time of the same shape without the mask. The mask hides
+    # about half of a square attention's scores (the latents' self-attention), but only
+    # 1/16 of 1,024 latents over 8k keys: there the causal case must not be slower.
+    Target(17, "AR-1k self causal", "forward", "vs AR-1k self", 1 / 0.6),
+    Target(17, "AR-1k self causal", "forward+backward", "vs AR-1k self", 1 / 0.6),
+    Target(17, "AR-8k causal", "forward", "vs AR-8k", 1.0),
+    Target(17, "AR-8k causal", "forward+backward", "vs AR-8k", 1.0),
+    # Generation with the cache at least 5x faster per token than recomputing the
+    # context, measured on the CPU (the first token's full forward included in both).
+    Target(17, AR_CPU_CASE, "generation", "speedup", 5.0, suite="model", provider="perceiver_kernels"),
 ]
 
 
@@ -130,7 +151,8 @@ def evaluate(rows: list[dict]) -> list[Result]:
 
 
 def table(results: list[Result]) -> str:
-    lines = ["### Targets (issues 14, 15, 16)", "",
+    issues = ", ".join(str(issue) for issue in sorted({result.target.issue for result in results}))
+    lines = [f"### Targets (issues {issues})", "",
              "| issue | case | pass | metric | measured | target | result |", "|---|---|---|---|---|---|---|"]
     for result in results:
         target = result.target

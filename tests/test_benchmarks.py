@@ -26,6 +26,9 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
+TINY_AR = model_suite.ARConfig(seq_len=24, num_latents=6, dim=16, num_heads=2, num_layers=1, batch=2, new_tokens=3)
+
+
 @pytest.fixture
 def few_rounds(monkeypatch):
     """Tiny cases settle in a few rounds: keep the suite's tests fast."""
@@ -38,6 +41,7 @@ def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys, few_
     monkeypatch.setattr(op_suite, "CPU_SWEEP", op_suite.sweep_shapes(1, 2, 8, (32, 64), 16))
     monkeypatch.setattr(scaling_suite, "CPU_CONFIG", scaling_suite.ScalingConfig(16, 2, 4, 1, sizes=(16, 32)))
     monkeypatch.setattr(model_suite, "CPU_CONFIG", model_suite.ModelConfig(4, 4, 16, 1, 1, 2, batch=1, num_labels=3))
+    monkeypatch.setattr(model_suite, "AR_CPU", TINY_AR)
     cli.main(["--device", "cpu", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     env, rows = results["environment"], results["results"]
@@ -59,7 +63,7 @@ def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys, few_
         ("encode", 8, 32), ("encode", 8, 64), ("decode", 32, 8), ("decode", 64, 8)}
     assert {row["pass"] for row in sweep_rows} == {"forward"}
     assert {row["provider"] for row in rows if row["suite"] == "model"} == {
-        "perceiver_kernels", "hf_transformers", "perceiver_pytorch"}
+        "perceiver_kernels", "hf_transformers", "perceiver_pytorch", "plain_pytorch", "perceiver_kernels, no cache"}
     report = (tmp_path / "report.md").read_text()
     assert "| tiny | forward | perceiver_kernels |" in report and "torch (scaled_dot_product_attention)" in report
     for plot in ("op.png", "sweep.png", "scaling.png"):
@@ -213,6 +217,7 @@ def test_commit_stamp_comes_only_from_the_projects_own_checkout(tmp_path, monkey
 def test_missing_comparison_packages_get_a_row_that_says_so(monkeypatch, few_rounds):
     monkeypatch.setitem(sys.modules, "perceiver_pytorch", None)  # import fails as when not installed
     monkeypatch.setattr(model_suite, "CPU_CONFIG", model_suite.ModelConfig(4, 4, 16, 1, 1, 2, batch=1, num_labels=3))
+    monkeypatch.setattr(model_suite, "AR_CPU", TINY_AR)
     rows = model_suite.run_suite(torch.device("cpu"), "quick", {}, lambda message: None)
     status = {(row["pass"], row["provider"]): row["status"] for row in rows}
     assert status[("inference", "perceiver_pytorch")] == "not installed: perceiver-pytorch"
@@ -399,3 +404,123 @@ def test_host_suite_times_dispatch_per_call_and_checks_its_target(few_rounds):
     (result,) = [r for r in targets.evaluate(rows) if r.target.suite == "host" and r.measured is not None]
     assert result.target.case == "dispatch" and result.status in ("PASS", "FAIL")
     assert "us" in targets.table([result])
+
+
+def test_causal_shapes_produce_rows_with_the_visible_flops_and_every_provider_masks_bottom_right(few_rounds,
+                                                                                               monkeypatch):
+    pair = op_suite.causal_pair("tiny AR", 1, 2, 8, 32, 16)
+    assert [shape.causal for shape in pair] == [False, True] and pair[1].name == "tiny AR causal"
+    cpu = torch.device("cpu")
+    inputs = op_suite.make_inputs(pair[1], cpu, torch.float32)
+    expected = pk.reference_attention(inputs["q"], inputs["k"], inputs["v"], causal=True, upcast=True).float()
+    for name, provider in op_suite.providers(cpu).items():
+        torch.testing.assert_close(provider(inputs), expected, rtol=1e-5, atol=1e-5, msg=name)
+    monkeypatch.setattr(op_suite, "CPU_SHAPES", pair)
+    monkeypatch.setattr(op_suite, "CPU_SWEEP", [])
+    rows = op_suite.run_suite(cpu, "quick", {"matmul_tflops": 1.0, "copy_gbps": 10.0}, lambda message: None)
+    assert {(row["case"], row["pass"], row["provider"]) for row in rows} == {
+        (case, pass_name, provider) for case in ("tiny AR", "tiny AR causal")
+        for pass_name in ("forward", "forward+backward") for provider in ("perceiver_kernels", "naive", "sdpa")}
+    assert all(row["status"] == "ok" and row["causal"] == row["case"].endswith("causal") for row in rows)
+    flops_of = {(row["case"], row["pass"]): row["flops"] for row in rows}
+    visible = 8 * (32 - 8) + 8 * 9 // 2  # the last 8 x 8 block keeps its lower triangle
+    assert flops_of[("tiny AR causal", "forward")] == 4 * 2 * visible * 16
+    assert flops_of[("tiny AR", "forward")] == 4 * 2 * 8 * 32 * 16
+
+
+@pytest.mark.parametrize("queries, keys", [(8, 32), (16, 16), (20, 12), (1, 5)])
+def test_visible_pairs_count_what_the_causal_mask_leaves(queries, keys):
+    from perceiver_kernels.reference import causal_hidden
+
+    shape = op_suite.Shape("s", 1, 1, queries, keys, 8, causal=True)
+    assert shape.visible_pairs == int((~causal_hidden(queries, keys, "cpu")).sum())
+
+
+def test_a_causal_shape_with_key_padding_is_refused():
+    with pytest.raises(ValueError, match="causal"):
+        op_suite.Shape("s", 1, 1, 8, 32, 8, pad_fraction=0.25, causal=True)
+
+
+def test_gpu_runs_measure_the_perceiver_ar_pairs_forward_and_backward():
+    cuda = torch.device("cuda")  # cases() only plans: no GPU needed
+    for size in ("quick", "full"):
+        planned = {(shape.name, backward) for shape, backward in op_suite.cases(cuda, size)}
+        for name in ("AR-8k", "AR-8k causal", "AR-1k self", "AR-1k self causal"):
+            assert {(name, False), (name, True)} <= planned
+    assert {("AR-64k causal", False), ("AR-64k causal", True)} <= {
+        (shape.name, backward) for shape, backward in op_suite.cases(cuda, "full")}
+    for target in targets.TARGETS:
+        if target.issue == 17 and target.suite == "op":
+            assert (target.case, target.pass_name == "forward+backward") in {
+                (shape.name, backward) for shape, backward in op_suite.cases(cuda, "full")}
+            if target.metric.startswith("vs "):
+                assert target.metric[3:] + " causal" == target.case
+
+
+def test_causal_targets_take_only_sdpa_backends_that_accept_the_mask_and_compare_with_the_unmasked_shape():
+    rows = [
+        {**_op_row("AR-8k causal", "forward", "sdpa-flash_attention", None), "status": "unsupported: no causal bias"},
+        _op_row("AR-8k causal", "forward", "sdpa-efficient_attention", 2.0),
+        _op_row("AR-8k causal", "forward", "perceiver_kernels[triton]", 0.8),
+        _op_row("AR-8k", "forward", "perceiver_kernels[triton]", 0.9),
+        _op_row("AR-1k self causal", "forward", "perceiver_kernels[triton]", 0.7),
+        _op_row("AR-1k self", "forward", "perceiver_kernels[triton]", 1.0),
+    ]
+    report.annotate_ratios(rows)
+    results = {(r.target.case, r.target.pass_name, r.target.metric): r for r in targets.evaluate(rows)}
+    speedup = results[("AR-8k causal", "forward", "speedup")]
+    assert (speedup.status, speedup.measured, speedup.against) == ("PASS", 2.5, "sdpa-efficient_attention")
+    square = results[("AR-1k self causal", "forward", "vs AR-1k self")]
+    assert square.status == "FAIL" and square.measured == pytest.approx(1 / 0.7)  # 0.7x the time: not <= 0.6x
+    assert results[("AR-8k causal", "forward", "vs AR-8k")].status == "PASS"
+    assert "| 17 | AR-1k self causal | forward | vs AR-1k self | 1.43x | >= 1.67x | FAIL |" in targets.table(
+        targets.evaluate(rows))
+
+
+def test_plain_pytorch_perceiver_ar_gives_the_loss_and_gradients_of_perceiver_ar():
+    torch.manual_seed(0)
+    ours, plain = model_suite.build_perceiver_ar(TINY_AR)
+    windows = torch.randint(0, TINY_AR.vocab_size, (3, TINY_AR.seq_len + 1))
+    loss, plain_loss = (model_suite.perceiver_ar_loss(model, windows, TINY_AR.num_latents) for model in (ours, plain))
+    torch.testing.assert_close(plain_loss, loss, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    plain_loss.backward()
+    plain_parameters = dict(plain.named_parameters())
+    assert set(plain_parameters) == {name for name, _ in ours.named_parameters()}
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(plain_parameters[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # a changed weight changes both: the twin reads every parameter
+        ours.layers[0].attention.key.weight.add_(0.5)
+    plain.load_state_dict(ours.state_dict())
+    changed = model_suite.perceiver_ar_loss(ours, windows, TINY_AR.num_latents)
+    assert changed != loss
+    torch.testing.assert_close(model_suite.perceiver_ar_loss(plain, windows, TINY_AR.num_latents), changed)
+
+
+def test_perceiver_ar_flops_count_the_visible_attention_and_every_dense_layer():
+    config = TINY_AR
+    _, plain = model_suite.build_perceiver_ar(config)
+    tokens = torch.randint(0, config.vocab_size, (config.batch, config.seq_len))
+    # Counted on the plain twin (SDPA's causal bias cannot be created under
+    # FlopCounterMode in torch 2.13), whose explicit matmuls compute the full score
+    # matrices; the analytic count has only the pairs the causal masks leave visible.
+    n, length, head_dim = config.num_latents, config.seq_len, config.dim // config.num_heads
+    hidden_pairs = (1 + config.num_layers) * n * (n - 1) // 2
+    hidden_flops = flops.attention(config.batch, config.num_heads, 1, hidden_pairs, head_dim)
+    assert counted(lambda: plain(tokens)) == model_suite.perceiver_ar_flops(config) + hidden_flops
+
+
+def test_model_suite_times_perceiver_ar_training_against_plain_pytorch_and_generation_against_no_cache(
+        few_rounds, monkeypatch):
+    assert targets.AR_CPU_CASE == model_suite.ar_case(model_suite.AR_CPU)  # the target names the default case
+    monkeypatch.setattr(model_suite, "AR_CPU", TINY_AR)
+    rows = model_suite.perceiver_ar_rows(torch.device("cpu"), "quick", lambda message: None)
+    report.annotate_ratios(rows)
+    by_pass = {(row["pass"], row["provider"]): row for row in rows}
+    assert set(by_pass) == {("training step", "perceiver_kernels"), ("training step", "plain_pytorch"),
+                            ("generation", "perceiver_kernels"), ("generation", "perceiver_kernels, no cache")}
+    assert all(row["status"] == "ok" and row["case"] == "Perceiver AR L=24 N=6" for row in rows)
+    assert by_pass[("training step", "perceiver_kernels")]["baseline"] == "plain_pytorch"
+    assert by_pass[("generation", "perceiver_kernels")]["baseline"] == "perceiver_kernels, no cache"
+    assert by_pass[("generation", "perceiver_kernels")]["ms_per_token"] > 0
+    assert model_suite.cases(torch.device("cpu"), "quick")[-2:] == list(model_suite.AR_PASSES)
