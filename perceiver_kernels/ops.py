@@ -25,15 +25,16 @@ def triton_forward(
     residual: Optional[torch.Tensor],
     scale: float,
     allow_tf32: bool,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward on validated inputs: (out (B, H, Nq, Dv), lse (B, H, Nq) fp32)."""
     from .triton_launch import run_triton_forward
 
-    return run_triton_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32)
+    return run_triton_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32, causal=causal)
 
 
 @triton_forward.register_fake
-def _(q, k, v, key_padding_mask, residual, scale, allow_tf32):
+def _(q, k, v, key_padding_mask, residual, scale, allow_tf32, causal=False):
     return allocate_output(q, v.shape[-1])
 
 
@@ -49,6 +50,7 @@ def triton_backward(
     lse: torch.Tensor,
     scale: float,
     allow_tf32: bool,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: (dq, dk, dv), laid out like q, k, v.
 
@@ -58,11 +60,11 @@ def triton_backward(
     """
     from .triton_launch import run_triton_backward
 
-    return run_triton_backward(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32)
+    return run_triton_backward(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32, causal=causal)
 
 
 @triton_backward.register_fake
-def _(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32):
+def _(dout, q, k, v, key_padding_mask, residual, out, lse, scale, allow_tf32, causal=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -90,8 +92,8 @@ def _(q, k, v, key_padding_mask, residual, scale):
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, key_padding_mask, residual, scale, allow_tf32 = inputs
-    _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output)
+    q, k, v, key_padding_mask, residual, scale, allow_tf32, causal = inputs
+    _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output, causal)
 
 
 def _save_cuda_forward_for_backward(ctx, inputs, output):
@@ -99,12 +101,13 @@ def _save_cuda_forward_for_backward(ctx, inputs, output):
     _save(ctx, q, k, v, key_padding_mask, residual, scale, torch.backends.cuda.matmul.allow_tf32, output)
 
 
-def _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output):
+def _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output, causal=False):
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, key_padding_mask, residual, out, lse)
     ctx.scale = scale
     ctx.allow_tf32 = allow_tf32
+    ctx.causal = causal
 
 
 def _gradients(ctx, dout, eager: bool = False):
@@ -116,15 +119,15 @@ def _gradients(ctx, dout, eager: bool = False):
     if eager and not torch.is_grad_enabled():
         from .triton_launch import run_triton_backward
 
-        dq, dk, dv = run_triton_backward(*args)
+        dq, dk, dv = run_triton_backward(*args, causal=ctx.causal)
     else:
-        dq, dk, dv = triton_backward(*args)
+        dq, dk, dv = triton_backward(*args, ctx.causal)
     # out = attention + residual, so the residual's gradient is dout itself.
     return dq, dk, dv, None, dout if residual is not None else None
 
 
 def _triton_forward_backward(ctx, dout, _dlse):
-    return *_gradients(ctx, dout), None, None
+    return *_gradients(ctx, dout), None, None, None
 
 
 def _cuda_forward_backward(ctx, dout, _dlse):
@@ -153,33 +156,35 @@ class _EagerForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, launch, q, k, v, key_padding_mask, residual, scale, allow_tf32):
+    def forward(ctx, launch, q, k, v, key_padding_mask, residual, scale, allow_tf32, causal):
         output = launch(q, k, v, key_padding_mask, residual, scale)
-        _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output)
+        _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output, causal)
         return output
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        return None, *_gradients(ctx, dout, eager=True), None, None
+        return None, *_gradients(ctx, dout, eager=True), None, None, None
 
 
-def attention(kernel: str, q, k, v, key_padding_mask, residual, scale: float, allow_tf32: bool) -> torch.Tensor:
-    """The output of a kernel forward ("triton" or "cuda"), differentiable, at the lowest
-    host cost the mode allows: the registered custom op under torch.compile, the launcher
-    behind _EagerForward when autograd records the call, the launcher alone otherwise."""
+def attention(kernel: str, q, k, v, key_padding_mask, residual, scale: float, allow_tf32: bool,
+              causal: bool = False) -> torch.Tensor:
+    """The output of a kernel forward ("triton" or "cuda"; causal: triton only),
+    differentiable, at the lowest host cost the mode allows: the registered custom op
+    under torch.compile, the launcher behind _EagerForward when autograd records the
+    call, the launcher alone otherwise."""
     if torch.compiler.is_compiling():
         if kernel == "triton":
-            return triton_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32)[0]
+            return triton_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32, causal)[0]
         return cuda_forward(q, k, v, key_padding_mask, residual, scale)[0]
     if kernel == "triton":
         from .triton_launch import run_triton_forward
 
         def launch(*args):
-            return run_triton_forward(*args, allow_tf32)
+            return run_triton_forward(*args, allow_tf32, causal=causal)
     else:
         from .cuda_launch import run_cuda_forward as launch
     if needs_grad(q, k, v, residual):
-        return _EagerForward.apply(launch, q, k, v, key_padding_mask, residual, scale, allow_tf32)[0]
+        return _EagerForward.apply(launch, q, k, v, key_padding_mask, residual, scale, allow_tf32, causal)[0]
     return launch(q, k, v, key_padding_mask, residual, scale)[0]
 
 

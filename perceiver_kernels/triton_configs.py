@@ -152,7 +152,8 @@ def _register_budget_exceeded(config: LaunchConfig, shape: ShapeClass, arch: str
     - forward in exact fp32 (dots on CUDA cores): rows x inner x (Dqk + Dv) / threads
       within 1024;
     - backward on tensor cores: two accumulators as wide as the heads plus two score
-      tiles, rows x (Dqk + Dv + 2 inner) / threads, within 192 on sm_90 and 96 before.
+      tiles, rows x (Dqk + Dv + 2 inner) / threads, within 160 on sm_90 (192 spilled at
+      head dim 128) and 96 before.
     """
     rows = config.block_m or shape.block_m or 64
     threads = 32 * config.num_warps
@@ -160,7 +161,7 @@ def _register_budget_exceeded(config: LaunchConfig, shape: ShapeClass, arch: str
     if shape.kernel in BACKWARDS:
         if shape.exact_fp32:
             return False
-        return rows * (shape.block_dqk + shape.block_dv + 2 * config.inner) / threads > (192 if hopper else 96)
+        return rows * (shape.block_dqk + shape.block_dv + 2 * config.inner) / threads > (160 if hopper else 96)
     if shape.exact_fp32:
         return rows * config.inner * (shape.block_dqk + shape.block_dv) / threads > 1024
     return rows * (shape.block_dv + config.inner) / threads > (128 if hopper else 64)

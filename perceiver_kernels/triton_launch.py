@@ -106,10 +106,11 @@ class _ForwardLaunch:
 
 @functools.lru_cache(maxsize=4096)
 def _forward_launch(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, element_bytes, device,
-                    exact_fp32, has_mask, has_residual, num_splits) -> _ForwardLaunch:
+                    exact_fp32, has_mask, has_residual, causal, num_splits) -> _ForwardLaunch:
     plan = plan_triton_forward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, device, num_splits,
                                exact_fp32)
-    constexprs = {**_constexprs(head_dim_qk, head_dim_v, exact_fp32, has_mask), "HAS_RESIDUAL": has_residual}
+    constexprs = {**_constexprs(head_dim_qk, head_dim_v, exact_fp32, has_mask), "HAS_RESIDUAL": has_residual,
+                  "CAUSAL": causal}
     if plan.num_splits == 1:
         meta, config = _config(triton_configs.FORWARD_TILE, constexprs, element_bytes, num_keys, device)
         grid = (cdiv(num_queries, config.block_m) * batch * heads,) if config else None
@@ -138,13 +139,14 @@ def run_triton_forward(
     scale: float,
     allow_tf32: bool,
     num_splits: Optional[int] = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the forward kernels on validated inputs; returns (out, lse natural-log)."""
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     launch = _forward_launch(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.element_size(),
                              q.device, is_exact_fp32(q.dtype, allow_tf32), key_padding_mask is not None,
-                             residual is not None, num_splits)
+                             residual is not None, causal, num_splits)
     out, lse = allocate_output(q, head_dim_v)
     # Absent mask or residual: any valid pointer with zero strides; HAS_MASK /
     # HAS_RESIDUAL keep it unread.
@@ -234,14 +236,14 @@ class BackwardPlan:
 
 @functools.lru_cache(maxsize=4096)
 def plan_triton_backward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, element_bytes, device,
-                         exact_fp32, has_mask, num_chunks=None, variant="fused") -> BackwardPlan:
+                         exact_fp32, has_mask, num_chunks=None, variant="fused", causal=False) -> BackwardPlan:
     """The fused kernel where one side fits a program (ENCODE: Nq rows; DECODE: Nk rows;
     triton_configs.FUSED_MAX_INNER says how many) and the other side is at least 4x
-    longer, on Hopper and newer; else the general two kernels."""
+    longer, on Hopper and newer; else (and for causal attention) the general two kernels."""
     constexprs = _constexprs(head_dim_qk, head_dim_v, exact_fp32, has_mask)
     block_d = max(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"])
     arch, _ = triton_configs.device_facts(device)
-    fused = variant == "fused" and not exact_fp32 and (arch == "interpreter" or arch >= "sm_90")
+    fused = variant == "fused" and not exact_fp32 and not causal and (arch == "interpreter" or arch >= "sm_90")
 
     def fits(kernel: str, rows: int) -> bool:
         return triton_configs.fused_max_inner(kernel, max(16, next_power_of_2(rows)), block_d) is not None
@@ -253,6 +255,7 @@ def plan_triton_backward(batch, heads, num_queries, num_keys, head_dim_qk, head_
     else:
         block = _backward_block(constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"], exact_fp32)
         constexprs["BLOCK_OUTER"] = block
+        constexprs["CAUSAL"] = causal
         launches = []
         # dK/dV: programs over key blocks, each summing over (a chunk of) the queries; dQ the mirror image.
         for kernel, outer, inner in ((triton_configs.BACKWARD_DKDV, num_keys, num_queries),
@@ -282,6 +285,7 @@ def run_triton_backward(
     scale: float,
     allow_tf32: bool,
     num_chunks: Optional[int] = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) from the forward's out and lse; the residual's gradient is dout.
 
@@ -292,7 +296,7 @@ def run_triton_backward(
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     plan = plan_triton_backward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, q.element_size(),
                                 q.device, is_exact_fp32(q.dtype, allow_tf32), key_padding_mask is not None,
-                                num_chunks, backward_variant())
+                                num_chunks, backward_variant(), causal)
     constexprs = plan.constexprs
     delta = torch.empty((batch * heads, num_queries), dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -61,7 +61,8 @@ def assert_matches_reference(out: torch.Tensor, inputs: dict, lse: torch.Tensor 
                              epsilon: dict | None = None) -> None:
     """The tolerance rule of docs/DESIGN.md, plus lse against the float64 reference.
 
-    epsilon: per-dtype epsilons of the rule (a runner's own; EPSILON by default)."""
+    epsilon: per-dtype epsilons of the rule (a runner's own; EPSILON by default).
+    inputs may carry "causal"."""
     truth, truth_lse = reference_attention_with_lse(**inputs, upcast=True)
     plain, _ = reference_attention_with_lse(**inputs)
     assert out.shape == truth.shape and out.dtype == inputs["q"].dtype

@@ -38,7 +38,7 @@ def _triton_forward(inputs: dict, num_splits: Optional[int] = None, allow_tf32: 
     from perceiver_kernels.triton_launch import run_triton_forward
 
     return run_triton_forward(inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"],
-                              _scale(inputs), allow_tf32, num_splits=num_splits)
+                              _scale(inputs), allow_tf32, num_splits=num_splits, causal=inputs.get("causal", False))
 
 
 def _cuda_forward(inputs: dict, num_splits: Optional[int] = None, multiprocessors: Optional[int] = None):
@@ -92,6 +92,7 @@ class ForwardRunner:
     epsilon: dict = field(default_factory=lambda: dict(EPSILON))
     # Largest Nq * Nk of a float32 case (the emulated fp32 kernel is slow).
     max_fp32_cells: Optional[int] = None
+    causal: bool = False  # runs cross_attention's causal=True (inputs["causal"])
 
     def marks(self) -> list:
         reason = self.unavailable() if (self.gpu == HAS_GPU) else ""
@@ -134,7 +135,8 @@ class BackwardRunner:
         previous = os.environ.get("PERCEIVER_KERNELS_BACKWARD")
         os.environ["PERCEIVER_KERNELS_BACKWARD"] = self.variant
         try:
-            grads = run_triton_backward(dout, *args, out, lse, _scale(inputs), False, num_chunks=num_chunks)
+            grads = run_triton_backward(dout, *args, out, lse, _scale(inputs), False, num_chunks=num_chunks,
+                                        causal=inputs.get("causal", False))
         finally:
             if previous is None:
                 del os.environ["PERCEIVER_KERNELS_BACKWARD"]
@@ -155,11 +157,11 @@ TRITON_HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 1
 TRITON_INTERPRETER = ForwardRunner(
     name="triton-interpreter", device="cpu", run=_triton_forward,
     dtypes=(torch.float32, torch.float16),  # a bf16 tl.dot returns garbage in the interpreter
-    paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS,
+    paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS, causal=True,
 )
 TRITON_GPU = ForwardRunner(
     name="triton-gpu", device="cuda", run=_triton_forward, dtypes=DTYPES, paths=TRITON_PATHS, gpu=True,
-    head_dims=TRITON_HEAD_DIMS,
+    head_dims=TRITON_HEAD_DIMS, causal=True,
 )
 
 # The compiled pairs, a dim padded up to one (24/7) and an odd Dv (stores channel by channel),

@@ -24,7 +24,7 @@ DIFFERENTIABLE = ("q", "k", "v", "residual")
 def reference_gradients(inputs, dout, upcast):
     dtype = torch.float64 if upcast else inputs["q"].dtype
     leaves = {name: inputs[name].detach().to(dtype).requires_grad_() for name in DIFFERENTIABLE if inputs[name] is not None}
-    out = pk.reference_attention(**{**inputs, **leaves})
+    out = pk.reference_attention(**{**inputs, **leaves})  # inputs may carry "causal"
     return dict(zip(leaves, torch.autograd.grad(out, tuple(leaves.values()), dout.to(dtype))))
 
 
@@ -111,6 +111,17 @@ def test_a_single_query_or_a_single_key(runner, num_queries, num_keys):
     inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_v=24, residual=True), runner.device)
     dout = torch.randn_like(inputs["residual"])
     assert_gradients_match(runner.gradients(inputs, dout, None), inputs, dout, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.forward.causal])
+@pytest.mark.parametrize("num_queries,num_keys", [(70, 70), (20, 700), (300, 129)])
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_causal_gradients(runner, num_queries, num_keys, num_chunks):
+    inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=32, head_dim_v=48, mask=True,
+                              residual=True), runner.device)
+    inputs["causal"] = True
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(runner.gradients(inputs, dout, num_chunks), inputs, dout, runner.epsilon)
 
 
 # ---- GPU-only sizes ----

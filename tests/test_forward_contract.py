@@ -150,6 +150,23 @@ def test_rows_without_keys_give_exactly_the_residual_and_minus_inf_lse(runner, d
         assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
 
 
+CAUSAL_SHAPES = ((70, 70), (20, 700), (300, 129), (7, 1))
+
+
+@pytest.mark.parametrize("runner,dtype", _per_runner(lambda r: _every_path(r, (torch.float32, torch.float16))
+                                                     if r.causal else ()))
+@pytest.mark.parametrize("num_queries,num_keys", CAUSAL_SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_causal(runner, dtype, num_queries, num_keys, masked):
+    """Bottom-right causal attention on every path: square, few queries over many keys,
+    more queries than keys (the first Nq - Nk rows see no key: 0 + residual)."""
+    inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=32, head_dim_v=48, dtype=dtype,
+                              mask=masked, residual=True, transposed=True), runner.device)
+    inputs["causal"] = True
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
 # ---- GPU-only sizes ----
 
 GPU_RUNNERS = [r for r in FORWARD_RUNNERS if r.gpu]

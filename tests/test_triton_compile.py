@@ -23,8 +23,10 @@ pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernel tests compi
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"attention_fwd_kernel", "attention_fwd_split_kernel", "merge_splits_kernel", "attention_bwd_delta_kernel",
-           "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel", "attention_bwd_encode_kernel",
-           "attention_bwd_decode_kernel"}
+           "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
+# The fused backward runs on Hopper, 16-bit, head dims up to 128 (triton_configs.FUSED_MAX_INNER).
+FUSED = {"attention_bwd_encode_kernel", "attention_bwd_decode_kernel"}
+NO_DOTS = {"merge_splits_kernel", "attention_bwd_delta_kernel"}
 
 
 def compile_records(*args: str, autotune: bool, shards: int = 2) -> list[dict]:
@@ -55,6 +57,12 @@ def table_config_builds():
 
 
 @pytest.fixture(scope="module")
+def causal_builds():
+    return compile_records("--dtypes", "bfloat16,float32", "--head-dims", "64/64,32/160", "--causal",
+                           autotune=False)
+
+
+@pytest.fixture(scope="module")
 def tuned_anchor_builds():
     return compile_records("--dtypes", "bfloat16", "--head-dims", "64/64", "--arch", "90", autotune=True)
 
@@ -66,7 +74,8 @@ def test_every_launch_compiles_for_sm80_and_sm90_with_its_table_config(table_con
             for arch in SHARED_MEMORY_LIMIT:
                 built = {r["kernel"] for r in table_config_builds
                          if r["problem"].startswith(f"{dtype} {dqk}/{dv} ") and r["arch"] == arch}
-                assert built == KERNELS, (dtype, dqk, dv, arch)
+                fused = arch == 90 and dtype != "float32" and max(dqk, dv) <= 128
+                assert built == KERNELS | (FUSED if fused else set()), (dtype, dqk, dv, arch)
 
 
 def test_the_table_configs_fit_the_shared_memory_of_every_target(table_config_builds):
@@ -81,12 +90,22 @@ def test_on_hopper_16_bit_dots_are_wgmma_and_nothing_spills(table_config_builds)
     design: a backward with both heads wider than 128 takes 32-row blocks (64-row
     blocks, which wgmma needs, spill there) and runs on mma.sync."""
     for r in table_config_builds:
-        if r["arch"] != 90 or r["problem"].startswith("float32") or r["kernel"] == "merge_splits_kernel":
+        if r["arch"] != 90 or r["problem"].startswith("float32") or r["kernel"] in NO_DOTS:
             continue
         assert r["stack_bytes"] == 0, f"{r['problem']} {r['kernel']} {r['config']} spills {r['stack_bytes']} bytes"
         dims = [int(d) for d in r["problem"].split()[1].split("/")]
         wide_backward = "bwd" in r["kernel"] and min(dims) > 128
         assert r["wgmma"] or wide_backward, f"{r['problem']} {r['kernel']} {r['config']} has no wgmma"
+
+
+def test_causal_launches_compile_and_on_hopper_use_wgmma_without_spills(causal_builds):
+    causal = [r for r in causal_builds if "+causal" in r["problem"]]
+    assert not failures(causal), "\n".join(failures(causal))
+    assert {r["kernel"] for r in causal} >= {"attention_fwd_kernel", "attention_fwd_split_kernel",
+                                             "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
+    for r in causal:
+        if r["arch"] == 90 and r["problem"].startswith("bfloat16") and r["kernel"] not in NO_DOTS:
+            assert r["stack_bytes"] == 0 and r["wgmma"], f"{r['problem']} {r['kernel']} {r['config']}"
 
 
 def test_every_tuned_config_of_the_anchor_compiles_and_one_per_kernel_does_not_spill(tuned_anchor_builds):

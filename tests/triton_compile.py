@@ -55,11 +55,13 @@ class Problem:
     num_keys: int
     masked: bool = True
     residual: bool = True
+    causal: bool = False
 
     @property
     def label(self) -> str:
         shape = "encode" if self.num_keys > self.num_queries else "decode"
-        extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else ""))
+        extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
+                          "+causal" if self.causal else ""))
         return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape}{extras}"
 
 
@@ -67,16 +69,17 @@ HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-def problems(dtypes=DTYPES, head_dims=HEAD_DIMS, flags=((True, True),)) -> list[Problem]:
-    """An ENCODE and a DECODE problem for each dtype, (Dqk, Dv) and (masked, residual).
+def problems(dtypes=DTYPES, head_dims=HEAD_DIMS, flags=((True, True),), causal: bool = False) -> list[Problem]:
+    """An ENCODE and a DECODE problem for each dtype, (Dqk, Dv) and (masked, residual);
+    with `causal`, their causal twins too.
 
-    ENCODE has few enough query tiles to split its keys over the interpreter's nominal
-    SMs whatever the tile height (split and merge kernels, chunked dQ); DECODE takes
-    the one-program-per-tile kernel (chunked dK/dV).
+    ENCODE runs split (split and merge kernels; record_launches forces it) and the
+    fused or chunked-dQ backward; DECODE takes the one-program-per-tile kernel and the
+    fused or chunked-dK/dV backward.
     """
-    return [Problem(dtype, dqk, dv, num_queries, num_keys, masked, residual)
+    return [Problem(dtype, dqk, dv, num_queries, num_keys, masked, residual, is_causal)
             for dtype in dtypes for dqk, dv in head_dims for masked, residual in flags
-            for num_queries, num_keys in ((128, 4096), (4096, 128))]
+            for num_queries, num_keys in ((128, 4096), (4096, 128)) for is_causal in ((False, True) if causal else (False,))]
 
 
 class _Recorder:
@@ -128,10 +131,15 @@ def record_launches(problem: Problem, allow_tf32: bool = False, arch: int | None
             facts = (f"sm_{arch}", SHARED_MEMORY_LIMIT[arch])
             triton_configs.device_facts = lambda device: facts
             triton_configs.choose = functools.lru_cache(maxsize=None)(triton_configs.choose.__wrapped__)
-        out, lse = triton_launch.run_triton_forward(q, k, v, mask, residual, scale, allow_tf32=allow_tf32)
+        # ENCODE forces a split, so the split and merge kernels are compiled whatever the tiles.
+        num_splits = 3 if problem.num_keys > problem.num_queries else None
+        out, lse = triton_launch.run_triton_forward(q, k, v, mask, residual, scale, allow_tf32=allow_tf32,
+                                                    num_splits=num_splits, causal=problem.causal)
         out, lse = torch.randn_like(out), torch.randn_like(lse)
-        triton_launch.run_triton_backward(torch.randn_like(out), q, k, v, mask, residual, out, lse, scale,
-                                         allow_tf32=allow_tf32)
+        for variant in triton_launch.BACKWARD_VARIANTS:  # the fused kernels and the general ones
+            os.environ["PERCEIVER_KERNELS_BACKWARD"] = variant
+            triton_launch.run_triton_backward(torch.randn_like(out), q, k, v, mask, residual, out, lse, scale,
+                                              allow_tf32=allow_tf32, causal=problem.causal)
     finally:
         os.environ.pop("PERCEIVER_KERNELS_BACKWARD", None)
         for module, name, original in originals:
@@ -267,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated Dqk/Dv pairs")
     parser.add_argument("--both-flags", action="store_true",
                         help="also compile without mask and residual (default: both on)")
+    parser.add_argument("--causal", action="store_true", help="also compile the causal launches")
     parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities")
     parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th launch from the i-th")
     args = parser.parse_args(argv)
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
 
     head_dims = [tuple(int(d) for d in pair.split("/")) for pair in args.head_dims.split(",")]
     flags = ((True, True), (False, False)) if args.both_flags else ((True, True),)
-    chosen = problems(args.dtypes.split(","), head_dims, flags)
+    chosen = problems(args.dtypes.split(","), head_dims, flags, args.causal)
     work = [(arch, problem, launch) for problem in chosen for arch in (int(a) for a in args.arch.split(","))
             for launch in record_launches(problem, arch=arch)]
     for index, (arch, problem, (kernel, launch_args, launch_kwargs)) in enumerate(work):

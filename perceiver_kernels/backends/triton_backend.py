@@ -45,6 +45,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     max_head_dim = 256
+    causal = True
     backward_needs_plain_output = True
 
     def machine_refusal(self, problem: Problem, *, auto: bool) -> str:
@@ -75,7 +76,8 @@ class TritonBackend(Backend):
         if problem.requires_grad:
             backward = plan_triton_backward(problem.batch, problem.heads, problem.num_queries, problem.num_keys,
                                             problem.head_dim_qk, problem.head_dim_v, problem.dtype.itemsize,
-                                            problem.device, exact_fp32, problem.has_mask, None, backward_variant())
+                                            problem.device, exact_fp32, problem.has_mask, None, backward_variant(),
+                                            problem.causal)
             path += f"; {backward.describe()}"
         return f"triton ({path})"
 
@@ -83,4 +85,4 @@ class TritonBackend(Backend):
         from .. import ops
 
         return ops.attention("triton", q, k, v, key_padding_mask, residual, scale,
-                             torch.backends.cuda.matmul.allow_tf32)
+                             torch.backends.cuda.matmul.allow_tf32, causal)

@@ -69,9 +69,12 @@ def attention_bwd_dkdv_kernel(
     num_chunks, queries_per_chunk,
     tuning_inner_length,
     HAS_MASK: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
+    BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    """dK, dV of BLOCK_OUTER keys over one chunk of the queries; DK/DV[chunk] receive them."""
+    """dK, dV of BLOCK_OUTER keys over one chunk of the queries; DK/DV[chunk] receive them.
+
+    CAUSAL: query i sees key j only if j <= i + Nk - Nq, so the queries before the
+    block's first key's first viewer are skipped and the rest checked per (key, query)."""
     key_block, chunk, bh, b, h = program_coordinates(tl.cdiv(num_keys, BLOCK_OUTER), num_chunks, heads)
 
     keys = (key_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)).to(tl.int64)
@@ -87,6 +90,9 @@ def attention_bwd_dkdv_kernel(
     query_end = tl.minimum(query_start + queries_per_chunk, num_queries)
     if HAS_MASK:  # a block of padding keys gets zero gradients without walking the queries
         query_end = tl.where(tl.max(key_ok.to(tl.int32)) > 0, query_end, query_start)
+    causal_offset = num_keys - num_queries
+    if CAUSAL:  # the block's first key is first seen by query (first key - offset)
+        query_start = tl.maximum(query_start, key_block * BLOCK_OUTER - causal_offset)
     for block_start in range(query_start, query_end, BLOCK_INNER):
         rows = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         row_ok = rows < query_end
@@ -95,7 +101,10 @@ def attention_bwd_dkdv_kernel(
         lse, delta = row_stats(LSE + bh * num_queries, DELTA + bh * num_queries, rows, row_ok)
         # Transposed scores (keys x queries), so that P^T dO and dS^T Q need no transposes.
         t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.where(key_ok[:, None], tl.math.exp2(t - lse[None, :]), 0.0)
+        visible = key_ok[:, None]
+        if CAUSAL:
+            visible = visible & (keys[:, None] <= rows[None, :] + causal_offset)
+        p = tl.where(visible, tl.math.exp2(t - lse[None, :]), 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
@@ -121,9 +130,12 @@ def attention_bwd_dq_kernel(
     num_chunks, keys_per_chunk,
     tuning_inner_length,
     HAS_MASK: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
+    BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    """dQ of BLOCK_OUTER queries over one chunk of the keys; DQ[chunk] receives it."""
+    """dQ of BLOCK_OUTER queries over one chunk of the keys; DQ[chunk] receives it.
+
+    CAUSAL: keys past the block's last query's reach are skipped, the rest checked per
+    (query, key)."""
     query_block, chunk, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_OUTER), num_chunks, heads)
 
     rows = (query_block * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)).to(tl.int64)
@@ -138,13 +150,19 @@ def attention_bwd_dq_kernel(
     key_start = chunk * keys_per_chunk
     key_end = tl.minimum(key_start + keys_per_chunk, num_keys)
     key_start, key_end = kept_key_range(PAD + b * stride_pb, key_start, key_end, stride_pn, HAS_MASK)
+    causal_offset = num_keys - num_queries
+    if CAUSAL:  # the block's last query reaches key (last query + offset)
+        key_end = tl.minimum(key_end, tl.minimum(query_block * BLOCK_OUTER + BLOCK_OUTER, num_queries) + causal_offset)
     for block_start in range(key_start, key_end, BLOCK_INNER):
         keys = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         key_ok = usable_keys(PAD + b * stride_pb, keys, key_end, stride_pn, HAS_MASK)
         k = load_rows(k_ptr, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
         v = load_rows(v_ptr, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
         t = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.where(key_ok[None, :], tl.math.exp2(t - lse[:, None]), 0.0)
+        visible = key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= rows[:, None] + causal_offset)
+        p = tl.where(visible, tl.math.exp2(t - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -23,6 +23,9 @@ Two grids serve the two Perceiver IO shapes:
   computes LSE = log2 sum_s 2^lse_s and out = sum_s 2^(lse_s - LSE) o_s with the same
   running-max recurrence, then applies the residual.
 
+With CAUSAL, row i sees only keys j <= i + Nk - Nq (aligned at the bottom right); key
+blocks beyond a tile's reach are skipped, not masked.
+
 Rows whose keys are all padding keep m = -inf and l = 0: exponents are taken
 against a stand-in max of 0 so no NaN appears, and the epilogue writes out = 0
 (+ residual) and lse = -inf. Offsets are int64 (B*H*Nk*D can exceed 2^31); every
@@ -37,38 +40,72 @@ from .common import LN2, kept_key_range, load_rows, program_coordinates, usable_
 
 
 @triton.jit
-def _accumulate_keys(
-    acc, m_i, l_i, q,
+def _accumulate_block(
+    acc, m_i, l_i, q, rows,
     k_ptr, v_ptr, pad_ptr,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_pad_n,
-    key_start, key_end, head_dim_qk, head_dim_v, qk_scale_log2,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    block_start, key_end, head_dim_qk, head_dim_v, qk_scale_log2, causal_offset,
+    HAS_MASK: tl.constexpr, DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Folds keys [key_start, key_end) of one (batch, head) into the running softmax state."""
-    offs_n = tl.arange(0, BLOCK_N)
+    """Folds one block of keys into the running softmax state. DIAGONAL: the block crosses
+    the causal diagonal, so each (row, key) is checked against it."""
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dqk_ok = offs_dqk < head_dim_qk
-    dv_ok = offs_dv < head_dim_v
+    keys = (block_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+    key_ok = usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK)
+    # Padding keys are never loaded: whatever they hold (even NaN) cannot leak in.
+    k_t = tl.load(k_ptr + keys[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
+                  mask=key_ok[None, :] & (offs_dqk < head_dim_qk)[:, None], other=0.0)
+    t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale_log2
+    visible = key_ok[None, :]
+    if DIAGONAL:
+        visible = visible & (keys[None, :] <= rows[:, None] + causal_offset)
+    t = tl.where(visible, t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(t - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + keys[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=key_ok[:, None] & (offs_dv < head_dim_v)[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _accumulate_keys(
+    acc, m_i, l_i, q, rows, row_start, row_end,
+    k_ptr, v_ptr, pad_ptr,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_pad_n,
+    key_start, key_end, head_dim_qk, head_dim_v, qk_scale_log2, causal_offset,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Folds keys [key_start, key_end) of one (batch, head) into the running softmax state
+    of query rows [row_start, row_end).
+
+    CAUSAL: row i sees keys j <= i + causal_offset (causal_offset = Nk - Nq). Blocks past
+    the last row's reach are never visited; blocks every row sees entirely run without a
+    per-element check; only the blocks across the diagonal check each (row, key).
+    """
     key_start, key_end = kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK)
-    for block_start in range(key_start, key_end, BLOCK_N):
-        keys = (block_start + offs_n).to(tl.int64)
-        key_ok = usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK)
-        # Padding keys are never loaded: whatever they hold (even NaN) cannot leak in.
-        k_t = tl.load(k_ptr + keys[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
-                      mask=key_ok[None, :] & dqk_ok[:, None], other=0.0)
-        t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale_log2
-        t = tl.where(key_ok[None, :], t, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(t, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(t - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + keys[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    full_end = key_end
+    if CAUSAL:
+        key_end = tl.minimum(key_end, row_end + causal_offset)
+        seen_by_all = row_start + causal_offset + 1  # keys below it are visible to every row
+        full_end = tl.minimum(key_end, key_start + tl.maximum(seen_by_all - key_start, 0) // BLOCK_N * BLOCK_N)
+    for block_start in range(key_start, full_end, BLOCK_N):
+        acc, m_i, l_i = _accumulate_block(
+            acc, m_i, l_i, q, rows, k_ptr, v_ptr, pad_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_pad_n, block_start, key_end, head_dim_qk, head_dim_v, qk_scale_log2, causal_offset,
+            HAS_MASK, False, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION)
+    if CAUSAL:
+        for block_start in range(full_end, key_end, BLOCK_N):
+            acc, m_i, l_i = _accumulate_block(
+                acc, m_i, l_i, q, rows, k_ptr, v_ptr, pad_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_pad_n, block_start, key_end, head_dim_qk, head_dim_v, qk_scale_log2, causal_offset,
+                HAS_MASK, True, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -109,7 +146,7 @@ def attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
     tuning_inner_length,
-    HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -124,11 +161,11 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _accumulate_keys(
-        acc, m_i, l_i, q,
+        acc, m_i, l_i, q, rows, tile * BLOCK_M, tl.minimum(tile * BLOCK_M + BLOCK_M, num_queries),
         K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, PAD + b * stride_pb,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        0, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
-        HAS_MASK, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION,
+        0, num_keys, head_dim_qk, head_dim_v, qk_scale_log2, num_keys - num_queries,
+        HAS_MASK, CAUSAL, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION,
     )
     _write_rows(
         acc, m_i, l_i, rows, row_ok,
@@ -149,7 +186,7 @@ def attention_fwd_split_kernel(
     heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
     num_splits, keys_per_split,
     tuning_inner_length,
-    HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -171,11 +208,11 @@ def attention_fwd_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _accumulate_keys(
-        acc, m_i, l_i, q,
+        acc, m_i, l_i, q, rows, tile * BLOCK_M, tl.minimum(tile * BLOCK_M + BLOCK_M, num_queries),
         K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, PAD + b * stride_pb,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-        key_start, key_end, head_dim_qk, head_dim_v, qk_scale_log2,
-        HAS_MASK, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION,
+        key_start, key_end, head_dim_qk, head_dim_v, qk_scale_log2, num_keys - num_queries,
+        HAS_MASK, CAUSAL, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION,
     )
     part = bh * num_splits + chunk
     _write_rows(
