@@ -186,12 +186,37 @@ def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
 # Our providers and the backend each runs: "auto" as users get it, and on a GPU each
 # kernel backend explicitly (the kernel targets are the Triton backend's; auto does
 # not choose the CUDA C++ kernels yet).
-OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[triton]": "triton", "perceiver_kernels[cuda]": "cuda"}
+OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[triton]": "triton",
+                "perceiver_kernels[triton two-kernel bwd]": "triton", "perceiver_kernels[cuda]": "cuda"}
+# The general Triton backward, which the fused one replaced on the asymmetric shapes: timed
+# beside it (forward+backward) until a GPU run has compared the two.
+TWO_KERNEL_BACKWARD = "perceiver_kernels[triton two-kernel bwd]"
 
 
 def _ours(backend: str) -> Callable[[dict], torch.Tensor]:
     return lambda x: pk.cross_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"], causal=x["causal"],
                                         backend=backend)
+
+
+@contextlib.contextmanager
+def _backward_variant(variant: str):
+    """PERCEIVER_KERNELS_BACKWARD for the calls inside (read by every backward call)."""
+    previous = os.environ.get("PERCEIVER_KERNELS_BACKWARD")
+    os.environ["PERCEIVER_KERNELS_BACKWARD"] = variant
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["PERCEIVER_KERNELS_BACKWARD"]
+        else:
+            os.environ["PERCEIVER_KERNELS_BACKWARD"] = previous
+
+
+def _with_backward_variant(call: Callable[[], object], variant: str) -> Callable[[], object]:
+    def run():
+        with _backward_variant(variant):
+            return call()
+    return run
 
 
 def providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]:
@@ -241,6 +266,9 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
         roofline_ms = 1e3 * max(case_flops / (ceilings["matmul_tflops"] * 1e12),
                                 case_bytes / (ceilings["copy_gbps"] * 1e9))
         calls = {name: _timed_call(fn, inputs, backward) for name, fn in providers(device).items()}
+        if backward and "perceiver_kernels[triton]" in calls:
+            calls[TWO_KERNEL_BACKWARD] = _with_backward_variant(
+                _timed_call(_ours("triton"), inputs, backward), "two-kernel")
         for name, result in measure_case(calls, device).items():
             row = {"suite": "op", "pass": pass_name, "case": shape.name, "provider": name,
                    "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
@@ -251,8 +279,10 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
                    **result}
             if name in OUR_BACKENDS:
                 q = inputs["q"].detach().requires_grad_(backward)
-                row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"],
-                                         causal=shape.causal, backend=OUR_BACKENDS[name]).path
+                variant = _backward_variant("two-kernel") if name == TWO_KERNEL_BACKWARD else contextlib.nullcontext()
+                with variant:
+                    row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"],
+                                             causal=shape.causal, backend=OUR_BACKENDS[name]).path
             if row["status"] == "ok":
                 row["tflops"] = throughput(case_flops, row["median_ms"])
                 row["gbps"] = case_bytes / (row["median_ms"] * 1e-3) / 1e9
