@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
+
 from .backends import AUTO_PRIORITY, BACKENDS, Backend
 from .problem import Problem
 
@@ -51,7 +53,9 @@ def select(problem: Problem, backend: str) -> Backend:
     repeated calls of one shape pay a dictionary lookup.
     """
     _check_name(backend)
-    chosen = _select(problem, backend)
+    # Under torch.compile the choice is traced once per graph anyway (the machine facts it
+    # asks are constants to Dynamo), and Dynamo would only warn about the cache.
+    chosen = _select.__wrapped__(problem, backend) if torch.compiler.is_compiling() else _select(problem, backend)
     if isinstance(chosen, str):
         raise BackendRefusedError(chosen)
     return chosen
