@@ -5,7 +5,7 @@ the "torch" backend and on GPUs through the fused kernels.
 """
 
 from .ar import PerceiverAR
-from .attention import CrossAttention, MultiHeadAttention
+from .attention import CrossAttention, MultiHeadAttention, use_backend
 from .interop import from_hf
 from .layers import MLP, PerceiverLayer, self_attention_layer
 from .model import PerceiverDecoder, PerceiverEncoder, PerceiverIO, PerceiverProcessor
@@ -40,4 +40,5 @@ __all__ = [
     "from_hf",
     "linear_positions",
     "self_attention_layer",
+    "use_backend",
 ]

@@ -225,3 +225,14 @@ class MultiHeadAttention(nn.Module):
         normed = self.query_norm(queries)
         keys, values = self.project_kv(normed)
         return self.attend(queries, keys, values, key_padding_mask, normed_queries=normed)
+
+
+def use_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Makes every attention of `model` run on `backend` (a perceiver_kernels backend
+    name); returns the model. E.g. a model from `from_hf` on the CUDA C++ kernels:
+    `use_backend(perceiver.from_hf(hf_model).cuda(), "cuda")`."""
+    check_backend(backend)
+    for module in model.modules():
+        if isinstance(module, (CrossAttention, MultiHeadAttention)):
+            module.backend = backend
+    return model
