@@ -4,6 +4,8 @@
 #
 #   step          what                                                      expected  limit
 #   install       pip install -e . offline, CUDA extension for sm_90a          25 s    120 s
+#   repro         tests/repro_chained_dots.py: does this Triton compute          5 s     60 s
+#                 16-bit chained dots with BLOCK_DQK > BLOCK_DV right (exit 1: affected)
 #   cuda-tests    the CUDA C++ kernel tests (-n 4)          } side by side      30 s    240 s
 #   triton-tests  the Triton kernel tests (-n 12)           }                   70 s    240 s
 #   bench         python -m benchmarks --suite op,model,host --size quick,   ~120 s    240 s
@@ -92,6 +94,9 @@ if ! PERCEIVER_KERNELS_FORCE_CUDA=1 PERCEIVER_KERNELS_CUDA_ARCHS="${PERCEIVER_KE
 fi
 [ "$DRY_RUN" = 1 ] || python -c "import perceiver_kernels as pk, torch, triton; print(pk.build_info()); print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   > "$OUT/extra/build_info.txt" 2>&1
+
+# Whether this Triton has the bug the launchers work around (triton_launch.head_dim_blocks).
+run repro 60 "$OUT/extra/repro.log" python -m tests.repro_chained_dots
 
 # Both test sets at once: the CUDA tests need few workers, the Triton tests many.
 # shellcheck disable=SC2046,SC2086  # word splitting of the worker options and file lists is meant

@@ -297,7 +297,7 @@ def test_gpu_run_plan_keeps_at_most_8_files_and_prints_the_targets_last(tmp_path
                          env={**os.environ, "DRY_RUN": "1"}, timeout=120)
     assert run.returncode == 0, run.stderr
     steps = [line.split(" (")[0] for line in run.stdout.splitlines() if line.startswith("== ")]
-    assert sorted(steps) == ["== bench", "== cuda-tests", "== install", "== triton-tests"]
+    assert sorted(steps) == ["== bench", "== cuda-tests", "== install", "== repro", "== triton-tests"]
     assert "-p benchmarks.pytest_fault_isolation" in run.stdout and "--max-worker-restart" in run.stdout
     files = {path.name for path in out.iterdir()}
     assert files == {"summary.md", "results.json", "report.md", "op.png", "tests-cuda.log", "tests-triton.log",
