@@ -145,7 +145,7 @@ void forward(const std::string& dtype, int64_t device, uintptr_t stream, uintptr
              const std::vector<int64_t>& residual_stride, uintptr_t out, const std::vector<int64_t>& out_stride,
              uintptr_t lse, uintptr_t partial_out, uintptr_t partial_lse, int64_t batch, int64_t heads,
              int64_t num_queries, int64_t num_keys, int64_t head_dim_qk, int64_t head_dim_v, double scale,
-             int64_t num_splits, int64_t keys_per_split) {
+             int64_t num_splits, int64_t keys_per_split, bool causal) {
   pk::ForwardParams p;
   p.dtype = parse_dtype(dtype);
   // Ranges that make the int conversions below exact; what the kernels support is
@@ -182,6 +182,7 @@ void forward(const std::string& dtype, int64_t device, uintptr_t stream, uintptr
   p.scale = static_cast<float>(scale);
   p.num_splits = static_cast<int>(num_splits);
   p.keys_per_split = static_cast<int>(keys_per_split);
+  p.causal = causal;
   pk::check_forward_params(p);
 
   const int count = device_count();
@@ -219,11 +220,14 @@ PYBIND11_MODULE(_C, m) {
         "Strides are in elements, in (batch, head, row, channel) order; key_padding is a (batch, key)\n"
         "byte mask (nonzero = padding) or 0; residual may be 0; lse is (batch*heads, Nq) fp32;\n"
         "with num_splits > 1, partial_out (batch*heads, splits, Nq, Dv) and partial_lse\n"
-        "(batch*heads, splits, Nq) are contiguous fp32 buffers.",
+        "(batch*heads, splits, Nq) are contiguous fp32 buffers. causal: query i sees key j only if\n"
+        "j <= i + num_keys - num_queries.",
         py::kw_only(), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("q"), py::arg("q_stride"),
         py::arg("k"), py::arg("k_stride"), py::arg("v"), py::arg("v_stride"), py::arg("key_padding"),
         py::arg("key_padding_stride"), py::arg("residual"), py::arg("residual_stride"), py::arg("out"),
         py::arg("out_stride"), py::arg("lse"), py::arg("partial_out"), py::arg("partial_lse"), py::arg("batch"),
         py::arg("heads"), py::arg("num_queries"), py::arg("num_keys"), py::arg("head_dim_qk"),
-        py::arg("head_dim_v"), py::arg("scale"), py::arg("num_splits"), py::arg("keys_per_split"));
+        py::arg("head_dim_v"), py::arg("scale"), py::arg("num_splits"), py::arg("keys_per_split"),
+        // A bool only: without noconvert pybind11 would take any object with __bool__ (1, "no").
+        py::arg("causal").noconvert() = false);
 }

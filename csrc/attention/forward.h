@@ -3,6 +3,9 @@
 //
 //   out = softmax(q k^T * scale, keys masked by key_padding) v (+ residual)
 //
+// With causal masking, query row i also sees only keys j <= i + Nk - Nq (aligned at the
+// bottom right, as Perceiver AR's latents are the last positions of the context).
+//
 // Work is cut into (query tile, key split, batch*head) blocks. With one split a block
 // writes `out` and `lse` directly; with several, each split writes fp32 partials (its
 // own normalised output and log-sum-exp) and merge_splits combines them.
@@ -64,6 +67,8 @@ struct ForwardParams {
 
   int batch = 0, heads = 0, num_queries = 0, num_keys = 0, head_dim_qk = 0, head_dim_v = 0;
   float scale = 1.0f;
+  // Causal masking (see above): a row that sees no key gives 0 (+ residual), lse = -inf.
+  bool causal = false;
 };
 
 // The head dims that serve (head_dim_qk, head_dim_v): the cheapest compiled pair that

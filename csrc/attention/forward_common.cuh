@@ -1,5 +1,13 @@
-// Pieces both forward kernels share: where a block works, tile loading with zero fill,
-// and the epilogue that writes a finished row (final output or split partial).
+// Pieces the forward kernels share: where a block works (and which keys causal masking
+// leaves it), tile loading with zero fill, and the epilogue that writes a finished row
+// (final output or split partial).
+//
+// Causal masking (ForwardParams::causal): row i sees key j iff j <= i + causal_offset,
+// causal_offset = Nk - Nq. A block never visits keys past the reach of its last query
+// row (BlockWork::visible_key_end: a split entirely past it runs no key tile and writes
+// an empty partial, lse = -inf, which the merge weighs 0); of the tiles it visits, only
+// those crossing the diagonal (crosses_diagonal) check each (row, key), the others run
+// exactly as without causal masking.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,6 +21,11 @@ namespace pk {
 
 constexpr float kLn2 = 0.69314718055994531f;
 constexpr float kLog2e = 1.44269504088896341f;
+
+// Row i sees keys j <= i + causal_offset under causal masking. Taken as one difference:
+// a tile row plus it stays below Nk + 64 (tile rows run at most 63 past Nq), exact in
+// int32, where row + Nk - Nq evaluated left to right could overflow.
+__device__ __forceinline__ int causal_offset(const ForwardParams& p) { return p.num_keys - p.num_queries; }
 
 // The (batch, head) and the key range of this block's split.
 struct BlockWork {
@@ -37,7 +50,24 @@ struct BlockWork {
   __device__ const T* rows(const void* base, const int64_t (&stride)[4]) const {
     return static_cast<const T*>(base) + batch * stride[0] + head * stride[1];
   }
+
+  // The end of the split's keys that query rows below `rows_end` may see: key_end, or
+  // with causal masking no further than the last row's reach and never below
+  // key_begin (an empty range when no row reaches the split). Exact in int32: the
+  // reach is at most Nk.
+  __device__ int visible_key_end(const ForwardParams& p, int rows_end) const {
+    if (!p.causal) return key_end;
+    const int reach = min(rows_end, p.num_queries) + causal_offset(p);
+    return max(key_begin, min(key_end, reach));
+  }
 };
+
+// Whether keys [key0, key0 + keys) hold one that query row first_row does not see under
+// causal masking: then each (row, key) of the tile must be checked, else none needs it
+// (later rows see more).
+__device__ __forceinline__ bool crosses_diagonal(const ForwardParams& p, int key0, int keys, int first_row) {
+  return p.causal && key0 + keys - 1 > first_row + causal_offset(p);
+}
 
 // One 16-byte chunk, channels [c, c + 16 / sizeof(T)), of a tile row: zero when the row
 // is not live or the channels lie past `channels`; copied asynchronously (cp.async)

@@ -4,7 +4,9 @@
 // key split, and walks the split's keys in tiles of 32. For the scores a lane owns one
 // key of the tile; for the output it owns the channels lane, lane + 32, ... The
 // softmax is the same online (running max, running sum) softmax in the log2 domain
-// as the tensor-core kernel.
+// as the tensor-core kernel. Causal masking (forward_common.cuh): the block walks only
+// the keys its last row reaches, and checks each (row, key) only on tiles crossing the
+// diagonal.
 #pragma once
 
 #include "device_utils.cuh"
@@ -54,6 +56,7 @@ __global__ void __launch_bounds__(config::kSimtThreads) forward_simt_kernel(cons
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int m0 = blockIdx.x * kBlockM;
+  const int key_end = work.visible_key_end(p, m0 + kBlockM);
 
   load_tile_fp32<kBlockM, DQK, DQK>(q_tile, work.rows<float>(p.q, p.q_stride), p.q_stride[2], p.q_stride[3], m0,
                                     p.num_queries, p.head_dim_qk, nullptr, 0);
@@ -68,11 +71,11 @@ __global__ void __launch_bounds__(config::kSimtThreads) forward_simt_kernel(cons
   }
   const float* my_queries = q_tile + warp * kRows * DQK;
 
-  for (int key0 = work.key_begin; key0 < work.key_end; key0 += kBlockN) {
+  for (int key0 = work.key_begin; key0 < key_end; key0 += kBlockN) {
     __syncthreads();  // the previous tiles are consumed (and, the first time, q_tile is written)
-    load_tile_fp32<kBlockN, DQK, kKStride>(k_tile, k, p.k_stride[2], p.k_stride[3], key0, work.key_end, p.head_dim_qk,
+    load_tile_fp32<kBlockN, DQK, kKStride>(k_tile, k, p.k_stride[2], p.k_stride[3], key0, key_end, p.head_dim_qk,
                                            padding, padding_stride);
-    load_tile_fp32<kBlockN, DV, DV>(v_tile, v, p.v_stride[2], p.v_stride[3], key0, work.key_end, p.head_dim_v,
+    load_tile_fp32<kBlockN, DV, DV>(v_tile, v, p.v_stride[2], p.v_stride[3], key0, key_end, p.head_dim_v,
                                     padding, padding_stride);
     __syncthreads();
 
@@ -84,11 +87,14 @@ __global__ void __launch_bounds__(config::kSimtThreads) forward_simt_kernel(cons
       for (int r = 0; r < kRows; ++r) s[r] = fmaf(my_queries[r * DQK + d], kd, s[r]);
     }
     const int key = key0 + lane;
-    const bool attended = key < work.key_end && (padding == nullptr || padding[key * padding_stride] == 0);
+    const bool attended = key < key_end && (padding == nullptr || padding[key * padding_stride] == 0);
+    // The first of this warp's rows that sees the lane's key: 0 off the diagonal.
+    const int first_seeing_row =
+        crosses_diagonal(p, key0, kBlockN, m0) ? key - causal_offset(p) - (m0 + warp * kRows) : 0;
 
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const float score = attended ? s[r] * scale_log2 : -INFINITY;
+      const float score = attended && r >= first_seeing_row ? s[r] * scale_log2 : -INFINITY;
       const float new_max = fmaxf(row_max[r], warp_max(score));
       const float base = new_max == -INFINITY ? 0.0f : new_max;
       const float correction = exp2f(row_max[r] - base);

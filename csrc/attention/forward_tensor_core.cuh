@@ -7,6 +7,10 @@
 // K/V tiles either stream through two shared-memory buffers (cp.async prefetch of
 // the next tile while the current one is multiplied) or, when a block runs several
 // query tiles over few keys (DECODE), are loaded once and stay resident.
+// Causal masking (forward_common.cuh): a block loads no key past its last query row's
+// reach, each query tile walks only the key tiles its own rows reach (with resident
+// K/V, a prefix of those loaded), and only tiles crossing the diagonal check each
+// (row, key).
 #pragma once
 
 #include "device_utils.cuh"
@@ -42,9 +46,11 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
   const RowWriter<T> writer(p, work);
   const float scale_log2 = p.scale * kLog2e;
 
-  const int num_key_tiles = config::cdiv(work.key_end - work.key_begin, kBlockN);
   const int first_tile = blockIdx.x * plan.query_tiles_per_block;
   const int end_tile = min(config::cdiv(p.num_queries, kBlockM), first_tile + plan.query_tiles_per_block);
+  // The keys this block loads: the split's, or with causal masking those its last query
+  // tile reaches (the other tiles of a resident block reach a prefix of them).
+  const int key_end = work.visible_key_end(p, end_tile * kBlockM);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -54,22 +60,28 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
   auto load_kv = [&](int slot, int key_tile) {
     T* k_dst = kv_tiles + slot * kKvElements;
     const int key0 = work.key_begin + key_tile * kBlockN;
-    load_tile<T, kBlockN, DQK, kQkStride, kThreads>(k_dst, k, p.k_stride[2], p.k_stride[3], key0, work.key_end,
+    load_tile<T, kBlockN, DQK, kQkStride, kThreads>(k_dst, k, p.k_stride[2], p.k_stride[3], key0, key_end,
                                                     p.head_dim_qk, plan.vector_loads, padding, padding_stride,
                                                     key_live + slot * kBlockN);
     load_tile<T, kBlockN, DV, kVStride, kThreads>(k_dst + kKElements, v, p.v_stride[2], p.v_stride[3], key0,
-                                                  work.key_end, p.head_dim_v, plan.vector_loads, padding,
+                                                  key_end, p.head_dim_v, plan.vector_loads, padding,
                                                   padding_stride);
   };
 
   if (plan.kv_resident) {
-    // Every key tile of the split gets its own slot; the copies complete with the
-    // first query tile's.
-    for (int j = 0; j < num_key_tiles; ++j) load_kv(j, j);
+    // Every key tile the block reaches gets its own slot. The copies are committed and
+    // waited for (cp.async.wait_group 0, then a barrier) with the first query tile's,
+    // even when that tile reaches fewer key tiles than a later one (causal): on the
+    // GPU no copy is still in flight when any tile reads a slot. The emulation
+    // completes copies at once and cannot show that order; the wait covers it.
+    const int loaded_tiles = config::cdiv(key_end - work.key_begin, kBlockN);
+    for (int j = 0; j < loaded_tiles; ++j) load_kv(j, j);
   }
 
   for (int tile = first_tile; tile < end_tile; ++tile) {
     const int m0 = tile * kBlockM;
+    // Block-uniform, so every thread meets the same barriers below.
+    const int num_key_tiles = config::cdiv(work.visible_key_end(p, m0 + kBlockM) - work.key_begin, kBlockN);
     load_tile<T, kBlockM, DQK, kQkStride, kThreads>(q_tile, q, p.q_stride[2], p.q_stride[3], m0, p.num_queries,
                                                     p.head_dim_qk, plan.vector_loads, nullptr, 0);
     if (!plan.kv_resident && num_key_tiles > 0) load_kv(0, 0);
@@ -124,12 +136,25 @@ __global__ void __launch_bounds__(config::kTensorCoreThreads)
         for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
       }
       const int key0 = work.key_begin + j * kBlockN;
-      if (padding != nullptr || key0 + kBlockN > work.key_end) {
+      if (padding != nullptr || key0 + kBlockN > key_end) {
 #pragma unroll
         for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             if (!key_live[slot * kBlockN + n * 8 + quad_col + c]) s[n][c] = s[n][c + 2] = -INFINITY;
+          }
+        }
+      }
+      if (crosses_diagonal(p, key0, kBlockN, m0)) {
+        // Row quad_row (+ 8) of this warp sees the tile's keys up to `reach` (+ 8).
+        const int reach = m0 + warp * 16 + quad_row + causal_offset(p) - key0;
+#pragma unroll
+        for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int key = n * 8 + quad_col + c;
+            if (key > reach) s[n][c] = -INFINITY;
+            if (key > reach + 8) s[n][c + 2] = -INFINITY;
           }
         }
       }

@@ -8,6 +8,7 @@
 // chunks streaming through shared memory, and a block accumulates one slice of at most
 // 32 x LANE_CHANNELS value channels in registers (8 rows x LANE_CHANNELS a lane); wider
 // Dv is cut into equal slices taken by separate blocks, which recompute the scores.
+// Causal masking as in the narrow kernel (forward_common.cuh).
 // Loads are plain (no cp.async), so the host emulation's immediate copies are exact;
 // it does not model the memory model, which the barriers below order.
 #pragma once
@@ -54,6 +55,7 @@ __global__ void __launch_bounds__(config::kSimtThreads)
   const int m0 = static_cast<int>(blockIdx.x) / plan.value_slices * kBlockM;
   const int channel0 = slice * plan.slice_channels;
   const int slice_channels = plan.slice_channels;
+  const int key_end = work.visible_key_end(p, m0 + kBlockM);
   const uint8_t* padding = p.key_padding == nullptr ? nullptr : p.key_padding + work.batch * p.key_padding_stride[0];
   const int64_t padding_stride = p.key_padding_stride[1];
   const float* q = work.rows<float>(p.q, p.q_stride);
@@ -74,14 +76,14 @@ __global__ void __launch_bounds__(config::kSimtThreads)
   }
   const float* my_queries = q_chunk + warp * kRows * kChunk;
 
-  for (int key0 = work.key_begin; key0 < work.key_end; key0 += kBlockN) {
+  for (int key0 = work.key_begin; key0 < key_end; key0 += kBlockN) {
     float s[kRows] = {};
     for (int c0 = 0; c0 < p.head_dim_qk; c0 += kChunk) {
       __syncthreads();  // the previous chunks (and the previous tile's V) are consumed
       load_rows_fp32<kBlockM>(q_chunk, kChunk, kChunk, q + c0 * p.q_stride[3], p.q_stride[2], p.q_stride[3], m0,
                               p.num_queries, p.head_dim_qk - c0, nullptr, 0);
       load_rows_fp32<kBlockN>(k_chunk, kKStride, kChunk, k + c0 * p.k_stride[3], p.k_stride[2], p.k_stride[3], key0,
-                              work.key_end, p.head_dim_qk - c0, padding, padding_stride);
+                              key_end, p.head_dim_qk - c0, padding, padding_stride);
       __syncthreads();
       const int width = min(kChunk, p.head_dim_qk - c0);
 #pragma unroll 8
@@ -92,11 +94,14 @@ __global__ void __launch_bounds__(config::kSimtThreads)
       }
     }
     const int key = key0 + lane;
-    const bool attended = key < work.key_end && (padding == nullptr || padding[key * padding_stride] == 0);
+    const bool attended = key < key_end && (padding == nullptr || padding[key * padding_stride] == 0);
+    // The first of this warp's rows that sees the lane's key: 0 off the diagonal.
+    const int first_seeing_row =
+        crosses_diagonal(p, key0, kBlockN, m0) ? key - causal_offset(p) - (m0 + warp * kRows) : 0;
 
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      const float score = attended ? s[r] * scale_log2 : -INFINITY;
+      const float score = attended && r >= first_seeing_row ? s[r] * scale_log2 : -INFINITY;
       const float new_max = fmaxf(row_max[r], warp_max(score));
       const float base = new_max == -INFINITY ? 0.0f : new_max;
       const float correction = exp2f(row_max[r] - base);
@@ -109,7 +114,7 @@ __global__ void __launch_bounds__(config::kSimtThreads)
 
     // v_tile was last read in the previous tile, before this tile's first chunk barrier.
     load_rows_fp32<kBlockN>(v_tile, slice_channels, slice_channels, v, p.v_stride[2], p.v_stride[3], key0,
-                            work.key_end, p.head_dim_v - channel0, padding, padding_stride);
+                            key_end, p.head_dim_v - channel0, padding, padding_stride);
     __syncthreads();
 #pragma unroll 4
     for (int j = 0; j < kBlockN; ++j) {

@@ -30,6 +30,11 @@
 // (DECODE): 64 keys of 2 x 1280 channels alone take 320 KiB; every block reads the
 // latents' K/V from L2 instead.
 //
+// Causal masking (forward_common.cuh): the block's steps cover only the key tiles its
+// last row reaches (none when no row reaches the split: the block then loads nothing
+// and writes empty rows), and the softmax of a tile crossing the diagonal checks each
+// (row, key).
+//
 // What the host emulation (tests/cuda_emulation/) does not check, and the reasoning
 // that covers it:
 //  - cp.async completes at once there. On the GPU a stage is written by the copies of
@@ -96,7 +101,8 @@ __global__ void __launch_bounds__(config::kWideThreads, 1)
 
   const int num_chunks = config::cdiv(plan.dims.qk, kChunk);
   const int steps_per_tile = num_chunks + kValueSteps;
-  const int num_steps = config::cdiv(work.key_end - work.key_begin, kBlockN) * steps_per_tile;
+  const int key_end = work.visible_key_end(p, m0 + kBlockM);
+  const int num_steps = config::cdiv(key_end - work.key_begin, kBlockN) * steps_per_tile;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -116,7 +122,7 @@ __global__ void __launch_bounds__(config::kWideThreads, 1)
       // key_live is rewritten here for tile j + 1 during tile j's last V step: tile j's
       // flags were read in its softmax, before that step's barrier.
       load_tile<T, kBlockN, kChunk, kChunkStride, kThreads>(
-          stage, k + c0 * p.k_stride[3], p.k_stride[2], p.k_stride[3], key0, work.key_end, p.head_dim_qk - c0,
+          stage, k + c0 * p.k_stride[3], p.k_stride[2], p.k_stride[3], key0, key_end, p.head_dim_qk - c0,
           plan.vector_loads, padding, padding_stride, step == 0 ? key_live : nullptr);
       if (!plan.q_resident) {
         load_tile<T, kBlockM, kChunk, kChunkStride, kThreads>(stage + Layout::kChunkElements, q + c0 * p.q_stride[3],
@@ -125,17 +131,21 @@ __global__ void __launch_bounds__(config::kWideThreads, 1)
       }
     } else {
       load_rows<T, kValueKeys, kThreads>(stage, layout.value_stride, plan.slice_channels, v, p.v_stride[2],
-                                         p.v_stride[3], key0 + (step - num_chunks) * kValueKeys, work.key_end,
+                                         p.v_stride[3], key0 + (step - num_chunks) * kValueKeys, key_end,
                                          p.head_dim_v - channel0, plan.vector_loads, padding, padding_stride);
     }
   };
 
-  if (plan.q_resident) {
-    load_rows<T, kBlockM, kThreads>(q_tile, layout.q_stride, plan.dims.qk, q, p.q_stride[2], p.q_stride[3], m0,
-                                    p.num_queries, p.head_dim_qk, plan.vector_loads, nullptr, 0);
+  // Without a step (causal: no row reaches the split) nothing is loaded, so no copy
+  // is left in flight when the block ends.
+  if (num_steps > 0) {
+    if (plan.q_resident) {
+      load_rows<T, kBlockM, kThreads>(q_tile, layout.q_stride, plan.dims.qk, q, p.q_stride[2], p.q_stride[3], m0,
+                                      p.num_queries, p.head_dim_qk, plan.vector_loads, nullptr, 0);
+    }
+    load_step(0);
+    cp_async_commit();
   }
-  load_step(0);  // every split holds at least one key, so there is a step 0
-  cp_async_commit();
 
   float acc[kAccTiles][4];
 #pragma unroll
@@ -189,12 +199,25 @@ __global__ void __launch_bounds__(config::kWideThreads, 1)
           for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
         }
         const int key0 = work.key_begin + t / steps_per_tile * kBlockN;
-        if (padding != nullptr || key0 + kBlockN > work.key_end) {
+        if (padding != nullptr || key0 + kBlockN > key_end) {
 #pragma unroll
           for (int n = 0; n < kWarpKeys / 8; ++n) {
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
               if (!key_live[half * kWarpKeys + n * 8 + quad_col + c]) s[n][c] = s[n][c + 2] = -INFINITY;
+            }
+          }
+        }
+        if (crosses_diagonal(p, key0, kBlockN, m0)) {
+          // Row quad_row (+ 8) of this row group sees the half's keys up to `reach` (+ 8).
+          const int reach = m0 + row_group * 16 + quad_row + causal_offset(p) - (key0 + half * kWarpKeys);
+#pragma unroll
+          for (int n = 0; n < kWarpKeys / 8; ++n) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int key = n * 8 + quad_col + c;
+              if (key > reach) s[n][c] = -INFINITY;
+              if (key > reach + 8) s[n][c + 2] = -INFINITY;
             }
           }
         }
