@@ -47,8 +47,10 @@ def run_cuda_forward(
     scale: float,
     num_splits: Optional[int] = None,
     extension: Optional[ModuleType] = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the CUDA forward on validated inputs; returns (out, lse natural-log)."""
+    """Runs the CUDA forward on validated inputs; returns (out, lse natural-log).
+    causal: query i sees key j only if j <= i + Nk - Nq."""
     batch, heads, num_queries, head_dim_qk = q.shape
     num_keys, head_dim_v = v.shape[2], v.shape[3]
     out, lse = allocate_output(q, head_dim_v)
@@ -80,6 +82,6 @@ def run_cuda_forward(
             partial_out=pointer(partial_out), partial_lse=pointer(partial_lse),
             batch=batch, heads=heads, num_queries=num_queries, num_keys=num_keys,
             head_dim_qk=head_dim_qk, head_dim_v=head_dim_v, scale=scale,
-            num_splits=plan.num_splits, keys_per_split=plan.keys_per_split,
+            num_splits=plan.num_splits, keys_per_split=plan.keys_per_split, causal=causal,
         )
     return out, lse

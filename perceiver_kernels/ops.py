@@ -76,6 +76,7 @@ def cuda_forward(
     key_padding_mask: Optional[torch.Tensor],
     residual: Optional[torch.Tensor],
     scale: float,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CUDA C++ forward on validated inputs: (out (B, H, Nq, Dv), lse (B, H, Nq) fp32).
 
@@ -83,11 +84,11 @@ def cuda_forward(
     """
     from .cuda_launch import run_cuda_forward
 
-    return run_cuda_forward(q, k, v, key_padding_mask, residual, scale)
+    return run_cuda_forward(q, k, v, key_padding_mask, residual, scale, causal=causal)
 
 
 @cuda_forward.register_fake
-def _(q, k, v, key_padding_mask, residual, scale):
+def _(q, k, v, key_padding_mask, residual, scale, causal=False):
     return allocate_output(q, v.shape[-1])
 
 
@@ -97,8 +98,8 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _save_cuda_forward_for_backward(ctx, inputs, output):
-    q, k, v, key_padding_mask, residual, scale = inputs
-    _save(ctx, q, k, v, key_padding_mask, residual, scale, torch.backends.cuda.matmul.allow_tf32, output)
+    q, k, v, key_padding_mask, residual, scale, causal = inputs
+    _save(ctx, q, k, v, key_padding_mask, residual, scale, torch.backends.cuda.matmul.allow_tf32, output, causal)
 
 
 def _save(ctx, q, k, v, key_padding_mask, residual, scale, allow_tf32, output, causal=False):
@@ -131,7 +132,7 @@ def _triton_forward_backward(ctx, dout, _dlse):
 
 
 def _cuda_forward_backward(ctx, dout, _dlse):
-    return *_gradients(ctx, dout), None
+    return *_gradients(ctx, dout), None, None
 
 
 def _no_double_backward(ctx, ddq, ddk, ddv):
@@ -168,21 +169,24 @@ class _EagerForward(torch.autograd.Function):
 
 def attention(kernel: str, q, k, v, key_padding_mask, residual, scale: float, allow_tf32: bool,
               causal: bool = False) -> torch.Tensor:
-    """The output of a kernel forward ("triton" or "cuda"; causal: triton only),
-    differentiable, at the lowest host cost the mode allows: the registered custom op
-    under torch.compile, the launcher behind _EagerForward when autograd records the
-    call, the launcher alone otherwise."""
+    """The output of a kernel forward ("triton" or "cuda"), differentiable, at the lowest
+    host cost the mode allows: the registered custom op under torch.compile, the
+    launcher behind _EagerForward when autograd records the call, the launcher alone
+    otherwise."""
     if torch.compiler.is_compiling():
         if kernel == "triton":
             return triton_forward(q, k, v, key_padding_mask, residual, scale, allow_tf32, causal)[0]
-        return cuda_forward(q, k, v, key_padding_mask, residual, scale)[0]
+        return cuda_forward(q, k, v, key_padding_mask, residual, scale, causal)[0]
     if kernel == "triton":
         from .triton_launch import run_triton_forward
 
         def launch(*args):
             return run_triton_forward(*args, allow_tf32, causal=causal)
     else:
-        from .cuda_launch import run_cuda_forward as launch
+        from .cuda_launch import run_cuda_forward
+
+        def launch(*args):
+            return run_cuda_forward(*args, causal=causal)
     if needs_grad(q, k, v, residual):
         return _EagerForward.apply(launch, q, k, v, key_padding_mask, residual, scale, allow_tf32, causal)[0]
     return launch(q, k, v, key_padding_mask, residual, scale)[0]

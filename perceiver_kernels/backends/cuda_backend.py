@@ -30,11 +30,12 @@ class CudaBackend(Backend):
     Head dims: the compiled pairs (smaller dims run padded up to one), and beyond them the
     wide kernels up to the bound build_info() reports (1280), rounded up to a multiple of
     16. Training works where the Triton backward does (head dims up to 256, triton
-    installed): the backward runs in Triton from the forward's lse. The grid limit
-    comes from the extension itself (build_info).
+    installed): the backward runs in Triton from the forward's lse, causal masking
+    included. The grid limit comes from the extension itself (build_info).
     """
 
     name = "cuda"
+    causal = True
     backward_needs_plain_output = True
 
     @property
@@ -82,4 +83,4 @@ class CudaBackend(Backend):
         from .. import ops
 
         return ops.attention("cuda", q, k, v, key_padding_mask, residual, scale,
-                             torch.backends.cuda.matmul.allow_tf32)
+                             torch.backends.cuda.matmul.allow_tf32, causal)
