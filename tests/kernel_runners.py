@@ -52,7 +52,8 @@ def _cuda_forward(inputs: dict, num_splits: Optional[int] = None, multiprocessor
         if multiprocessors is not None:
             extension = extension.with_multiprocessors(multiprocessors)
     return run_cuda_forward(inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"],
-                            _scale(inputs), num_splits=num_splits, extension=extension)
+                            _scale(inputs), num_splits=num_splits, extension=extension,
+                            causal=inputs.get("causal", False))
 
 
 def _triton_interpreter_unavailable() -> str:
@@ -180,12 +181,12 @@ CUDA_EMULATION = ForwardRunner(
     paths={"stream": dict(num_splits=1), "split": dict(num_splits=3),
            "resident": dict(num_splits=1, multiprocessors=1)},
     rotate_paths=True, unavailable=_cuda_emulation_unavailable, head_dims=CUDA_HEAD_DIMS,
-    max_fp32_cells=64 * 129,
+    max_fp32_cells=64 * 129, causal=True,
 )
 CUDA_GPU = ForwardRunner(
     name="cuda-gpu", device="cuda", run=_cuda_forward, dtypes=DTYPES,
     paths={"unsplit": dict(num_splits=1), "split": dict(num_splits=3)}, gpu=True,
-    unavailable=_cuda_gpu_unavailable, head_dims=CUDA_GPU_HEAD_DIMS,
+    unavailable=_cuda_gpu_unavailable, head_dims=CUDA_GPU_HEAD_DIMS, causal=True,
 )
 
 FORWARD_RUNNERS = (TRITON_INTERPRETER, CUDA_EMULATION, TRITON_GPU, CUDA_GPU)

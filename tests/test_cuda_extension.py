@@ -72,6 +72,16 @@ def test_extension_checks_every_argument_before_touching_the_gpu(overrides, mess
         cuda_extension.module().forward(**_arguments(**overrides))
 
 
+@pytest.mark.parametrize("extension", [
+    pytest.param(cuda_extension.module, marks=needs_extension, id="built"),
+    pytest.param(cuda_emulation.build, marks=needs_emulation, id="emulated"),
+])
+def test_extension_takes_causal_as_a_bool_only(extension):
+    """pybind11 would otherwise turn anything with __bool__ (1, "no") into a flag."""
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        extension().forward(**_arguments(causal=1))
+
+
 @needs_extension
 def test_extension_refuses_host_memory_or_a_machine_without_gpu():
     x = torch.zeros(2, 2, 16, 64, dtype=torch.float16)
@@ -169,6 +179,30 @@ def test_resident_path_is_taken_on_one_sm():
     assert not extension.with_multiprocessors(132).plan(torch.float16, 2, 2, 300, 300, (64, 64), 1, 300)["kv_resident"]
 
 
+@pytest.mark.usefixtures("poisoned_empty")
+@needs_emulation
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], **dict(ids=lambda dtype: str(dtype)[6:]))
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_causal_with_resident_kv(dtype, num_splits):
+    """Causal masking where blocks keep K/V resident over several query tiles (an
+    emulated GPU of one SM). Unsplit, the first block's last tile reaches 219 of the
+    500 keys, so the block loads only those, and its tiles walk different numbers of
+    them (the first rows see none); in two splits of 256 keys, the second lies beyond
+    the reach of the first five query tiles."""
+    case = Case(num_queries=600, num_keys=500, head_dim_qk=24, head_dim_v=32, dtype=dtype, mask=True,
+                residual=True, transposed=True)
+    plan = plan_cuda_forward(2, 2, 600, 500, dtype, torch.device("cpu"), num_splits,
+                             extension=cuda_emulation.build())
+    resident = cuda_emulation.build().with_multiprocessors(1).plan(dtype, 2, 2, 600, 500, (24, 32), plan.num_splits,
+                                                                  plan.keys_per_split)
+    assert plan.num_splits == num_splits
+    assert resident["kv_resident"] and resident["query_tiles_per_block"] == (5 if num_splits == 1 else 10)
+    inputs = make_inputs(case, "cpu")
+    inputs["causal"] = True
+    out, lse = _cuda_forward(inputs, num_splits=num_splits, multiprocessors=1)
+    assert_matches_reference(out, inputs, lse, CUDA_EMULATION.epsilon)
+
+
 @needs_emulation
 def test_the_launcher_drives_the_binding_and_its_checks():
     """perceiver_kernels.cuda_launch through the binding compiled for the CPU: an input
@@ -248,6 +282,40 @@ def test_wide_heads_with_arbitrary_strides(runner, dtype):
         assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("runner", WIDE_RUNNERS)
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("dims", [(32, 48), (261, 261)], ids=lambda dims: f"d{dims[0]}x{dims[1]}")
+def test_causal_tile_crossing_the_diagonal_by_one_key(runner, dims, dtype):
+    """Nk - Nq = 62: the key tile ending at key 63 (64-key tiles; with 32-key tiles the
+    second) holds exactly one key that query 0 does not see, so it must be checked per
+    (row, key) although all its other keys are visible to every row of the block."""
+    inputs = make_inputs(Case(num_queries=20, num_keys=82, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
+                              residual=True), runner.device)
+    inputs["causal"] = True
+    out, lse = runner.run(inputs, num_splits=1)
+    assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("runner", WIDE_RUNNERS)
+@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
+@pytest.mark.parametrize("dims", [(261, 261), (520, 600)], ids=lambda dims: f"d{dims[0]}x{dims[1]}")
+def test_wide_heads_causal(runner, dims, dtype):
+    """Causal masking in the wide kernels, unsplit and split in 3, with a mask: few
+    queries over more keys, and more queries than keys (the first rows see no key,
+    and the first query tile none of the later splits)."""
+    num_queries, num_keys = _wide_sizes(runner, dtype)
+    for shape in ((num_queries, num_keys), (num_keys // 2, num_queries)):
+        case = Case(num_queries=shape[0], num_keys=shape[1], head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
+                    mask=True, residual=True, transposed=True)
+        inputs = make_inputs(case, runner.device)
+        inputs["causal"] = True
+        for num_splits in (1, 3):
+            out, lse = runner.run(inputs, num_splits=num_splits)
+            assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
 @needs_emulation
 def test_wide_plans_fit_the_shared_memory_of_every_sm80_gpu():
     """Every head-dim pair the wide kernels take, in every dtype, fits the 99 KiB that
@@ -292,6 +360,21 @@ def test_wide_heads_decode_many_query_tiles(dtype):
                 mask=True, residual=True, transposed=True)
     inputs = make_inputs(case, "cuda")
     out, lse = CUDA_GPU.run(inputs)
+    assert_matches_reference(out, inputs, lse, CUDA_GPU.epsilon)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_causal_square_split_with_resident_kv(dtype):
+    """Square causal attention cut into 32 splits of 256 keys: on an H100 or H200
+    (132 SMs) each split's K/V stay resident in shared memory over 7 query tiles a
+    block, each tile walks only the key tiles it reaches, and splits past a block's
+    reach stay empty."""
+    case = Case(batch=2, heads=1, num_queries=8000, num_keys=8000, head_dim_qk=64, head_dim_v=64, dtype=dtype,
+                mask=True, residual=True, transposed=True)
+    inputs = make_inputs(case, "cuda")
+    inputs["causal"] = True
+    out, lse = CUDA_GPU.run(inputs, num_splits=32)
     assert_matches_reference(out, inputs, lse, CUDA_GPU.epsilon)
 
 

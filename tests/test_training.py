@@ -130,6 +130,26 @@ def test_explicit_cuda_backend_trains_through_the_triton_backward():
 
 @pytest.mark.gpu
 @needs_extension
+@pytest.mark.parametrize("num_queries,num_keys", [(100, 700), (300, 129)])
+def test_explicit_cuda_backend_trains_causal_through_the_triton_backward(num_queries, num_keys):
+    """The causal CUDA forward's lse feeds the causal Triton backward (with more queries
+    than keys, the first rows see no key: zero gradients)."""
+    case = Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=32, head_dim_v=96, dtype=torch.bfloat16,
+                mask=True, residual=True)
+    inputs = make_inputs(case, "cuda")
+    inputs["causal"] = True
+    leaves = {name: inputs[name].detach().requires_grad_() for name in ("q", "k", "v", "residual")}
+    out = pk.cross_attention(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=inputs["key_padding_mask"],
+                             residual=leaves["residual"], causal=True, backend="cuda")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert_gradients_match({name: leaves[name].grad for name in "qkv"}, inputs, dout)
+    assert not leaves["q"].grad[:, :, :max(0, num_queries - num_keys)].any()
+    torch.testing.assert_close(leaves["residual"].grad, dout, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_extension
 def test_cuda_custom_op_passes_opcheck():
     inputs = make_inputs(Case(num_queries=70, num_keys=300, dtype=torch.float16, mask=True, residual=True), "cuda")
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"], 0.25)
