@@ -31,9 +31,19 @@ BACKWARD_DKDV = "attention_bwd_dkdv_kernel"
 BACKWARD_DQ = "attention_bwd_dq_kernel"
 BACKWARD_ENCODE = "attention_bwd_encode_kernel"
 BACKWARD_DECODE = "attention_bwd_decode_kernel"
-BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_ENCODE, BACKWARD_DECODE)
+# Head dims above 256: chunked head-dim sums, one program per slice of the output's
+# channels (kernels/attention_fwd_wide.py, kernels/attention_bwd_wide.py).
+FORWARD_WIDE_TILE = "attention_fwd_wide_kernel"
+FORWARD_WIDE_SPLIT = "attention_fwd_wide_split_kernel"
+BACKWARD_WIDE_DKDV = "attention_bwd_wide_dkdv_kernel"
+BACKWARD_WIDE_DQ = "attention_bwd_wide_dq_kernel"
+FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT)
+BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_ENCODE, BACKWARD_DECODE, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
+WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
+# The kernels whose programs' rows come from the plan, not from the config.
+SPLITS = (FORWARD_SPLIT, FORWARD_WIDE_SPLIT)
 # The meta-parameter each kernel walks its summed dimension with.
-INNER_BLOCK = {FORWARD_TILE: "BLOCK_N", FORWARD_SPLIT: "BLOCK_N", **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}
+INNER_BLOCK = {**{kernel: "BLOCK_N" for kernel in FORWARDS}, **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,11 @@ class LaunchConfig:
 
 @dataclass(frozen=True)
 class ShapeClass:
-    """What a config depends on: the blocks a launch gets and the rows its programs walk."""
+    """What a config depends on: the blocks a launch gets and the rows its programs walk.
+
+    For the wide kernels, block_dqk is the chunk of the sums over Dqk (BLOCK_CHUNK_QK)
+    and block_dv the slice of channels each program writes (BLOCK_SLICE).
+    """
 
     kernel: str
     block_dqk: int
@@ -65,6 +79,17 @@ class ShapeClass:
     @property
     def wide_head(self) -> bool:
         return max(self.block_dqk, self.block_dv) > 128
+
+    @property
+    def accumulator_channels(self) -> int:
+        """Channels of the fp32 accumulators a backward program keeps, as the register
+        estimate counts them: Dqk + Dv for the narrow kernels (calibrated so), a slice of
+        dK and one of dV for the wide dK/dV kernel, a slice of dQ for the wide dQ kernel."""
+        if self.kernel == BACKWARD_WIDE_DKDV:
+            return 2 * self.block_dv
+        if self.kernel == BACKWARD_WIDE_DQ:
+            return self.block_dv
+        return self.block_dqk + self.block_dv
 
 
 def _c(inner, warps, stages, block_m=None) -> LaunchConfig:
@@ -96,6 +121,13 @@ PREFERENCES: dict[str, tuple[LaunchConfig, ...]] = {
     # the blocks walking the other side may be is FUSED_MAX_INNER's.
     BACKWARD_ENCODE: (_c(64, 8, 2), _c(32, 8, 2), _c(16, 8, 1)),
     BACKWARD_DECODE: (_c(64, 8, 2), _c(32, 8, 2), _c(16, 8, 1)),
+    # Wide heads (triton_launch.WIDE_*): forward tiles of 64 rows over 32 keys (exact fp32:
+    # 16 rows over 16; 32 rows spilled on sm_80 in 1 stage or 2, depending on the head
+    # dim); the backward walks 16 rows at a time (32 spilled at 261 channels).
+    FORWARD_WIDE_TILE: (_c(32, 8, 2, 64), _c(16, 8, 1, 16)),
+    FORWARD_WIDE_SPLIT: (_c(32, 8, 2), _c(16, 8, 1)),
+    BACKWARD_WIDE_DKDV: (_c(16, 8, 1),),
+    BACKWARD_WIDE_DQ: (_c(16, 8, 2), _c(16, 8, 1)),
 }
 # The fused backward kernels' longest inner block without spills, by (kernel, rows held
 # (the short side: up to 128, or up to 256), head block (up to 32, 64 or 128)), from
@@ -126,6 +158,10 @@ SEARCH_SPACES: dict[str, tuple[LaunchConfig, ...]] = {
     BACKWARD_DQ: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
     BACKWARD_ENCODE: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
     BACKWARD_DECODE: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
+    FORWARD_WIDE_TILE: tuple(_c(n, w, s, m) for m in (32, 64) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
+    FORWARD_WIDE_SPLIT: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
+    BACKWARD_WIDE_DKDV: tuple(_c(n, w, s) for n in (16, 32) for w in (4, 8) for s in (1, 2)),
+    BACKWARD_WIDE_DQ: tuple(_c(n, w, s) for n in (16, 32) for w in (4, 8) for s in (1, 2)),
 }
 
 
@@ -151,9 +187,12 @@ def _register_budget_exceeded(config: LaunchConfig, shape: ShapeClass, arch: str
       measured head-dim-64 winners sit at 128) and 64 before it (mma.sync holds them);
     - forward in exact fp32 (dots on CUDA cores): rows x inner x (Dqk + Dv) / threads
       within 1024;
-    - backward on tensor cores: two accumulators as wide as the heads plus two score
-      tiles, rows x (Dqk + Dv + 2 inner) / threads, within 160 on sm_90 (192 spilled at
-      head dim 128) and 96 before.
+    - backward on tensor cores: the accumulators (ShapeClass.accumulator_channels: two as
+      wide as the heads, or the wide kernels' slices) plus two score tiles, rows x
+      (channels + 2 inner) / threads, within 160 on sm_90 (192 spilled at head dim 128)
+      and 96 before.
+
+    For the wide kernels Dqk and Dv read as their chunk and slice (ShapeClass).
     """
     rows = config.block_m or shape.block_m or 64
     threads = 32 * config.num_warps
@@ -161,7 +200,7 @@ def _register_budget_exceeded(config: LaunchConfig, shape: ShapeClass, arch: str
     if shape.kernel in BACKWARDS:
         if shape.exact_fp32:
             return False
-        return rows * (shape.block_dqk + shape.block_dv + 2 * config.inner) / threads > (160 if hopper else 96)
+        return rows * (shape.accumulator_channels + 2 * config.inner) / threads > (160 if hopper else 96)
     if shape.exact_fp32:
         return rows * config.inner * (shape.block_dqk + shape.block_dv) / threads > 1024
     return rows * (shape.block_dv + config.inner) / threads > (128 if hopper else 64)
@@ -172,10 +211,14 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
 
     - an inner block longer than the rows a program walks only multiplies padding;
     - tiles whose registers would spill (_register_budget_exceeded);
-    - head dims above 128: inner blocks of at most 64 (32 in the backward), query tiles
-      of at most 64 rows, at most 2 stages (1 in the backward), 8 warps in the backward;
+    - head dims above 128 (narrow kernels): inner blocks of at most 64 (32 in the
+      backward), query tiles of at most 64 rows, at most 2 stages (1 in the backward),
+      8 warps in the backward;
     - exact fp32 dots keep both operands in registers: forward inner blocks of at most
-      32, 8 warps everywhere, 1 stage in the backward and from Dqk + Dv of 256;
+      32 (16 in the wide kernels on a GPU: 32 spilled on sm_80), 8 warps everywhere, 1
+      stage in the backward and from Dqk + Dv of 256;
+    - the wide dQ kernel in 16 bits: 2 stages on sm_90 and 1 before (ptxas held the
+      other to 128 registers and spilled 8 bytes);
     - shared memory within the device's limit (None: no limit, the interpreter).
     """
     backward = shape.kernel in BACKWARDS
@@ -188,10 +231,16 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
             config.num_stages == 1 or config.inner >= 32)
     if arch != "interpreter" and _register_budget_exceeded(config, shape, arch):
         return False
-    if shape.wide_head and (config.inner > (32 if backward else 64) or rows > 64
-                            or config.num_stages > (1 if backward else 2) or (backward and config.num_warps < 8)):
+    wide = shape.kernel in WIDE
+    if shape.kernel == BACKWARD_WIDE_DQ and not shape.exact_fp32 and arch != "interpreter" and (
+            config.num_stages != (2 if arch >= "sm_90" else 1)):
         return False
-    if shape.exact_fp32 and (config.num_warps < 8 or (not backward and config.inner > 32) or (
+    if shape.wide_head and not wide and (
+            config.inner > (32 if backward else 64) or rows > 64 or config.num_stages > (1 if backward else 2)
+            or (backward and config.num_warps < 8)):
+        return False
+    longest_exact = 16 if wide and arch != "interpreter" else 32
+    if shape.exact_fp32 and (config.num_warps < 8 or (not backward and config.inner > longest_exact) or (
             config.num_stages > 1 and (backward or shape.block_dqk + shape.block_dv >= 256))):
         return False
     if shared_memory_limit is not None and shared_memory_bytes(config, shape) > shared_memory_limit:
@@ -233,18 +282,25 @@ def search_space(shape: ShapeClass, device: torch.device) -> list[LaunchConfig]:
     return space or [choose(shape, device)]
 
 
+def head_dim_block_names(kernel: str) -> tuple[str, str]:
+    """The constexprs a kernel's ShapeClass.block_dqk and block_dv come from."""
+    return ("BLOCK_CHUNK_QK", "BLOCK_SLICE") if kernel in WIDE else ("BLOCK_DQK", "BLOCK_DV")
+
+
 def shape_class(kernel: str, args: dict) -> ShapeClass:
     """The shape class of a launch, from its named arguments (as the autotuner sees them)."""
-    return ShapeClass(kernel, args["BLOCK_DQK"], args["BLOCK_DV"], args["DOT_PRECISION"] == "ieee",
+    block_dqk, block_dv = head_dim_block_names(kernel)
+    return ShapeClass(kernel, args[block_dqk], args[block_dv], args["DOT_PRECISION"] == "ieee",
                       args["Q"].element_size(), args["tuning_inner_length"],
-                      args.get("BLOCK_M") if kernel == FORWARD_SPLIT else args.get("BLOCK_OUTER"))
+                      args.get("BLOCK_M") if kernel in SPLITS else args.get("BLOCK_OUTER"))
 
 
 def _tuning_key(kernel: str) -> list[str]:
-    outer = ["BLOCK_M"] if kernel == FORWARD_SPLIT else ["BLOCK_OUTER"] if kernel != FORWARD_TILE else []
+    outer = ["BLOCK_M"] if kernel in SPLITS else ["BLOCK_OUTER"] if kernel in BACKWARDS else []
     length = "tuning_inner_length"
-    return ["BLOCK_DQK", "BLOCK_DV", length, "HAS_MASK", "DOT_PRECISION", *outer] + (
-        ["HAS_RESIDUAL"] if kernel in (FORWARD_TILE, FORWARD_SPLIT) else [])
+    wide_backward = ["BLOCK_CHUNK_V"] if kernel in WIDE and kernel in BACKWARDS else []
+    return [*head_dim_block_names(kernel), *wide_backward, length, "HAS_MASK", "DOT_PRECISION", *outer] + (
+        ["HAS_RESIDUAL"] if kernel in FORWARDS else [])
 
 
 @functools.lru_cache(maxsize=None)

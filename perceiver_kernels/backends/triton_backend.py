@@ -1,4 +1,5 @@
-"""The "triton" backend: the fused Triton kernels (split-KV ENCODE, tiled DECODE)."""
+"""The "triton" backend: the fused Triton kernels (split-KV ENCODE, tiled DECODE), with
+wide-head variants for head dims above 256."""
 
 from __future__ import annotations
 
@@ -41,10 +42,17 @@ def _bfloat16_refusal(device_type: str, device_index: int | None) -> str:
 
 
 class TritonBackend(Backend):
-    """Forward and backward (training) in Triton; deterministic (no atomics)."""
+    """Forward and backward (training) in Triton; deterministic (no atomics).
+
+    Head dims up to 256 run on the narrow kernels (each head dim padded to a power of two
+    and held whole); wider ones on the wide kernels, which sum over the head dims in
+    chunks and cut what they write into slices, so no bound follows from registers or
+    shared memory. 1280 is the widest the contract suites and the compile check cover
+    (the released Perceiver IO models' widest heads).
+    """
 
     name = "triton"
-    max_head_dim = 256
+    max_head_dim = 1280
     causal = True
     backward_needs_plain_output = True
 
@@ -67,12 +75,16 @@ class TritonBackend(Backend):
         return reasons
 
     def describe(self, problem: Problem) -> str:
-        from ..triton_launch import backward_variant, is_exact_fp32, plan_triton_backward, plan_triton_forward
+        from ..triton_launch import (backward_variant, describe_head_dims, is_exact_fp32, plan_triton_backward,
+                                     plan_triton_forward)
 
         exact_fp32 = is_exact_fp32(problem.dtype, torch.backends.cuda.matmul.allow_tf32)
         plan = plan_triton_forward(problem.batch, problem.heads, problem.num_queries, problem.num_keys,
                                    problem.head_dim_qk, problem.head_dim_v, problem.device, exact_fp32=exact_fp32)
         path = plan.describe()
+        head_dims = describe_head_dims(problem.head_dim_qk, problem.head_dim_v)
+        if head_dims:
+            path += f"; {head_dims}"
         if problem.requires_grad:
             backward = plan_triton_backward(problem.batch, problem.heads, problem.num_queries, problem.num_keys,
                                             problem.head_dim_qk, problem.head_dim_v, problem.dtype.itemsize,

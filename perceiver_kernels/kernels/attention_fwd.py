@@ -40,6 +40,38 @@ from .common import LN2, kept_key_range, load_rows, program_coordinates, usable_
 
 
 @triton.jit
+def online_softmax(t, visible, m_i, l_i):
+    """One step of the online softmax over scores t (base 2) where `visible`:
+    (p, alpha, m_new, l_new); the caller rescales its accumulator by alpha and adds p @ v."""
+    t = tl.where(visible, t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(t - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def key_walk(pad_ptr, key_start, key_end, row_start, row_end, stride_pad_n, causal_offset,
+             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(first key, end of the blocks every row sees whole, end) of the keys [key_start,
+    key_end) that query rows [row_start, row_end) visit.
+
+    CAUSAL: row i sees keys j <= i + causal_offset (causal_offset = Nk - Nq). Blocks past
+    the last row's reach are never visited; blocks every row sees entirely run without a
+    per-element check; only the blocks across the diagonal, [full end, end), check each
+    (row, key). Without CAUSAL every block is full.
+    """
+    key_start, key_end = kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK)
+    full_end = key_end
+    if CAUSAL:
+        key_end = tl.minimum(key_end, row_end + causal_offset)
+        seen_by_all = row_start + causal_offset + 1  # keys below it are visible to every row
+        full_end = tl.minimum(key_end, key_start + tl.maximum(seen_by_all - key_start, 0) // BLOCK_N * BLOCK_N)
+    return key_start, full_end, key_end
+
+
+@triton.jit
 def _accumulate_block(
     acc, m_i, l_i, q, rows,
     k_ptr, v_ptr, pad_ptr,
@@ -61,12 +93,7 @@ def _accumulate_block(
     visible = key_ok[None, :]
     if DIAGONAL:
         visible = visible & (keys[None, :] <= rows[:, None] + causal_offset)
-    t = tl.where(visible, t, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(t, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(t - m_ref[:, None])
-    alpha = tl.math.exp2(m_i - m_ref)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax(t, visible, m_i, l_i)
     v = tl.load(v_ptr + keys[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=key_ok[:, None] & (offs_dv < head_dim_v)[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -83,18 +110,9 @@ def _accumulate_keys(
     BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Folds keys [key_start, key_end) of one (batch, head) into the running softmax state
-    of query rows [row_start, row_end).
-
-    CAUSAL: row i sees keys j <= i + causal_offset (causal_offset = Nk - Nq). Blocks past
-    the last row's reach are never visited; blocks every row sees entirely run without a
-    per-element check; only the blocks across the diagonal check each (row, key).
-    """
-    key_start, key_end = kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK)
-    full_end = key_end
-    if CAUSAL:
-        key_end = tl.minimum(key_end, row_end + causal_offset)
-        seen_by_all = row_start + causal_offset + 1  # keys below it are visible to every row
-        full_end = tl.minimum(key_end, key_start + tl.maximum(seen_by_all - key_start, 0) // BLOCK_N * BLOCK_N)
+    of query rows [row_start, row_end), in the order of key_walk."""
+    key_start, full_end, key_end = key_walk(pad_ptr, key_start, key_end, row_start, row_end, stride_pad_n,
+                                            causal_offset, HAS_MASK, CAUSAL, BLOCK_N)
     for block_start in range(key_start, full_end, BLOCK_N):
         acc, m_i, l_i = _accumulate_block(
             acc, m_i, l_i, q, rows, k_ptr, v_ptr, pad_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -110,15 +128,16 @@ def _accumulate_keys(
 
 
 @triton.jit
-def _write_rows(
-    acc, m_i, l_i, rows, row_ok,
+def write_rows(
+    acc, m_i, l_i, rows, row_ok, lse_ok,
     out_ptr, stride_om, stride_od,
     res_ptr, stride_rm, stride_rd,
     lse_ptr, stride_lm,
     head_dim_v, LSE_UNIT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Normalises acc, adds the residual, stores out and lse = (m + log2 l) * LSE_UNIT.
+    """Normalises acc, adds the residual, stores out and lse = (m + log2 l) * LSE_UNIT
+    (lse only where lse_ok: of a row's several Dv slices, one writes it).
 
     Rows without a single key (l = 0) get out = 0 (+ residual) and lse = -inf.
     """
@@ -132,7 +151,7 @@ def _write_rows(
     tl.store(out_ptr + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
     lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * LSE_UNIT, float("-inf"))
-    tl.store(lse_ptr + rows * stride_lm, lse, mask=row_ok)
+    tl.store(lse_ptr + rows * stride_lm, lse, mask=lse_ok)
 
 
 @triton.jit
@@ -167,8 +186,8 @@ def attention_fwd_kernel(
         0, num_keys, head_dim_qk, head_dim_v, qk_scale_log2, num_keys - num_queries,
         HAS_MASK, CAUSAL, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION,
     )
-    _write_rows(
-        acc, m_i, l_i, rows, row_ok,
+    write_rows(
+        acc, m_i, l_i, rows, row_ok, row_ok,
         OUT + b * stride_ob + h * stride_oh, stride_om, stride_od,
         RES + b * stride_rb + h * stride_rh, stride_rm, stride_rd,
         LSE + bh * num_queries, 1,
@@ -215,8 +234,8 @@ def attention_fwd_split_kernel(
         HAS_MASK, CAUSAL, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION,
     )
     part = bh * num_splits + chunk
-    _write_rows(
-        acc, m_i, l_i, rows, row_ok,
+    write_rows(
+        acc, m_i, l_i, rows, row_ok, row_ok,
         PART_OUT + part * num_queries * head_dim_v, head_dim_v, 1,
         PART_OUT, 0, 0,
         PART_LSE + part * num_queries, 1,
@@ -232,12 +251,20 @@ def merge_splits_kernel(
     heads, num_queries, head_dim_v, num_splits,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Combines the S partials of each row: out = sum_s 2^(lse_s - LSE) o_s, + residual."""
-    tile, _, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
+    """Combines the S partials of each row: out = sum_s 2^(lse_s - LSE) o_s, + residual.
+
+    One program per (query tile, slice of BLOCK_DV channels, batch*head): narrow heads
+    have one slice (BLOCK_DV >= Dv); wide ones several, so that the fp32 row stays in
+    registers, and the slice at channel 0 writes lse.
+    """
+    num_slices = tl.cdiv(head_dim_v, BLOCK_DV)
+    block, _, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_M) * num_slices, 1, heads)
+    tile = block // num_slices
+    slice_start = block % num_slices * BLOCK_DV
 
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = slice_start + tl.arange(0, BLOCK_DV)
     io_mask = row_ok[:, None] & (offs_dv < head_dim_v)[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -255,10 +282,10 @@ def merge_splits_kernel(
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o_s
         m_i = m_new
-    _write_rows(
-        acc, m_i, l_i, rows, row_ok,
-        OUT + b * stride_ob + h * stride_oh, stride_om, stride_od,
-        RES + b * stride_rb + h * stride_rh, stride_rm, stride_rd,
+    write_rows(
+        acc, m_i, l_i, rows, row_ok, rows < tl.where(slice_start == 0, num_queries, 0),
+        OUT + b * stride_ob + h * stride_oh + slice_start * stride_od, stride_om, stride_od,
+        RES + b * stride_rb + h * stride_rh + slice_start * stride_rd, stride_rm, stride_rd,
         LSE + bh * num_queries, 1,
-        head_dim_v, LN2, HAS_RESIDUAL, BLOCK_DV,
+        head_dim_v - slice_start, LN2, HAS_RESIDUAL, BLOCK_DV,
     )

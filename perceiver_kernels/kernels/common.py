@@ -62,6 +62,31 @@ def load_rows(ptr, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexp
 
 
 @triton.jit
+def dot_rows_t(acc, a_ptr, a_rows, a_ok, stride_a_row, stride_a_d, b_ptr, b_rows, b_ok, stride_b_row, stride_b_d,
+               dim, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + A B^T, with A the rows `a_rows` and B the rows `b_rows` of two strided matrices
+    sharing `dim` channels (rows not ok and channels past dim read 0), summed over chunks
+    of BLOCK_D channels.
+
+    The wide-head kernels compute every product over a head dim this way: neither
+    operand is held whole, so registers and shared memory hold one chunk of each
+    whatever the head dim, and a dim pads only to a multiple of BLOCK_D (261 runs as 320
+    with chunks of 64, not 512). The operands are reloaded for each block they meet,
+    from L1/L2 where a program walks the same rows again.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    for chunk_start in range(0, dim, BLOCK_D):
+        channels = chunk_start + offs_d
+        in_dim = channels < dim
+        a = tl.load(a_ptr + a_rows[:, None] * stride_a_row + channels[None, :] * stride_a_d,
+                    mask=a_ok[:, None] & in_dim[None, :], other=0.0)
+        b_t = tl.load(b_ptr + b_rows[None, :] * stride_b_row + channels[:, None] * stride_b_d,
+                      mask=b_ok[None, :] & in_dim[:, None], other=0.0)
+        acc = tl.dot(a, b_t, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
     """Which of `keys` exist (below key_end) and are not padding."""
     key_ok = keys < key_end
