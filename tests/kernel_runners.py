@@ -93,6 +93,9 @@ class ForwardRunner:
     epsilon: dict = field(default_factory=lambda: dict(EPSILON))
     # Largest Nq * Nk of a float32 case (the emulated fp32 kernel is slow).
     max_fp32_cells: Optional[int] = None
+    # (Nq, Nk) of the head-dim cases above 256, where the default is too slow (the
+    # interpreted wide kernels walk every head dim chunk by chunk, once per slice).
+    wide_head_problem: Optional[tuple[int, int]] = None
     causal: bool = False  # runs cross_attention's causal=True (inputs["causal"])
 
     def marks(self) -> list:
@@ -153,12 +156,18 @@ class BackwardRunner:
 
 
 TRITON_PATHS = {"tile": dict(num_splits=1), "split": dict(num_splits=3)}
-TRITON_HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160), (40, 24), (8, 200))
+# Narrow pairs (each dim padded to a power of two), then the wide kernels: the released
+# models' heads (261: Fourier image encoder, not 16-byte aligned; 322: conv and optical
+# flow; 512, 1024), Dv cut into ten slices over a 32-channel Dqk (32/1280), and a wide
+# Dqk summed in chunks beside a narrow Dv (1280/24).
+TRITON_HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160), (40, 24), (8, 200),
+                    (261, 261), (322, 322), (512, 512), (1024, 1024), (32, 1280), (1280, 24))
 
 TRITON_INTERPRETER = ForwardRunner(
     name="triton-interpreter", device="cpu", run=_triton_forward,
     dtypes=(torch.float32, torch.float16),  # a bf16 tl.dot returns garbage in the interpreter
     paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS, causal=True,
+    wide_head_problem=(70, 100),  # 3 query tiles and 4 key blocks, the last ones partial
 )
 TRITON_GPU = ForwardRunner(
     name="triton-gpu", device="cuda", run=_triton_forward, dtypes=DTYPES, paths=TRITON_PATHS, gpu=True,

@@ -124,6 +124,47 @@ def test_causal_gradients(runner, num_queries, num_keys, num_chunks):
     assert_gradients_match(runner.gradients(inputs, dout, num_chunks), inputs, dout, runner.epsilon)
 
 
+# ---- Wide heads (above 256 channels): the wide two-kernel backward ----
+
+# (Dqk, Dv), dtype, causal, (Nq, Nk), residual fused into the forward. 261: not 16-byte
+# aligned, dK/dV and dQ in two slices; 100 queries over 40 keys with causal: the first 60
+# rows see no key; 32/1280: five dV slices beside one dK slice; 1280/24: five dK and dQ
+# slices beside one of dV, Delta over a narrow Dv; 512/300: both wide and different.
+WIDE_GRADIENT_CASES = (
+    ((261, 261), torch.float32, False, (40, 100), False),
+    ((261, 261), torch.float16, True, (100, 40), True),
+    ((32, 1280), torch.float16, False, (40, 100), True),
+    ((1280, 24), torch.float32, True, (40, 100), False),
+    ((512, 300), torch.float16, False, (100, 40), False),
+)
+
+
+def _wide_gradient_cases(runner):
+    # The fused variant of each runner: wide heads take the wide kernels whatever the variant.
+    if runner.variant != "fused":
+        return
+    for dims, dtype, causal, shape, fuse_residual in WIDE_GRADIENT_CASES:
+        if dtype in runner.dtypes and (runner.forward.causal or not causal):
+            yield runner.param(dims, dtype, causal, shape, fuse_residual,
+                               id_suffix=f"-d{dims[0]}x{dims[1]}-{str(dtype)[6:]}-q{shape[0]}-k{shape[1]}"
+                                         f"{'-causal' if causal else ''}{'-fused-residual' if fuse_residual else ''}")
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3])
+@pytest.mark.parametrize("runner,dims,dtype,causal,shape,fuse_residual",
+                         [p for runner in BACKWARD_RUNNERS for p in _wide_gradient_cases(runner)])
+def test_wide_head_gradients(runner, dims, dtype, causal, shape, fuse_residual, num_chunks):
+    inputs = make_inputs(Case(batch=2, heads=2, num_queries=shape[0], num_keys=shape[1], head_dim_qk=dims[0],
+                              head_dim_v=dims[1], dtype=dtype, mask=True, residual=True, transposed=True),
+                         runner.device)
+    inputs["causal"] = causal
+    dout = torch.randn_like(inputs["residual"])
+    grads = runner.gradients(inputs, dout, num_chunks, fuse_residual=fuse_residual)
+    assert_gradients_match(grads, inputs, dout, runner.epsilon)
+    # Batch 0 has only padding keys: every gradient is exactly 0 there.
+    assert all(torch.count_nonzero(grads[name][0]) == 0 for name in "qkv")
+
+
 # ---- GPU-only sizes ----
 
 @pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.gpu])
@@ -131,6 +172,16 @@ def test_causal_gradients(runner, num_queries, num_keys, num_chunks):
 def test_default_chunking_on_encode_and_decode_shapes(runner, shape):
     batch, heads, nq, nk = shape
     inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=64, head_dim_v=64,
+                              dtype=torch.bfloat16, mask=True, residual=True), runner.device)
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(runner.gradients(inputs, dout, None), inputs, dout, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.gpu and r.variant == "fused"])
+@pytest.mark.parametrize("shape", [(2, 1, 512, 20_000), (2, 1, 20_000, 512)], ids=["encode", "decode"])
+def test_wide_heads_default_chunking_on_encode_and_decode_shapes(runner, shape):
+    batch, heads, nq, nk = shape
+    inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=261, head_dim_v=261,
                               dtype=torch.bfloat16, mask=True, residual=True), runner.device)
     dout = torch.randn_like(inputs["residual"])
     assert_gradients_match(runner.gradients(inputs, dout, None), inputs, dout, runner.epsilon)

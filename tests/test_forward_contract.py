@@ -24,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("poisoned_empty")
 NUM_QUERIES = (1, 7, 64, 300)
 NUM_KEYS = (1, 5, 129, 700)
 HEAD_DIMS = ((16, 16), (40, 24), (64, 64), (100, 128), (128, 100))  # (Dqk, Dv), Dv != Dqk included
+WIDE = 256  # head dims above it run on the wide kernels
 
 
 def _grid(runner):
@@ -86,6 +87,8 @@ def _head_dims(runner):
 @pytest.mark.parametrize("runner,dims,dtype", _per_runner(_head_dims))
 def test_head_dims_of_the_implementation(runner, dims, dtype):
     nq, nk = (40, 70) if dtype == torch.float32 and runner.max_fp32_cells else (150, 300)
+    if max(dims) > WIDE and runner.wide_head_problem:
+        nq, nk = runner.wide_head_problem
     inputs = make_inputs(Case(num_queries=nq, num_keys=nk, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
                               mask=True), runner.device)
     for path, (out, lse) in run_every_path(runner, inputs):
@@ -167,6 +170,68 @@ def test_causal(runner, dtype, num_queries, num_keys, masked):
         assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
+# ---- Wide heads: the Triton kernels' wide path (head dims above 256) ----
+# The CUDA runners' wide kernels have their own cases in tests/test_cuda_extension.py.
+
+WIDE_RUNNERS = [r for r in FORWARD_RUNNERS if r.name.startswith("triton")]
+# Not 16-byte aligned, Dv in three slices; Dv in ten slices over a narrow Dqk; a wide Dqk
+# summed in chunks beside a narrow Dv.
+WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (1280, 24))
+
+
+def _wide_head_dims(runner):
+    for dims in WIDE_HEAD_DIMS:
+        for dtype in (torch.float32, torch.float16):
+            yield runner.param(dims, dtype, id_suffix=f"-d{dims[0]}x{dims[1]}-{str(dtype)[6:]}")
+
+
+def _wide_problem(runner) -> tuple[int, int]:
+    return runner.wide_head_problem or (150, 300)
+
+
+@pytest.mark.parametrize("runner,dims,dtype", [p for r in WIDE_RUNNERS for p in _wide_head_dims(r)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_wide_heads_split_masked_residual_transposed(runner, dims, dtype, causal):
+    num_queries, num_keys = _wide_problem(runner)
+    inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=dims[0], head_dim_v=dims[1],
+                              dtype=dtype, mask=True, residual=True, transposed=True), runner.device)
+    inputs["causal"] = causal
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+        assert out.transpose(1, 2).is_contiguous(), "the output is laid out as (B, Nq, H, Dv)"
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in WIDE_RUNNERS for p in _every_path(r, (torch.float32,
+                                                                                           torch.float16))])
+def test_wide_heads_ignore_nan_in_padding_keys(runner, dtype):
+    num_queries, num_keys = _wide_problem(runner)
+    inputs, clean = nan_padding_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=261,
+                                            head_dim_v=300, dtype=dtype), runner.device)
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, clean, lse, runner.epsilon)
+
+
+def wide_strided_inputs(device, dtype: torch.dtype, num_queries: int, num_keys: int) -> dict:
+    """strided_inputs' layouts with wide heads (Dqk 261, Dv 300): a batch stride below the
+    head stride (q), a channel stride of 2 (k), Dv as the slowest dimension of v, a
+    transposed residual and a strided mask."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 2, num_queries, 261, generator=g).to(device, dtype).transpose(0, 1)
+    k = torch.randn(2, 3, num_keys, 522, generator=g).to(device, dtype)[..., ::2]
+    v = torch.randn(2, 300, num_keys, 3, generator=g).to(device, dtype).permute(0, 3, 2, 1)
+    residual = torch.randn(2, 3, 300, num_queries, generator=g).to(device, dtype).transpose(-1, -2)
+    mask = (torch.rand(2, 2 * num_keys, generator=g) < 0.3).to(device)[:, ::2]
+    return dict(q=q, k=k, v=v, key_padding_mask=mask, residual=residual, scale=None)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in WIDE_RUNNERS for p in _every_path(r, (torch.float32,
+                                                                                           torch.float16))])
+def test_wide_heads_with_arbitrary_strides(runner, dtype):
+    inputs = wide_strided_inputs(runner.device, dtype, *_wide_problem(runner))
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
 # ---- GPU-only sizes ----
 
 GPU_RUNNERS = [r for r in FORWARD_RUNNERS if r.gpu]
@@ -186,5 +251,17 @@ def test_decode_shape_with_many_query_tiles(runner, dtype):
     case = Case(batch=2, heads=4, num_queries=40_000, num_keys=300, head_dim_qk=64, head_dim_v=64, dtype=dtype,
                 mask=True, residual=True, transposed=True)
     inputs = make_inputs(case, runner.device)
+    out, lse = runner.run(inputs)
+    assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in WIDE_RUNNERS if r.gpu
+                                          for p in _every_path(r, (torch.float16, torch.bfloat16))])
+@pytest.mark.parametrize("shape", [(2, 1, 512, 20_000), (2, 1, 20_000, 512)], ids=["encode", "decode"])
+def test_wide_heads_on_encode_and_decode_shapes(runner, dtype, shape):
+    # The image classifiers' encoder head (261 channels) on Perceiver IO shapes, default plans.
+    batch, heads, nq, nk = shape
+    inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=261, head_dim_v=261,
+                              dtype=dtype, mask=True, residual=True, transposed=True), runner.device)
     out, lse = runner.run(inputs)
     assert_matches_reference(out, inputs, lse, runner.epsilon)

@@ -30,17 +30,37 @@ def test_interpreter_serves_explicit_triton_only():
     assert_matches_reference(out, inputs)
 
 
-@pytest.mark.parametrize("dims", [(261, 261), (32, 322), (512, 64), (1024, 1024)])
-def test_large_head_dims_go_to_another_backend_with_the_reason(dims):
+@pytest.mark.parametrize("dims", [(1281, 1281), (32, 1300), (2048, 64)])
+def test_head_dims_above_the_wide_kernels_go_to_another_backend_with_the_reason(dims):
     case = Case(batch=1, heads=1, num_queries=3, num_keys=20, head_dim_qk=dims[0], head_dim_v=dims[1], mask=True)
     inputs = make_inputs(case, KERNEL_DEVICE)
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     explanation = pk.explain(q, k, v, key_padding_mask=inputs["key_padding_mask"])
     assert explanation.chosen != "triton"
-    assert any("head dims up to 256" in reason for reason in explanation.refusals["triton"])
-    with pytest.raises(pk.BackendRefusedError, match="head dims up to 256"):
+    assert any("head dims up to 1280" in reason for reason in explanation.refusals["triton"])
+    with pytest.raises(pk.BackendRefusedError, match="head dims up to 1280"):
         pk.cross_attention(q, k, v, backend="triton")
     assert_matches_reference(pk.cross_attention(q, k, v, key_padding_mask=inputs["key_padding_mask"]), inputs)
+
+
+@pytest.mark.parametrize("dims", [(261, 261), (32, 322), (512, 64), (1024, 1024)])
+def test_wide_head_dims_train_on_triton_and_explain_says_how(dims):
+    from tests.test_backward_contract import DIFFERENTIABLE, assert_gradients_match
+
+    case = Case(batch=1, heads=2, num_queries=3, num_keys=20, head_dim_qk=dims[0], head_dim_v=dims[1], mask=True,
+                residual=True)
+    inputs = make_inputs(case, KERNEL_DEVICE)
+    leaves = {name: inputs[name].detach().requires_grad_() for name in DIFFERENTIABLE}
+    args = (leaves["q"], leaves["k"], leaves["v"])
+    options = dict(key_padding_mask=inputs["key_padding_mask"], residual=leaves["residual"], backend="triton")
+    explanation = pk.explain(*args, **options)
+    assert explanation.chosen == "triton", str(explanation)
+    assert f"wide head {dims[0]}/{dims[1]}" in explanation.path and "wide-head two-kernel backward" in explanation.path
+    out = pk.cross_attention(*args, **options)
+    assert_matches_reference(out.detach(), inputs)
+    dout = torch.randn_like(out)
+    grads = dict(zip(leaves, torch.autograd.grad(out, tuple(leaves.values()), dout)))
+    assert_gradients_match(grads, inputs, dout)
 
 
 def test_explicit_backend_that_cannot_serve_raises_with_reasons():

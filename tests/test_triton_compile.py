@@ -1,11 +1,12 @@
 """The Triton kernels compile for NVIDIA GPUs and fit them: checked without a GPU.
 
 The interpreter runs the kernels' arithmetic but never their compiler. Here every
-launch the launchers make (each dtype and head-dim pair, ENCODE and DECODE, forward
-and backward) is compiled to SASS for sm_80 and sm_90 by tests/triton_compile.py in
-a subprocess (it needs TRITON_INTERPRET unset), with the config each launch takes from
-perceiver_kernels/triton_configs.py (the measured table and its heuristic, chosen for
-each target's shared memory) and with every config autotuning would try on the anchor.
+launch the launchers make (each dtype and head-dim pair, narrow and wide, ENCODE and
+DECODE, forward and backward) is compiled to SASS for sm_80 and sm_90 by
+tests/triton_compile.py in a subprocess (it needs TRITON_INTERPRET unset), with the
+config each launch takes from perceiver_kernels/triton_configs.py (the measured table
+and its heuristic, chosen for each target's shared memory) and with every config
+autotuning would try on the anchor.
 """
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import HAS_GPU
-from tests.triton_compile import DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT, SHARED_MEMORY_LIMIT
+from tests.triton_compile import DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT, SHARED_MEMORY_LIMIT, WIDE_HEAD_DIMS
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernel tests compile every kernel for real")
 
@@ -26,7 +27,11 @@ KERNELS = {"attention_fwd_kernel", "attention_fwd_split_kernel", "merge_splits_k
            "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
 # The fused backward runs on Hopper, 16-bit, head dims up to 128 (triton_configs.FUSED_MAX_INNER).
 FUSED = {"attention_bwd_encode_kernel", "attention_bwd_decode_kernel"}
-NO_DOTS = {"merge_splits_kernel", "attention_bwd_delta_kernel"}
+NO_DOTS = {"merge_splits_kernel", "attention_bwd_delta_kernel", "attention_bwd_wide_delta_kernel"}
+# Head dims above 256: the wide kernels (Delta sums a Dv above 256 in chunks).
+WIDE_KERNELS = {"attention_fwd_wide_kernel", "attention_fwd_wide_split_kernel", "merge_splits_kernel",
+                "attention_bwd_wide_dkdv_kernel", "attention_bwd_wide_dq_kernel"}
+WIDE_DTYPES = ("bfloat16", "float32")
 
 
 def compile_records(*args: str, autotune: bool, shards: int = 2) -> list[dict]:
@@ -59,6 +64,13 @@ def table_config_builds():
 @pytest.fixture(scope="module")
 def causal_builds():
     return compile_records("--dtypes", "bfloat16,float32", "--head-dims", "64/64,32/160", "--causal",
+                           autotune=False)
+
+
+@pytest.fixture(scope="module")
+def wide_builds():
+    return compile_records("--dtypes", ",".join(WIDE_DTYPES),
+                           "--head-dims", ",".join(f"{dqk}/{dv}" for dqk, dv in WIDE_HEAD_DIMS), "--causal",
                            autotune=False)
 
 
@@ -106,6 +118,33 @@ def test_causal_launches_compile_and_on_hopper_use_wgmma_without_spills(causal_b
     for r in causal:
         if r["arch"] == 90 and r["problem"].startswith("bfloat16") and r["kernel"] not in NO_DOTS:
             assert r["stack_bytes"] == 0 and r["wgmma"], f"{r['problem']} {r['kernel']} {r['config']}"
+
+
+def test_wide_head_launches_compile_for_sm80_and_sm90_within_shared_memory(wide_builds):
+    assert not failures(wide_builds), "\n".join(failures(wide_builds))
+    for dtype in WIDE_DTYPES:
+        for dqk, dv in WIDE_HEAD_DIMS:
+            delta = "attention_bwd_wide_delta_kernel" if dv > 256 else "attention_bwd_delta_kernel"
+            for arch in SHARED_MEMORY_LIMIT:
+                built = [r for r in wide_builds
+                         if r["problem"].startswith(f"{dtype} {dqk}/{dv} ") and r["arch"] == arch]
+                assert {r["kernel"] for r in built} == WIDE_KERNELS | {delta}, (dtype, dqk, dv, arch)
+                assert any("+causal" in r["problem"] for r in built)
+                too_big = [r for r in built if r["shared_bytes"] > SHARED_MEMORY_LIMIT[arch]]
+                assert not too_big, too_big
+
+
+def test_wide_head_launches_do_not_spill_and_the_forward_uses_wgmma_on_hopper(wide_builds):
+    """The wide kernels' tiles (triton_launch.WIDE_*, triton_configs) were chosen so that
+    no launch spills, on either target, in any dtype, with rows of 261 elements (not
+    16-byte aligned: every element is loaded with its own address) the tightest. The
+    16-bit forward runs its dots on wgmma on sm_90; the backward's 32-row blocks (two
+    256-channel accumulators) run on mma.sync."""
+    for r in wide_builds:
+        assert r["stack_bytes"] == 0, f"{r['problem']} {r['kernel']} sm_{r['arch']} {r['config']} spills " \
+                                      f"{r['stack_bytes']} bytes ({r['registers']} registers)"
+        if r["arch"] == 90 and r["problem"].startswith("bfloat16") and "fwd" in r["kernel"]:
+            assert r["wgmma"], f"{r['problem']} {r['kernel']} {r['config']} has no wgmma"
 
 
 def test_every_tuned_config_of_the_anchor_compiles_and_one_per_kernel_does_not_spill(tuned_anchor_builds):

@@ -66,6 +66,9 @@ class Problem:
 
 
 HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
+# The wide kernels (above 256): rows not 16-byte aligned (261, the most registers), Dv in
+# ten forward slices (32/1280), both wide and aligned (512/512), a narrow Dv (1280/24).
+WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (512, 512), (1280, 24))
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -101,7 +104,8 @@ def record_launches(problem: Problem, allow_tf32: bool = False, arch: int | None
     under PERCEIVER_KERNELS_AUTOTUNE=1, _configs_to_try adds the tuning space.
     """
     from perceiver_kernels import triton_configs, triton_launch
-    from perceiver_kernels.kernels import attention_bwd, attention_bwd_fused, attention_fwd
+    from perceiver_kernels.kernels import (attention_bwd, attention_bwd_fused, attention_bwd_wide, attention_fwd,
+                                           attention_fwd_wide)
 
     dtype = getattr(torch, problem.dtype)
     batch, heads = 1, 2
@@ -119,6 +123,10 @@ def record_launches(problem: Problem, allow_tf32: bool = False, arch: int | None
     kernels += [(attention_bwd, name) for name in ("attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel",
                                                    "attention_bwd_dq_kernel")]
     kernels += [(attention_bwd_fused, name) for name in ("attention_bwd_encode_kernel", "attention_bwd_decode_kernel")]
+    kernels += [(attention_fwd_wide, name) for name in ("attention_fwd_wide_kernel", "attention_fwd_wide_split_kernel")]
+    kernels += [(attention_bwd_wide, name)
+                for name in ("attention_bwd_wide_delta_kernel", "attention_bwd_wide_dkdv_kernel",
+                             "attention_bwd_wide_dq_kernel")]
     originals = [(module, name, getattr(module, name)) for module, name in kernels]
     originals += [(triton_configs, "AUTOTUNE", triton_configs.AUTOTUNE),
                   (triton_configs, "device_facts", triton_configs.device_facts),
