@@ -396,12 +396,12 @@ def test_wide_heads_offsets_beyond_int32():
 @needs_extension
 @pytest.mark.parametrize("dims,grad,refused", [
     ((261, 261), False, ""),
-    ((261, 261), True, "takes head dims up to 256"),
+    ((261, 261), True, ""),
+    ((1024, 1024), True, ""),
     ((64, 64), True, ""),
     ((1281, 64), False, "wide kernels take any head dims up to 1280"),
 ])
-def test_wide_heads_run_forward_and_training_only_where_the_triton_backward_reaches(monkeypatch, dims, grad,
-                                                                                     refused):
+def test_wide_heads_run_forward_and_training_through_the_triton_backward(monkeypatch, dims, grad, refused):
     from perceiver_kernels.backends.cuda_backend import WIDE_NOT_YET_TIMED, CudaBackend
     from perceiver_kernels.problem import Problem
 

@@ -11,7 +11,7 @@ from ..problem import Problem
 from .base import Backend
 from .triton_backend import TritonBackend
 
-# Training runs the Triton backward: the widest head it takes.
+# Training runs the Triton backward (narrow or wide kernels): the widest head it takes.
 TRITON_BACKWARD_MAX_HEAD_DIM = TritonBackend.max_head_dim
 
 # On the first GPU run (an H200) these kernels passed every test but ran slower than
@@ -29,7 +29,7 @@ class CudaBackend(Backend):
 
     Head dims: the compiled pairs (smaller dims run padded up to one), and beyond them the
     wide kernels up to the bound build_info() reports (1280), rounded up to a multiple of
-    16. Training works where the Triton backward does (head dims up to 256, triton
+    16. Training works where the Triton backward does (head dims up to 1280, triton
     installed): the backward runs in Triton from the forward's lse, causal masking
     included. The grid limit comes from the extension itself (build_info).
     """
@@ -64,10 +64,9 @@ class CudaBackend(Backend):
             if max(problem.head_dim_qk, problem.head_dim_v) > TRITON_BACKWARD_MAX_HEAD_DIM:
                 reasons.append("gradients come from the Triton backward, which takes head dims up to "
                                f"{TRITON_BACKWARD_MAX_HEAD_DIM}; "
-                               f"Dqk={problem.head_dim_qk} Dv={problem.head_dim_v} runs forward only (no CUDA backward "
-                               "for wide heads yet)")
+                               f"Dqk={problem.head_dim_qk} Dv={problem.head_dim_v} runs forward only")
         if auto:
-            wide = max(problem.head_dim_qk, problem.head_dim_v) > TRITON_BACKWARD_MAX_HEAD_DIM
+            wide = not head_dims and cuda_extension.runs_wide_kernels(problem.head_dim_qk, problem.head_dim_v)
             reasons.append(WIDE_NOT_YET_TIMED if wide else SLOWER_THAN_THE_OTHERS)
         return reasons
 
