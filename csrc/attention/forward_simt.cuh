@@ -13,6 +13,7 @@
 #include "forward_common.cuh"
 #include "forward_config.h"
 #include "launch_plan.h"
+#include "simt_softmax.cuh"
 
 namespace pk {
 
@@ -86,24 +87,9 @@ __global__ void __launch_bounds__(config::kSimtThreads) forward_simt_kernel(cons
 #pragma unroll
       for (int r = 0; r < kRows; ++r) s[r] = fmaf(my_queries[r * DQK + d], kd, s[r]);
     }
-    const int key = key0 + lane;
-    const bool attended = key < key_end && (padding == nullptr || padding[key * padding_stride] == 0);
-    // The first of this warp's rows that sees the lane's key: 0 off the diagonal.
-    const int first_seeing_row =
-        crosses_diagonal(p, key0, kBlockN, m0) ? key - causal_offset(p) - (m0 + warp * kRows) : 0;
-
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const float score = attended && r >= first_seeing_row ? s[r] * scale_log2 : -INFINITY;
-      const float new_max = fmaxf(row_max[r], warp_max(score));
-      const float base = new_max == -INFINITY ? 0.0f : new_max;
-      const float correction = exp2f(row_max[r] - base);
-      row_max[r] = new_max;
-      s[r] = exp2f(score - base);
-      row_sum[r] = row_sum[r] * correction + s[r];
-#pragma unroll
-      for (int c = 0; c < kChannelsPerLane; ++c) acc[r][c] *= correction;
-    }
+    const int first_seeing_row = first_row_seeing_key<kRows>(p, key0 + lane, key0, kBlockN, key_end, m0,
+                                                             m0 + warp * kRows, padding, padding_stride);
+    online_softmax_tile(s, row_max, row_sum, acc, first_seeing_row, scale_log2);
 
 #pragma unroll 4
     for (int j = 0; j < kBlockN; ++j) {
