@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +30,14 @@ class Progress:
         end = "\n" if not sys.stderr.isatty() else ""
         print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{max(self.total, self.done)} {message:<60}",
               end=end, file=sys.stderr, flush=True)
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (gpu_run.sh's step limit, or a user): the run writes what it measured."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def _count_cases(device: torch.device, size: str, suites: list[str]) -> int:
@@ -72,10 +81,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"measuring ceilings on {device} ({torch.get_num_threads()} CPU threads) ...", file=sys.stderr)
     ceilings = harness.ceilings(device)
     progress = Progress(_count_cases(device, args.size, suites))
-    rows = []
-    for name in suites:
-        rows += SUITES[name].run_suite(device, args.size, ceilings, progress)
+    rows: list[dict] = []
+    stopped = ""
+    previous_handler = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for name in suites:
+            SUITES[name].run_suite(device, args.size, ceilings, progress, rows)
+    except Stopped as stop:
+        stopped = f"{stop} during case {progress.done} of {progress.total}: the rows are what it measured before"
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(file=sys.stderr)
-    table = report.write(out_dir, report.environment(device, ceilings, args.size, load_at_start, steady_allocator), rows)
+    env = report.environment(device, ceilings, args.size, load_at_start, steady_allocator)
+    if stopped:
+        env["stopped"] = stopped
+        print(f"\nbenchmark {stopped}", file=sys.stderr)
+    table = report.write(out_dir, env, rows)
     print(f"\nresults in {out_dir}/ (results.json, report.md, plots)\n")
     print(table)

@@ -84,6 +84,8 @@ def summary(out: Path) -> str:
         report.annotate_ratios(rows)
         parts += [f"Benchmark: {env['device']}, commit {env['commit']}, torch {env['torch']}, "
                   f"triton {env['triton']}, `{env['command']}`", ""]
+        if env.get("stopped"):
+            parts += [f"Incomplete: the benchmark was {env['stopped']}.", ""]
         parts += headline(rows) + ["", targets.table(targets.evaluate(rows))]
     else:
         parts.append("Benchmark: no results.json (see bench.log)")

@@ -12,7 +12,7 @@ the report's speed-up column compares with SDPA the same way.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +48,12 @@ def _per_call(result: dict) -> dict:
             "us_per_call": scaled["median_ms"] * 1e3, "peak_mib": None}
 
 
-def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
+def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None],
+              rows: Optional[list] = None) -> list[dict]:
+    """Measures every case; appends each row to `rows` (a new list by default) as it is
+    measured, so that a stopped run keeps what it measured, and returns it."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
+    rows = [] if rows is None else rows
     for case in cases(device, size):
         progress(f"host {case}")
         if case == "dispatch":

@@ -126,7 +126,10 @@ def cases(device: torch.device, size: str) -> list[str]:
     return [name for name, _ in PASSES] + list(AR_PASSES)
 
 
-def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
+def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None],
+              rows: Optional[list] = None) -> list[dict]:
+    """Measures every case; appends each row to `rows` (a new list by default) as it is
+    measured, so that a stopped run keeps what it measured, and returns it."""
     config = config_for(device, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext())
@@ -138,7 +141,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
     queries = torch.randn(config.batch, 1, config.d_latents, device=device)
     forward_flops = model_flops(config)
     case = f"{config.image_size}x{config.image_size} Fourier classifier"
-    rows = []
+    rows = [] if rows is None else rows
     for pass_name, training in PASSES:
         progress(f"model {pass_name}")
 
@@ -162,7 +165,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
                 row["tflops"] = throughput(case_flops, row["median_ms"])
                 row["samples_per_s"] = config.batch / (row["median_ms"] * 1e-3)
             rows.append(row)
-    return rows + perceiver_ar_rows(device, size, progress)
+    return perceiver_ar_rows(device, size, progress, rows)
 
 
 @dataclass(frozen=True)
@@ -315,7 +318,9 @@ def perceiver_ar_flops(config: ARConfig) -> int:
     return cross + config.num_layers * layer + flops.linear(b * n, d, config.vocab_size)
 
 
-def perceiver_ar_rows(device: torch.device, size: str, progress: Callable[[str], None]) -> list[dict]:
+def perceiver_ar_rows(device: torch.device, size: str, progress: Callable[[str], None],
+                      rows: Optional[list] = None) -> list[dict]:
+    """The Perceiver AR training step and generation; appends to `rows` as run_suite does."""
     config = ar_config_for(device, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext())
@@ -326,7 +331,7 @@ def perceiver_ar_rows(device: torch.device, size: str, progress: Callable[[str],
     case = ar_case(config)
     common = {"suite": "model", "case": case, "batch": config.batch, "dtype": str(dtype).replace("torch.", ""),
               "seq_len": config.seq_len, "num_latents": config.num_latents}
-    rows = []
+    rows = [] if rows is None else rows
 
     progress(AR_PASSES[0])
 

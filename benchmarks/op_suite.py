@@ -17,6 +17,13 @@ saying so), naive attention the reference's mask. Over 8k keys the mask hides on
 the last 1,024 x 1,024 triangle (1/16 of the scores), so a causal kernel can save
 about half the work only on the square self-attention; FLOPs count the scores the
 mask leaves visible.
+
+A residual case ("DEC-1 residual") times the output plus a residual of its shape: our
+op adds it in the kernel's epilogue, SDPA and naive attention add it after. Wide-head
+cases (issue 16) are the released models' one-head cross-attentions: the image
+classifier's 512 latents over 50,176 inputs of 261 (Fourier) or 322 (learned
+position) channels, and optical flow's 182,528 output queries over 2,048 latents of
+512 channels; SDPA's flash backend refuses heads over 256 (its row says so).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class Shape:
     pad_fraction: float = 0.0  # of the keys of every batch element, padded at the end
     sweep: str = ""  # "encode" or "decode": a point of that sweep, plotted against its long side
     causal: bool = False  # bottom-right aligned, as Perceiver AR's latents over their context
+    residual: bool = False  # out + a residual of out's shape (fused in our kernels' epilogue)
 
     def __post_init__(self):
         if self.causal and self.masked:
@@ -84,7 +92,7 @@ class Shape:
     def min_bytes(self, element_size: int, backward: bool) -> int:
         """The roofline's traffic: the forward reads q, k, v and writes out once; the
         backward reads q, k, v, out, dout and writes dq, dk, dv once."""
-        rows = 2 * self.num_queries + 2 * self.num_keys
+        rows = 2 * self.num_queries + 2 * self.num_keys + (self.num_queries if self.residual else 0)
         if backward:
             rows += 4 * self.num_queries + 4 * self.num_keys
         return self.batch * self.heads * rows * self.head_dim * element_size
@@ -107,6 +115,13 @@ GPU_SHAPES = [
     Shape("ENC-4", 8, 8, 256, 50_176, 32),
     Shape("DEC-1", 8, 8, 50_176, 256, 64),
     Shape("DEC-2", 1, 8, 800_000, 2048, 64),
+    Shape("DEC-1 residual", 8, 8, 50_176, 256, 64, residual=True),
+    Shape("ENC-1 d128", 8, 8, 256, 50_176, 128),
+    Shape("DEC-1 d32", 8, 8, 50_176, 256, 32),
+    Shape("DEC-1 d128", 8, 8, 50_176, 256, 128),
+    Shape("IMG-261", 8, 1, 512, 50_176, 261),
+    Shape("IMG-322", 8, 1, 512, 50_176, 322),
+    Shape("FLOW-512 decode", 1, 1, 182_528, 2048, 512),
     *causal_pair("AR-8k", 4, 8, 1024, 8192, 64),
     *causal_pair("AR-64k", 1, 8, 1024, 65_536, 64),
     *causal_pair("AR-1k self", 8, 8, 1024, 1024, 64),
@@ -116,6 +131,7 @@ CPU_SHAPES = [
     Shape("ENC small", 1, 4, 64, 16_384, 64),
     Shape("ENC small masked", 1, 4, 64, 16_384, 64, pad_fraction=PAD_FRACTION),
     Shape("DEC small", 1, 4, 16_384, 64, 64),
+    Shape("DEC small residual", 1, 4, 16_384, 64, 64, residual=True),
     *causal_pair("AR small", 1, 4, 128, 2048, 64),
 ]
 CPU_SHAPES_FULL = [
@@ -125,8 +141,10 @@ CPU_SHAPES_FULL = [
     *causal_pair("AR medium", 1, 8, 256, 8192, 64),
 ]
 AR_QUICK = ("AR-8k", "AR-8k causal", "AR-1k self", "AR-1k self causal")
-QUICK_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1", *AR_QUICK)
-BACKWARD_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1", *AR_QUICK, "AR-64k", "AR-64k causal")
+WIDE_GPU = ("IMG-261", "IMG-322", "FLOW-512 decode")
+QUICK_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1", "DEC-1 residual", "ENC-1 d128", *AR_QUICK, *WIDE_GPU)
+BACKWARD_GPU = ("ENC-1", "ENC-3", "ENC-3 masked", "DEC-1", "DEC-1 residual", *AR_QUICK, "AR-64k", "AR-64k causal",
+                *WIDE_GPU)
 
 
 def sweep_shapes(batch: int, heads: int, short_side: int, long_sides: tuple[int, ...], head_dim: int) -> list[Shape]:
@@ -163,8 +181,9 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
     if shape.masked:
         keys = torch.arange(shape.num_keys, device=device)
         mask = (keys >= shape.num_keys - shape.padded_keys).expand(shape.batch, -1).contiguous()
-    return {"q": randn(shape.num_queries), "k": randn(shape.num_keys), "v": randn(shape.num_keys), "mask": mask,
-            "causal": shape.causal}
+    q, k, v = randn(shape.num_queries), randn(shape.num_keys), randn(shape.num_keys)
+    return {"q": q, "k": k, "v": v, "mask": mask, "causal": shape.causal,
+            "residual": randn(shape.num_queries) if shape.residual else None}
 
 
 def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
@@ -178,7 +197,8 @@ def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
 
             context = sdpa_kernel(getattr(SDPBackend, backend_name))
         with context:
-            return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=attn_mask)
+            out = F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=attn_mask)
+        return out if inputs["residual"] is None else out + inputs["residual"]
 
     return run
 
@@ -195,7 +215,7 @@ TWO_KERNEL_BACKWARD = "perceiver_kernels[triton two-kernel bwd]"
 
 def _ours(backend: str) -> Callable[[dict], torch.Tensor]:
     return lambda x: pk.cross_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"], causal=x["causal"],
-                                        backend=backend)
+                                        residual=x["residual"], backend=backend)
 
 
 @contextlib.contextmanager
@@ -233,7 +253,7 @@ def _all_providers(device: torch.device) -> dict[str, Callable[[dict], torch.Ten
         ours["perceiver_kernels[triton]"] = _ours("triton")
         ours["perceiver_kernels[cuda]"] = _ours("cuda")
     ours["naive"] = lambda x: pk.reference_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"],
-                                                     causal=x["causal"])
+                                                     residual=x["residual"], causal=x["causal"])
     if device.type != "cuda":
         return {**ours, "sdpa": _sdpa(None)}
     sdpa = {f"sdpa-{name.lower()}": _sdpa(name)
@@ -254,9 +274,12 @@ def _timed_call(fn: Callable[[dict], torch.Tensor], inputs: dict, backward: bool
     return lambda: torch.autograd.grad(fn(inputs), tuple(leaves.values()), dout)
 
 
-def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
+def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None],
+              rows: Optional[list] = None) -> list[dict]:
+    """Measures every case; appends each row to `rows` (a new list by default) as it is
+    measured, so that a stopped run keeps what it measured, and returns it."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
+    rows = [] if rows is None else rows
     for shape, backward in cases(device, size):
         pass_name = "forward+backward" if backward else "forward"
         progress(f"{shape.name} {pass_name}")
@@ -273,7 +296,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
             row = {"suite": "op", "pass": pass_name, "case": shape.name, "provider": name,
                    "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
                    "d": shape.head_dim, "masked": shape.masked, "pad_fraction": shape.pad_fraction,
-                   "causal": shape.causal,
+                   "causal": shape.causal, "residual": shape.residual,
                    "padded_keys": shape.batch * shape.padded_keys, "dtype": str(dtype).replace("torch.", ""),
                    "sweep": shape.sweep, "flops": case_flops, "min_bytes": case_bytes, "roofline_ms": roofline_ms,
                    **result}
@@ -282,7 +305,8 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
                 variant = _backward_variant("two-kernel") if name == TWO_KERNEL_BACKWARD else contextlib.nullcontext()
                 with variant:
                     row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"],
-                                             causal=shape.causal, backend=OUR_BACKENDS[name]).path
+                                             residual=inputs["residual"], causal=shape.causal,
+                                             backend=OUR_BACKENDS[name]).path
             if row["status"] == "ok":
                 row["tflops"] = throughput(case_flops, row["median_ms"])
                 row["gbps"] = case_bytes / (row["median_ms"] * 1e-3) / 1e9

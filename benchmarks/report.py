@@ -202,6 +202,8 @@ def header(env: dict) -> list[str]:
         f"{RATIO_NOISE_LIMIT:.0%} from it. GB/s = minimum bytes (inputs read and outputs "
         "written once) / time; % roofline = max(FLOPs / matmul peak, minimum bytes / copy bandwidth) / time.",
     ]
+    if env.get("stopped"):
+        lines += ["", f"**Incomplete run**: {env['stopped']}."]
     if env.get("device_type", "cuda") == "cpu":
         lines += [
             "",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -78,7 +78,10 @@ def cases(device: torch.device, size: str) -> list[int]:
     return list(config_for(device, size).sizes)
 
 
-def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None]) -> list[dict]:
+def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None],
+              rows: Optional[list] = None) -> list[dict]:
+    """Measures every case; appends each row to `rows` (a new list by default) as it is
+    measured, so that a stopped run keeps what it measured, and returns it."""
     config = config_for(device, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = {
@@ -86,7 +89,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
         "transformer": (transformer(config).to(device=device, dtype=dtype).eval(), transformer_flops),
     }
     out_of_memory: set[str] = set()
-    rows = []
+    rows = [] if rows is None else rows
     for length in cases(device, size):
         progress(f"scaling M={length}")
         inputs = torch.randn(config.batch, length, config.width, device=device, dtype=dtype)

@@ -16,7 +16,8 @@ Metrics:
   of the same shape without the mask: at least 1 / 0.6).
 - "us per call": the host suite's microseconds per call, at most `threshold`.
 Kernel targets are the Triton backend's (issue 14): the perceiver_kernels[triton]
-row, or in runs without one the perceiver_kernels (auto) row where auto ran Triton.
+row, or in runs without one the perceiver_kernels (auto) row where auto ran Triton;
+the wide-head targets (issue 16) are checked for each kernel backend.
 The causal speed-ups (issue 17) are over the best SDPA backend that accepts the
 lower-right causal bias: a backend that refuses it has no time, so it is no baseline.
 """
@@ -54,7 +55,11 @@ TARGETS = [
     Target(14, "ENC-3", "forward", "speedup", 1.6),
     Target(14, "DEC-1", "forward", "speedup", 1.1),
     Target(14, "DEC-2", "forward", "speedup", 1.05),
+    Target(14, "DEC-1 residual", "forward", "speedup", 2.0),
     Target(14, "ENC-4", "forward", "speedup", 1.0),  # ENC-1 at head dim 32
+    Target(14, "ENC-1 d128", "forward", "speedup", 1.0),
+    Target(14, "DEC-1 d32", "forward", "speedup", 1.0),
+    Target(14, "DEC-1 d128", "forward", "speedup", 1.0),
     Target(14, "ENC-3 masked", "forward", "speedup", 5.0),
     Target(14, "ENC-1 masked", "forward", "vs ENC-1", 0.9),
     Target(14, "ENC-3 masked", "forward", "vs ENC-3", 0.9),
@@ -65,10 +70,16 @@ TARGETS = [
     Target(15, "ENC-1", "forward+backward", "speedup", 1.2),
     Target(15, "ENC-3", "forward+backward", "speedup", 1.5),
     Target(15, "ENC-3 masked", "forward+backward", "speedup", 3.0),
+    Target(15, "DEC-1 residual", "forward+backward", "speedup", 1.2),
     Target(15, "ENC-1", "forward+backward", "peak ratio", 1.0),
     Target(15, "ENC-3", "forward+backward", "peak ratio", 1.0),
     Target(15, "DEC-1", "forward+backward", "peak ratio", 1.0),
-    # 16: the released models end to end (this package's model against HF's).
+    # 16: the released models' one-head wide cross-attentions (op suite), on each kernel
+    # backend (the CUDA forward with the Triton backward, and the Triton kernels) ...
+    *[Target(16, case, pass_name, "speedup", 3.0, provider=provider)
+      for case in ("IMG-261", "IMG-322", "FLOW-512 decode") for pass_name in ("forward", "forward+backward")
+      for provider in ("perceiver_kernels[triton]", "perceiver_kernels[cuda]")],
+    # ... and the released models end to end (this package's model against HF's).
     Target(16, MODEL_CASE, "inference", "speedup", 6.0, suite="model", provider="perceiver_kernels"),
     Target(16, MODEL_CASE, "training step", "speedup", 3.0, suite="model", provider="perceiver_kernels"),
     Target(16, MODEL_CASE, "training step", "peak ratio", 0.5, suite="model", provider="perceiver_kernels"),

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -72,6 +73,29 @@ def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys, few_
     assert "| M=32 | inference | perceiver_io |" in capsys.readouterr().out
 
 
+def test_a_run_stopped_by_sigterm_writes_the_rows_it_measured(tmp_path, monkeypatch, few_rounds):
+    """gpu_run.sh stops the benchmark at its step limit with SIGTERM: what was measured
+    until then must reach results.json and report.md, marked incomplete."""
+    shapes = [op_suite.Shape("first", 1, 2, 8, 64, 16), op_suite.Shape("second", 1, 2, 8, 64, 16)]
+    monkeypatch.setattr(op_suite, "CPU_SHAPES", shapes)
+    monkeypatch.setattr(op_suite, "CPU_SWEEP", [])
+    real_make_inputs = op_suite.make_inputs
+
+    def make_inputs(shape, *args, **kwargs):
+        if shape.name == "second":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_make_inputs(shape, *args, **kwargs)
+
+    monkeypatch.setattr(op_suite, "make_inputs", make_inputs)
+    handler = signal.getsignal(signal.SIGTERM)
+    cli.main(["--device", "cpu", "--suite", "op,host", "--out", str(tmp_path)])
+    assert signal.getsignal(signal.SIGTERM) == handler
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "SIGTERM during case 2 of" in results["environment"]["stopped"]
+    assert {(row["case"], row["pass"]) for row in results["results"]} == {("first", "forward")}
+    assert "**Incomplete run**" in (tmp_path / "report.md").read_text()
+
+
 def test_cli_rejects_unknown_suites():
     with pytest.raises(SystemExit):
         cli.main(["--suite", "op,speed"])
@@ -136,6 +160,36 @@ def test_gpu_cases_cover_every_anchor_and_the_sweeps_at_full_size():
     assert {"ENC-4", "ENC M=1048576", "DEC O=1048576"} <= names
     assert {shape.name for shape, backward in full if backward} == set(op_suite.BACKWARD_GPU)
     assert {shape.name for shape, _ in op_suite.cases(cuda, "quick")} == set(op_suite.QUICK_GPU)
+
+
+def test_every_op_target_is_a_case_and_pass_a_full_gpu_run_measures():
+    planned = {(shape.name, "forward+backward" if backward else "forward")
+               for shape, backward in op_suite.cases(torch.device("cuda"), "full")}
+    for target in targets.TARGETS:
+        if target.suite == "op":
+            assert (target.case, target.pass_name) in planned, target
+            if target.metric.startswith("vs "):
+                assert (target.metric[3:], target.pass_name) in planned, target
+    wide = {s.name: s for s in op_suite.GPU_SHAPES if s.name in op_suite.WIDE_GPU}
+    assert sorted(s.head_dim for s in wide.values()) == [261, 322, 512] and all(s.heads == 1 for s in wide.values())
+
+
+def test_a_residual_case_adds_the_residual_in_every_provider_and_counts_its_read(few_rounds, monkeypatch):
+    shape = op_suite.Shape("tiny residual", 1, 2, 40, 8, 16, residual=True)
+    cpu = torch.device("cpu")
+    inputs = op_suite.make_inputs(shape, cpu, torch.float32)
+    assert inputs["residual"].shape == inputs["q"].shape
+    expected = pk.reference_attention(inputs["q"], inputs["k"], inputs["v"], residual=inputs["residual"],
+                                      upcast=True).float()
+    for name, provider in op_suite.providers(cpu).items():
+        torch.testing.assert_close(provider(inputs), expected, rtol=1e-5, atol=1e-5, msg=name)
+    plain = op_suite.Shape("tiny", 1, 2, 40, 8, 16)
+    assert shape.min_bytes(4, False) - plain.min_bytes(4, False) == 1 * 2 * 40 * 16 * 4
+    monkeypatch.setattr(op_suite, "CPU_SHAPES", [shape])
+    monkeypatch.setattr(op_suite, "CPU_SWEEP", [])
+    rows = op_suite.run_suite(cpu, "quick", {"matmul_tflops": 1.0, "copy_gbps": 10.0}, lambda message: None)
+    assert {row["pass"] for row in rows} == {"forward", "forward+backward"}
+    assert all(row["status"] == "ok" and row["residual"] for row in rows)
 
 
 def test_providers_of_a_case_are_interleaved_in_rotating_order_and_refusals_reported():
@@ -541,7 +595,8 @@ def test_the_two_kernel_backward_is_timed_beside_the_fused_one_with_its_own_path
     monkeypatch.setattr(op_suite.pk, "cross_attention", spy)
     call = op_suite._with_backward_variant(
         op_suite._timed_call(op_suite._ours("torch"), {"q": torch.randn(1, 1, 4, 8), "k": torch.randn(1, 1, 6, 8),
-                                                       "v": torch.randn(1, 1, 6, 8), "mask": None, "causal": False},
+                                                       "v": torch.randn(1, 1, 6, 8), "mask": None, "causal": False,
+                                                       "residual": None},
                              True), "two-kernel")
     seen.clear()
     call()
