@@ -9,6 +9,11 @@ heads). Inference (no grad) and a training step (forward + backward) are timed, 
 three models interleaved. A comparison package that is not installed gets a row that
 says so (the GPU machine has no perceiver-pytorch).
 
+Optical flow (issue 16): HF PerceiverForOpticalFlow and its conversion, inference on two
+frames of 3x3 RGB patches; ours decodes its one query per pixel (182,528 at the released
+368 x 496) `chunk_size` at a time, so that the decoder's activations stay bounded, and
+the rows record each model's peak memory.
+
 Perceiver AR (issue 17): a training step of perceiver.PerceiverAR against PlainPerceiverAR,
 the same model in plain PyTorch (same parameters, loaded from its state dict; attention
 as explicit matmuls and softmax under the causal mask, rotary embeddings as complex
@@ -23,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,25 +73,30 @@ def model_flops(config: ModelConfig) -> int:
     return encoder + config.num_blocks * config.num_self_attends_per_block * layer + decoder
 
 
-def build_models(config: ModelConfig) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
-    """(the models that can be built, {provider: why not} for the others)."""
-    models: dict[str, torch.nn.Module] = {}
-    missing: dict[str, str] = {}
+def _hf_and_converted(make: Callable[[Any], nn.Module]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """HF's model, made by make(transformers), and its conversion by perceiver.from_hf
+    (same weights), or no models and why not."""
     try:
         import transformers
     except ImportError:
         reason = "not installed: transformers (this package's model is converted from HF's)"
-        return models, {"perceiver_kernels": reason, "hf_transformers": reason}
-    hf_config = transformers.PerceiverConfig(
-        image_size=config.image_size, num_latents=config.num_latents, d_latents=config.d_latents,
-        d_model=FOURIER_CHANNELS, num_blocks=config.num_blocks,
-        num_self_attends_per_block=config.num_self_attends_per_block,
-        num_self_attention_heads=config.num_self_attention_heads, num_cross_attention_heads=1,
-        num_labels=config.num_labels,
-    )
-    hf_model = transformers.PerceiverForImageClassificationFourier(hf_config)
-    models["perceiver_kernels"] = perceiver.from_hf(hf_model)
-    models["hf_transformers"] = hf_model
+        return {}, {"perceiver_kernels": reason, "hf_transformers": reason}
+    hf_model = make(transformers)
+    return {"perceiver_kernels": perceiver.from_hf(hf_model), "hf_transformers": hf_model}, {}
+
+
+def build_models(config: ModelConfig) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """(the models that can be built, {provider: why not} for the others)."""
+    models, missing = _hf_and_converted(lambda transformers: transformers.PerceiverForImageClassificationFourier(
+        transformers.PerceiverConfig(
+            image_size=config.image_size, num_latents=config.num_latents, d_latents=config.d_latents,
+            d_model=FOURIER_CHANNELS, num_blocks=config.num_blocks,
+            num_self_attends_per_block=config.num_self_attends_per_block,
+            num_self_attention_heads=config.num_self_attention_heads, num_cross_attention_heads=1,
+            num_labels=config.num_labels,
+        )))
+    if missing:
+        return models, missing
     try:
         from perceiver_pytorch import PerceiverIO as LucidrainsPerceiverIO
     except ImportError:
@@ -111,19 +121,63 @@ def _call(name: str, model: torch.nn.Module, pixels: torch.Tensor, features: tor
     return model(pixels)
 
 
-def config_for(device: torch.device, size: str) -> ModelConfig:
+def _sized(device: torch.device, size: str, gpu, cpu, cpu_full):
+    """A case's configuration: the GPU's, else the CPU's at the run's size."""
     if device.type == "cuda":
-        return GPU_CONFIG
-    return CPU_FULL if size == "full" else CPU_CONFIG
+        return gpu
+    return cpu_full if size == "full" else cpu
+
+
+def config_for(device: torch.device, size: str) -> ModelConfig:
+    return _sized(device, size, GPU_CONFIG, CPU_CONFIG, CPU_FULL)
+
+
+def _precision(device: torch.device):
+    """(dtype, autocast context): bf16 autocast on a GPU, fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16, torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.float32, contextlib.nullcontext()
+
+
+def _time_models(models: dict[str, nn.Module], call: Callable[[str, nn.Module], torch.Tensor],
+                 device: torch.device, autocast, training: bool) -> dict[str, dict]:
+    """measure_case of call(name, model) for every model, interleaved; a training step
+    adds the backward of a loss on the output (gradients written afresh every call)."""
+    def step(name, model):
+        with autocast, torch.set_grad_enabled(training):
+            out = call(name, model)
+            if training:
+                model.zero_grad(set_to_none=True)  # every call writes fresh gradients, none accumulates
+                out.float().square().mean().backward()
+            return out
+
+    for model in models.values():
+        model.train(training)
+    return measure_case({name: functools.partial(step, name, model) for name, model in models.items()}, device)
+
+
+def _model_rows(common: dict, providers: tuple[str, ...], results: dict[str, dict], missing: dict[str, str],
+                case_flops: int, batch: int) -> list[dict]:
+    """A row per provider: its figures and throughput, or why it did not run."""
+    rows = []
+    for name in providers:
+        row = {**common, "provider": name, "batch": batch, "flops": case_flops,
+               **results.get(name, {"status": missing.get(name, "not run")})}
+        if row["status"] == "ok":
+            row["tflops"] = throughput(case_flops, row["median_ms"])
+            row["samples_per_s"] = batch / (row["median_ms"] * 1e-3)
+        rows.append(row)
+    return rows
 
 
 PASSES = (("inference", False), ("training step", True))
+FLOW_PASS = "optical flow inference"
 AR_PASSES = ("Perceiver AR training step", "Perceiver AR generation")
 
 
 def cases(device: torch.device, size: str) -> list[str]:
     """The passes measured (each times every model interleaved)."""
-    return [name for name, _ in PASSES] + list(AR_PASSES)
+    return [name for name, _ in PASSES] + [FLOW_PASS] + list(AR_PASSES)
 
 
 def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callable[[str], None],
@@ -131,8 +185,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
     """Measures every case; appends each row to `rows` (a new list by default) as it is
     measured, so that a stopped run keeps what it measured, and returns it."""
     config = config_for(device, size)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext())
+    dtype, autocast = _precision(device)
     torch.manual_seed(0)
     models, missing = build_models(config)
     models = {name: model.to(device) for name, model in models.items()}
@@ -144,28 +197,114 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
     rows = [] if rows is None else rows
     for pass_name, training in PASSES:
         progress(f"model {pass_name}")
-
-        def step(name, model):
-            with autocast, torch.set_grad_enabled(training):
-                out = _call(name, model, pixels, features, queries)
-                if training:
-                    model.zero_grad(set_to_none=True)  # every call writes fresh gradients, none accumulates
-                    out.float().square().mean().backward()
-                return out
-
-        for model in models.values():
-            model.train(training)
-        results = measure_case({name: functools.partial(step, name, model) for name, model in models.items()}, device)
+        results = _time_models(models, lambda name, model: _call(name, model, pixels, features, queries), device,
+                               autocast, training)
         case_flops = int(forward_flops * (1 + 2 * training))  # backward of dense layers: 2x forward
-        for name in ("perceiver_kernels", "hf_transformers", "perceiver_pytorch"):
-            row = {"suite": "model", "case": case, "pass": pass_name, "provider": name, "batch": config.batch,
-                   "dtype": str(dtype).replace("torch.", ""), "flops": case_flops,
-                   **results.get(name, {"status": missing.get(name, "not run")})}
-            if row["status"] == "ok":
-                row["tflops"] = throughput(case_flops, row["median_ms"])
-                row["samples_per_s"] = config.batch / (row["median_ms"] * 1e-3)
-            rows.append(row)
+        common = {"suite": "model", "case": case, "pass": pass_name, "dtype": str(dtype).replace("torch.", "")}
+        rows += _model_rows(common, ("perceiver_kernels", "hf_transformers", "perceiver_pytorch"), results, missing,
+                            case_flops, config.batch)
+    del models
+    flow_rows(device, size, progress, rows)
     return perceiver_ar_rows(device, size, progress, rows)
+
+
+PATCH_CHANNELS = 54  # two frames of 3x3 patches of RGB pixels, concatenated per pixel
+PATCH_FEATURES = 64  # HF's Linear on them (conv_after_patching)
+FLOW_CHANNELS = PATCH_FEATURES + 2 + 2 * 2 * 64  # + Fourier features: 2 positions, 2 x 2 x 64 bands (322)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    height: int
+    width: int
+    num_latents: int
+    d_latents: int
+    num_self_attends_per_block: int
+    num_self_attention_heads: int
+    chunk_size: int  # the output queries ours decodes at a time
+    batch: int = 1
+
+
+FLOW_CPU = FlowConfig(height=16, width=24, num_latents=32, d_latents=64, num_self_attends_per_block=2,
+                      num_self_attention_heads=4, chunk_size=128)
+FLOW_CPU_FULL = FlowConfig(height=32, width=48, num_latents=64, d_latents=128, num_self_attends_per_block=4,
+                           num_self_attention_heads=4, chunk_size=512)
+# The released deepmind/optical-flow-perceiver (HF's conversion): train_size 368 x 496,
+# 2,048 latents of 512, one block of 24 self-attention layers with 16 heads, one-head
+# cross-attentions, widening factors 1. Its decoder has one query per pixel: 182,528.
+# Chunks of 2^15 queries: each still launches at least 256 query tiles (at 128 rows a
+# tile; about two waves over the H200's 132 SMs), and 6 chunks' few extra launches
+# cost little; a chunk's layer activations (its 322-wide queries, their 512-wide
+# projections, the MLP: at most ~9 KB a query in bf16/fp32 under autocast, ~0.3 GB)
+# stay below what the encoder already holds for the 182,528 inputs (adapted inputs,
+# their norm, keys and values: ~0.7 GB), where a whole decode could hold ~1.7 GB at
+# once. Ours fuses the attention (no 182,528 x 2,048 scores); HF materialises them, in
+# both cross-attentions.
+# Time in gpu_run.sh: an HF call should take tens of ms; even at 1 s, 2 untimed calls
+# per model and the GPU discipline's 10 rounds (then its 1.5 s budget ends the case)
+# come to ~15 s besides building the models: no cap needed.
+FLOW_GPU = FlowConfig(height=368, width=496, num_latents=2048, d_latents=512, num_self_attends_per_block=24,
+                      num_self_attention_heads=16, chunk_size=2**15)
+
+
+def flow_config_for(device: torch.device, size: str) -> FlowConfig:
+    return _sized(device, size, FLOW_GPU, FLOW_CPU, FLOW_CPU_FULL)
+
+
+def flow_case(config: FlowConfig) -> str:
+    return f"{config.height}x{config.width} optical flow"
+
+
+def build_flow_models(config: FlowConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """HF PerceiverForOpticalFlow (random weights) and its conversion, or why not."""
+    return _hf_and_converted(lambda transformers: transformers.PerceiverForOpticalFlow(transformers.PerceiverConfig(
+        train_size=[config.height, config.width], num_latents=config.num_latents, d_latents=config.d_latents,
+        d_model=FLOW_CHANNELS, num_blocks=1, num_self_attends_per_block=config.num_self_attends_per_block,
+        num_self_attention_heads=config.num_self_attention_heads, num_cross_attention_heads=1,
+    )))
+
+
+def flow_inputs(config: FlowConfig, device: torch.device) -> torch.Tensor:
+    """What HF's flow model takes: (B, 2 frames, 27 = 3x3 patches of RGB, H, W)."""
+    return torch.randn(config.batch, 2, PATCH_CHANNELS // 2, config.height, config.width, device=device)
+
+
+def flow_call(frames: torch.Tensor, chunk_size: int, name: str, model: nn.Module) -> torch.Tensor:
+    """The flow (B, H, W, 2); ours decodes chunk_size queries at a time."""
+    if name == "hf_transformers":
+        return model(inputs=frames).logits
+    return model(frames, chunk_size=chunk_size)
+
+
+def flow_flops(config: FlowConfig) -> int:
+    """Forward FLOPs of HF's flow model (and of its conversion)."""
+    b, n, d, m = config.batch, config.num_latents, config.d_latents, config.height * config.width
+    patches = flops.linear(b * m, PATCH_CHANNELS, PATCH_FEATURES)
+    encoder = flops.perceiver_layer(b, n, m, d, FLOW_CHANNELS, FLOW_CHANNELS, FLOW_CHANNELS, 1, 1)
+    layer = flops.perceiver_layer(b, n, n, d, d, d, d, config.num_self_attention_heads, 1)
+    decoder = flops.perceiver_layer(b, m, n, FLOW_CHANNELS, d, d, d, 1, 1) + flops.linear(b * m, FLOW_CHANNELS, 2)
+    return patches + encoder + config.num_self_attends_per_block * layer + decoder
+
+
+def flow_rows(device: torch.device, size: str, progress: Callable[[str], None],
+              rows: Optional[list] = None) -> list[dict]:
+    """Optical flow inference, ours (chunked decode) against HF; appends to `rows` as run_suite does."""
+    progress(FLOW_PASS)
+    config = flow_config_for(device, size)
+    dtype, autocast = _precision(device)
+    torch.manual_seed(0)
+    models, missing = build_flow_models(config)
+    models = {name: model.to(device) for name, model in models.items()}
+    frames = flow_inputs(config, device)
+    rows = [] if rows is None else rows
+    results = _time_models(models, functools.partial(flow_call, frames, config.chunk_size), device, autocast,
+                           training=False)
+    common = {"suite": "model", "case": flow_case(config), "pass": "inference",
+              "dtype": str(dtype).replace("torch.", ""), "queries": config.height * config.width,
+              "chunk_size": config.chunk_size}
+    rows += _model_rows(common, ("perceiver_kernels", "hf_transformers"), results, missing, flow_flops(config),
+                        config.batch)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -189,9 +328,7 @@ AR_GPU = ARConfig(seq_len=8192, num_latents=1024, dim=512, num_heads=8, num_laye
 
 
 def ar_config_for(device: torch.device, size: str) -> ARConfig:
-    if device.type == "cuda":
-        return AR_GPU
-    return AR_CPU_FULL if size == "full" else AR_CPU
+    return _sized(device, size, AR_GPU, AR_CPU, AR_CPU_FULL)
 
 
 def ar_case(config: ARConfig) -> str:
@@ -322,8 +459,7 @@ def perceiver_ar_rows(device: torch.device, size: str, progress: Callable[[str],
                       rows: Optional[list] = None) -> list[dict]:
     """The Perceiver AR training step and generation; appends to `rows` as run_suite does."""
     config = ar_config_for(device, size)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    autocast = (torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext())
+    dtype, autocast = _precision(device)
     torch.manual_seed(0)
     ours, plain = (model.to(device) for model in build_perceiver_ar(config))
     windows = torch.randint(0, config.vocab_size, (config.batch, config.seq_len + 1), device=device)

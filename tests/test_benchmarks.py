@@ -1,5 +1,6 @@
 """The benchmark suite: end to end on tiny CPU sizes, FLOP counts against FlopCounterMode, reports."""
 
+import functools
 import json
 import os
 import shutil
@@ -28,6 +29,9 @@ def counted(fn) -> int:
 
 
 TINY_AR = model_suite.ARConfig(seq_len=24, num_latents=6, dim=16, num_heads=2, num_layers=1, batch=2, new_tokens=3)
+# 24 queries decoded 10 at a time: two full chunks and a short last one.
+TINY_FLOW = model_suite.FlowConfig(height=4, width=6, num_latents=4, d_latents=16, num_self_attends_per_block=1,
+                                   num_self_attention_heads=2, chunk_size=10)
 
 
 @pytest.fixture
@@ -43,6 +47,7 @@ def test_cli_writes_results_report_and_plots(tmp_path, monkeypatch, capsys, few_
     monkeypatch.setattr(scaling_suite, "CPU_CONFIG", scaling_suite.ScalingConfig(16, 2, 4, 1, sizes=(16, 32)))
     monkeypatch.setattr(model_suite, "CPU_CONFIG", model_suite.ModelConfig(4, 4, 16, 1, 1, 2, batch=1, num_labels=3))
     monkeypatch.setattr(model_suite, "AR_CPU", TINY_AR)
+    monkeypatch.setattr(model_suite, "FLOW_CPU", TINY_FLOW)
     cli.main(["--device", "cpu", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     env, rows = results["environment"], results["results"]
@@ -272,10 +277,12 @@ def test_missing_comparison_packages_get_a_row_that_says_so(monkeypatch, few_rou
     monkeypatch.setitem(sys.modules, "perceiver_pytorch", None)  # import fails as when not installed
     monkeypatch.setattr(model_suite, "CPU_CONFIG", model_suite.ModelConfig(4, 4, 16, 1, 1, 2, batch=1, num_labels=3))
     monkeypatch.setattr(model_suite, "AR_CPU", TINY_AR)
+    monkeypatch.setattr(model_suite, "FLOW_CPU", TINY_FLOW)
     rows = model_suite.run_suite(torch.device("cpu"), "quick", {}, lambda message: None)
     status = {(row["pass"], row["provider"]): row["status"] for row in rows}
     assert status[("inference", "perceiver_pytorch")] == "not installed: perceiver-pytorch"
     assert status[("training step", "perceiver_kernels")] == "ok"
+    assert {row["status"] for row in rows if row["case"] == model_suite.flow_case(TINY_FLOW)} == {"ok"}
 
 
 def test_cli_records_the_thread_setting_and_rejects_bad_arguments(tmp_path, monkeypatch, few_rounds):
@@ -601,3 +608,69 @@ def test_the_two_kernel_backward_is_timed_beside_the_fused_one_with_its_own_path
     seen.clear()
     call()
     assert seen == ["two-kernel"] and "PERCEIVER_KERNELS_BACKWARD" not in os.environ
+
+
+@pytest.fixture
+def decoded_chunks(monkeypatch):
+    """The chunk_size each call of a PerceiverDecoder got, and the queries of each chunk it decoded."""
+    seen = {"chunk_size": [], "queries": []}
+    decoder_forward = perceiver.PerceiverDecoder.forward
+    layer_forward_projected = perceiver.PerceiverLayer.forward_projected
+
+    def forward(self, latents, queries, index=None, chunk_size=None):
+        seen["chunk_size"].append(chunk_size)
+        return decoder_forward(self, latents, queries, index=index, chunk_size=chunk_size)
+
+    def forward_projected(self, queries, *args, **kwargs):
+        seen["queries"].append(queries.shape[1])
+        return layer_forward_projected(self, queries, *args, **kwargs)
+
+    monkeypatch.setattr(perceiver.PerceiverDecoder, "forward", forward)
+    monkeypatch.setattr(perceiver.PerceiverLayer, "forward_projected", forward_projected)
+    return seen
+
+
+def test_converted_optical_flow_model_gives_hfs_flow_decoding_in_chunks(decoded_chunks):
+    torch.manual_seed(0)
+    models, missing = model_suite.build_flow_models(TINY_FLOW)
+    assert not missing
+    frames = model_suite.flow_inputs(TINY_FLOW, torch.device("cpu"))
+    assert frames.shape == (1, 2, 27, 4, 6)  # two frames of 3x3 patches of RGB pixels
+    with torch.no_grad():
+        ours, hf = (model_suite.flow_call(frames, TINY_FLOW.chunk_size, name, models[name].eval())
+                    for name in ("perceiver_kernels", "hf_transformers"))
+    assert hf.shape == ours.shape == (1, 4, 6, 2)
+    torch.testing.assert_close(ours, hf, rtol=1e-4, atol=1e-4 * hf.abs().max().item())  # flows are / 100
+    assert decoded_chunks == {"chunk_size": [10], "queries": [10, 10, 4]}
+    for name, model in models.items():  # counted with grad: FlopCounterMode's module tracker needs it
+        call = functools.partial(model_suite.flow_call, frames, TINY_FLOW.chunk_size, name, model)
+        assert counted(call) == model_suite.flow_flops(TINY_FLOW), name
+
+
+def test_model_suite_times_optical_flow_against_hf_with_the_chunked_decode(few_rounds, monkeypatch, decoded_chunks):
+    assert targets.FLOW_CASE == model_suite.flow_case(model_suite.FLOW_GPU)  # the target names the GPU case
+    assert model_suite.FLOW_GPU.height * model_suite.FLOW_GPU.width == 182_528
+    assert model_suite.FLOW_PASS in model_suite.cases(torch.device("cpu"), "quick")
+    cpu = torch.device("cpu")
+    assert model_suite.flow_config_for(cpu, "quick") == model_suite.FLOW_CPU
+    assert model_suite.flow_config_for(cpu, "full").height > model_suite.FLOW_CPU.height
+    monkeypatch.setattr(model_suite, "FLOW_CPU", TINY_FLOW)
+    rows = model_suite.flow_rows(cpu, "quick", lambda message: None)
+    report.annotate_ratios(rows)
+    assert [row["provider"] for row in rows] == ["perceiver_kernels", "hf_transformers"]
+    for row in rows:
+        assert row["status"] == "ok" and row["suite"] == "model" and row["pass"] == "inference", row
+        assert (row["case"], row["queries"], row["chunk_size"]) == ("4x6 optical flow", 24, 10)
+        assert row["flops"] == model_suite.flow_flops(TINY_FLOW) and row["peak_mib"] is not None
+        assert row["baseline"] == "hf_transformers"
+    # Every call of ours (warm-up, peak memory and the timed rounds) decoded in chunks.
+    assert decoded_chunks["chunk_size"] and set(decoded_chunks["chunk_size"]) == {10}
+    assert set(decoded_chunks["queries"]) == {10, 4}
+    # The same rows at the GPU's case name meet the flow targets: speed-up and peak ratio against HF.
+    at_gpu_case = [{**row, "case": targets.FLOW_CASE, "peak_mib": peak}
+                   for row, peak in zip(rows, (100.0, 400.0), strict=True)]
+    found = {result.target.metric: result for result in targets.evaluate(at_gpu_case)
+             if result.target.case == targets.FLOW_CASE}
+    assert found["speedup"].measured == rows[0]["speedup"] and found["speedup"].status in ("PASS", "FAIL")
+    assert found["speedup"].target.threshold == 3.0 and found["speedup"].against == "hf_transformers"
+    assert (found["peak ratio"].status, found["peak ratio"].measured) == ("PASS", 0.25)
