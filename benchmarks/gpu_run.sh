@@ -70,8 +70,9 @@ run() {
 }
 
 # Tests run in parallel processes with fault isolation. Without pytest-xdist they run
-# in one process each, which stops (and says why) at a broken CUDA context.
-PYTEST=(python -m pytest -q -rf -p no:benchmark -p no:cacheprovider -p benchmarks.pytest_fault_isolation)
+# in one process each, which stops (and says why) at a broken CUDA context. Verbose: a
+# line per test, so that a step stopped at its limit still names its failures.
+PYTEST=(python -m pytest -v -rf -p no:benchmark -p no:cacheprovider -p benchmarks.pytest_fault_isolation)
 if python -c "import xdist" 2> /dev/null; then
   workers() { echo "-n $1 --max-worker-restart 40"; }
 else

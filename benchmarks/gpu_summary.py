@@ -17,7 +17,10 @@ from pathlib import Path
 from . import report, targets
 
 PYTEST_TOTALS = re.compile(r"^=*\s*(\d+ (passed|failed|error|errors|skipped).*) in [\d.]+s")
-FAILURE_LINE = re.compile(r"^(FAILED|ERROR) (\S+)|crashed while running '([^']+)'")
+# The short summary's "FAILED <id>" lines, and the per-test lines of a verbose xdist run
+# ("[gw3] [ 41%] FAILED <id>"), which name failures even when the step was stopped at its
+# limit before the summary.
+FAILURE_LINE = re.compile(r"^(?:\[gw\d+\] \[\s*\d+%\] )?(FAILED|ERROR) (\S+)|crashed while running '([^']+)'")
 MAX_FAILURES_LISTED = 12
 
 

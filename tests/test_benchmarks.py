@@ -350,6 +350,7 @@ def test_gpu_run_plan_keeps_at_most_8_files_and_prints_the_targets_last(tmp_path
     (out / "bench" / "sweep.png").write_bytes(b"png")
     (out / "tests-cuda.log").write_text("....\n294 passed in 27.33s\n")
     (out / "tests-triton.log").write_text(
+        "[gw2] [ 50%] FAILED tests/test_triton_forward.py::test_verbose[1]\n"  # named before the summary
         "FAILED tests/test_triton_forward.py::test_plain[40x24] - AssertionError\n"
         "FAILED tests/test_triton_gpu.py::test_grid[3] - worker 'gw1' crashed while running 'x'\n"
         "3 failed, 402 passed, 5 skipped, 33 warnings in 69.86s (0:01:09)\n")
@@ -371,6 +372,7 @@ def test_gpu_run_plan_keeps_at_most_8_files_and_prints_the_targets_last(tmp_path
 
     assert summary.rstrip().endswith(f"0 of 14 measured targets pass ({len(targets.TARGETS)} targets in all).")
     assert "294 passed" in summary and "tests/test_triton_forward.py::test_plain[40x24]" in summary
+    assert "tests/test_triton_forward.py::test_verbose[1]" in summary
     assert "| op | ENC-1 | forward | perceiver_kernels | 0.993 | sdpa-cudnn_attention | 0.504 | 0.51x |" in summary
 
 
