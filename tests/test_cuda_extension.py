@@ -6,6 +6,8 @@ emulated extension, whose device N has N SMs.
 """
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,25 @@ def test_resident_path_is_taken_on_one_sm():
     extension = cuda_emulation.build()
     assert extension.with_multiprocessors(1).plan(torch.float16, 2, 2, 300, 300, (64, 64), 1, 300)["kv_resident"]
     assert not extension.with_multiprocessors(132).plan(torch.float16, 2, 2, 300, 300, (64, 64), 1, 300)["kv_resident"]
+
+
+@needs_emulation
+def test_the_emulation_keeps_its_own_runtime_where_the_real_one_is_loaded_globally():
+    """A CUDA build of torch loads libcudart globally. The emulated module's calls of the
+    runtime must still reach emulator.cpp's stand-ins: on the H200 they reached the real
+    runtime, which threw through pk_emulate_plan and aborted every test using the emulation."""
+    runtimes = sorted(cuda_emulation.cuda_include_dir().parent.glob("lib*/libcudart.so*"))
+    if not runtimes:
+        pytest.skip("no libcudart.so beside the CUDA headers")
+    script = (f"import ctypes; ctypes.CDLL({str(runtimes[0])!r}, mode=ctypes.RTLD_GLOBAL)\n"
+              "import torch\n"
+              "from tests import cuda_emulation\n"
+              "plan = cuda_emulation.build().with_multiprocessors(1).plan(torch.float16, 2, 2, 300, 300, (64, 64), 1, 300)\n"
+              "print(plan['kv_resident'])\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True"]  # the emulated GPU of one SM, not the machine's
 
 
 @pytest.mark.usefixtures("poisoned_empty")

@@ -140,7 +140,9 @@ def test_empty_dimensions():
     residual = torch.randn(2, 3, 4, 5)
     assert torch.equal(pk.cross_attention(q, k, v, residual=residual), residual)
     assert pk.cross_attention(q[:, :, :0], torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 5)).shape == (2, 3, 0, 5)
-    assert "empty" in " ".join(pk.explain(q, k, v, backend="triton").refusals["triton"])
+    # On the device where the Triton kernels run (a CPU tensor on a GPU machine is refused for its device)
+    on_kernel_device = [tensor.to(KERNEL_DEVICE) for tensor in (q, k, v)]
+    assert "empty" in " ".join(pk.explain(*on_kernel_device, backend="triton").refusals["triton"])
 
 
 @KERNEL_BACKEND_TESTABLE

@@ -94,8 +94,11 @@ def build() -> EmulatedExtension:
         shutil.copy(HERE / name, directory / "attention" / name)
     shutil.copy(HERE / "emulator.cpp", directory)
     library = directory / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    # -Bsymbolic: the module's calls of the CUDA runtime bind to emulator.cpp's stand-ins
+    # even where the real libcudart is loaded globally (as a CUDA build of torch does);
+    # without it, on a GPU machine they reached the real runtime and aborted.
     result = subprocess.run(
-        ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w", f"-I{directory}", f"-I{directory / 'attention'}",
+        ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-Wl,-Bsymbolic", "-w", f"-I{directory}", f"-I{directory / 'attention'}",
          f"-I{cuda_include_dir()}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
          str(directory / "emulator.cpp"), "-o", str(library)],
         capture_output=True, text=True,
