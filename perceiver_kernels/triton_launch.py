@@ -284,13 +284,18 @@ def _backward_block(block_dqk: int, block_dv: int, exact_fp32: bool) -> int:
     return 32 if exact_fp32 or block_dqk + block_dv > 384 else 64
 
 
-# PERCEIVER_KERNELS_BACKWARD=two-kernel runs the general backward everywhere (the fused
-# kernels replace it on the asymmetric shapes; the benchmark times both).
-BACKWARD_VARIANTS = ("fused", "two-kernel")
+# The backward's kernels: "two-kernel" (the default: the general dK/dV and dQ kernels
+# everywhere) or "fused" (PERCEIVER_KERNELS_BACKWARD=fused: one kernel on the asymmetric
+# shapes). On the H200 (benchmarks/results/2026-12-01-h200-run1, bf16) the fused one
+# lost on every shape it served: forward+backward ENC-1 3.97 against 2.84 ms, ENC-3
+# masked 4.78 against 3.55, DEC-1 5.20 against 3.06, DEC-1 with a residual 5.84 against
+# 3.70; the benchmark still times both.
+BACKWARD_VARIANTS = ("two-kernel", "fused")
+DEFAULT_BACKWARD = "two-kernel"
 
 
 def backward_variant() -> str:
-    variant = os.environ.get("PERCEIVER_KERNELS_BACKWARD", "fused")
+    variant = os.environ.get("PERCEIVER_KERNELS_BACKWARD", DEFAULT_BACKWARD)
     if variant not in BACKWARD_VARIANTS:
         raise ValueError(f"PERCEIVER_KERNELS_BACKWARD must be one of {BACKWARD_VARIANTS}, got {variant!r}")
     return variant
@@ -338,11 +343,12 @@ def _delta_launch(head_dim_v: int, block_dv: int) -> tuple[str, int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def plan_triton_backward(batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v, element_bytes, device,
-                         exact_fp32, has_mask, num_chunks=None, variant="fused", causal=False) -> BackwardPlan:
-    """The fused kernel where one side fits a program (ENCODE: Nq rows; DECODE: Nk rows;
-    triton_configs.FUSED_MAX_INNER says how many) and the other side is at least 4x
-    longer, on Hopper and newer; else (and for causal attention) the general two kernels,
-    which wide heads always take, in their wide form."""
+                         exact_fp32, has_mask, num_chunks=None, variant=DEFAULT_BACKWARD,
+                         causal=False) -> BackwardPlan:
+    """The general two kernels, which wide heads take in their wide form; with
+    variant="fused", the fused kernel where one side fits a program (ENCODE: Nq rows;
+    DECODE: Nk rows; triton_configs.FUSED_MAX_INNER says how many) and the other side is
+    at least 4x longer, on Hopper and newer (not for causal attention or exact fp32)."""
     constexprs = _constexprs(head_dim_qk, head_dim_v, exact_fp32, has_mask)
     wide = is_wide(head_dim_qk, head_dim_v)
     arch, _ = triton_configs.device_facts(device)

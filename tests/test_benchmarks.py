@@ -359,7 +359,8 @@ def test_gpu_run_plan_keeps_at_most_8_files_and_prints_the_targets_last(tmp_path
                          env={**os.environ, "DRY_RUN": "1"}, timeout=120)
     assert run.returncode == 0, run.stderr
     steps = [line.split(" (")[0] for line in run.stdout.splitlines() if line.startswith("== ")]
-    assert sorted(steps) == ["== bench", "== cuda-tests", "== install", "== repro", "== triton-tests"]
+    assert sorted(steps) == ["== bench", "== cuda-tests", "== install", "== repro", "== repro-kernels",
+                             "== triton-tests"]
     assert "-p benchmarks.pytest_fault_isolation" in run.stdout and "--max-worker-restart" in run.stdout
     files = {path.name for path in out.iterdir()}
     assert files == {"summary.md", "results.json", "report.md", "op.png", "tests-cuda.log", "tests-triton.log",
@@ -589,9 +590,9 @@ def test_model_suite_times_perceiver_ar_training_against_plain_pytorch_and_gener
     assert model_suite.cases(torch.device("cpu"), "quick")[-2:] == list(model_suite.AR_PASSES)
 
 
-def test_the_two_kernel_backward_is_timed_beside_the_fused_one_with_its_own_path(monkeypatch):
-    """Until a GPU run compares them, forward+backward rows time the general Triton
-    backward too (PERCEIVER_KERNELS_BACKWARD=two-kernel around the whole timed call)."""
+def test_the_fused_backward_is_timed_beside_the_default_one_with_its_own_path(monkeypatch):
+    """Forward+backward rows time the fused Triton backward too
+    (PERCEIVER_KERNELS_BACKWARD=fused around the whole timed call)."""
     seen = []
     real = op_suite.pk.cross_attention
 
@@ -606,10 +607,10 @@ def test_the_two_kernel_backward_is_timed_beside_the_fused_one_with_its_own_path
         op_suite._timed_call(op_suite._ours("torch"), {"q": torch.randn(1, 1, 4, 8), "k": torch.randn(1, 1, 6, 8),
                                                        "v": torch.randn(1, 1, 6, 8), "mask": None, "causal": False,
                                                        "residual": None},
-                             True), "two-kernel")
+                             True), "fused")
     seen.clear()
     call()
-    assert seen == ["two-kernel"] and "PERCEIVER_KERNELS_BACKWARD" not in os.environ
+    assert seen == ["fused"] and "PERCEIVER_KERNELS_BACKWARD" not in os.environ
 
 
 @pytest.fixture
