@@ -2,19 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from ..chunked_attention import chunked_attention
+from ..chunking import cdiv, multiprocessor_count
 from ..problem import Problem
 from ..reference import causal_hidden, reference_attention
 from .base import Backend
 
+# How the backend runs a problem on a GPU, chosen from the H200's measurements
+# (benchmarks/results/2026-12-01-h200-run1, bf16), where SDPA's own choice lost:
+# - heads over SDPA_FUSED_MAX_HEAD_DIM channels (no flash or cuDNN kernel): matrix
+#   products in query chunks (chunked_attention.py), 1.7-19x SDPA's math or
+#   memory-efficient backend;
+# - unmasked 16-bit heads up to 256 whose SDPA blocks (QUERY_BLOCK_ROWS rows each) are
+#   under half the SMs: flash first, which splits the keys where SDPA's default choice,
+#   cuDNN, does not. ENC-3 (8 heads of 256 latents, 16 blocks): flash 0.74 ms, cuDNN
+#   3.38; ENC-1 (128 blocks on 132 SMs) kept cuDNN, 0.45 against flash's 0.90.
+SDPA_FUSED_MAX_HEAD_DIM = 256
+QUERY_BLOCK_ROWS = 128
+CHUNKED = "matrix products in query chunks"
+FLASH_FIRST = "flash first"
+SDPA_DEFAULT = "sdpa"
+
+
+def gpu_route(device: torch.device, dtype: torch.dtype, batch: int, heads: int, num_queries: int, head_dim_qk: int,
+              head_dim_v: int, masked: bool, dropout: bool) -> str:
+    """CHUNKED, FLASH_FIRST or SDPA_DEFAULT (also off the GPU, where nothing was measured)."""
+    if device.type != "cuda":
+        return SDPA_DEFAULT
+    if max(head_dim_qk, head_dim_v) > SDPA_FUSED_MAX_HEAD_DIM:
+        return SDPA_DEFAULT if dropout else CHUNKED
+    few_blocks = 2 * batch * heads * cdiv(num_queries, QUERY_BLOCK_ROWS) < multiprocessor_count(device)
+    if few_blocks and not masked and dtype in (torch.float16, torch.bfloat16) and head_dim_qk == head_dim_v:
+        return FLASH_FIRST
+    return SDPA_DEFAULT
+
+
+def _route_of(q, v, key_padding_mask, dropout_p) -> str:
+    batch, heads, num_queries, head_dim_qk = q.shape
+    return gpu_route(q.device, q.dtype, batch, heads, num_queries, head_dim_qk, v.shape[-1],
+                     key_padding_mask is not None, dropout_p > 0)
+
 
 class TorchBackend(Backend):
-    """SDPA where it fits; the exact reference where it does not (no keys at all).
+    """SDPA where it fits; on a GPU, matrix products in query chunks for heads SDPA has
+    no fused kernel for (gpu_route); the exact reference where there are no keys at all.
 
     The only backend with attention dropout (SDPA's).
 
@@ -38,6 +77,12 @@ class TorchBackend(Backend):
     def describe(self, problem: Problem) -> str:
         if problem.num_keys == 0:
             return "torch (exact reference: no keys)"
+        route = gpu_route(problem.device, problem.dtype, problem.batch, problem.heads, problem.num_queries,
+                          problem.head_dim_qk, problem.head_dim_v, problem.has_mask, problem.dropout)
+        if route == CHUNKED:
+            return f"torch ({CHUNKED}: heads over {SDPA_FUSED_MAX_HEAD_DIM} channels)"
+        if route == FLASH_FIRST:
+            return "torch (scaled_dot_product_attention, flash first: too few query blocks to fill the GPU)"
         return "torch (scaled_dot_product_attention)"
 
     def run(self, q, k, v, key_padding_mask: Optional[torch.Tensor], residual, scale, dropout_p, causal):
@@ -47,11 +92,19 @@ class TorchBackend(Backend):
         if key_padding_mask is not None:
             padding_rows = key_padding_mask[:, None, :, None]
             k, v = k.masked_fill(padding_rows, 0.0), v.masked_fill(padding_rows, 0.0)
-        if causal:
-            out = _causal(q, k, v, key_padding_mask, scale, dropout_p)
+        route = _route_of(q, v, key_padding_mask, dropout_p)
+        if route == CHUNKED:
+            out = chunked_attention(q, k, v, key_padding_mask, scale, causal)
         else:
-            out = _sdpa(q, k, v, None if key_padding_mask is None else key_padding_mask[:, None, None, :],
-                        scale, dropout_p)
+            priority = (sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
+                        if route == FLASH_FIRST else contextlib.nullcontext())
+            with priority:
+                if causal:
+                    out = _causal(q, k, v, key_padding_mask, scale, dropout_p)
+                else:
+                    out = _sdpa(q, k, v, None if key_padding_mask is None else key_padding_mask[:, None, None, :],
+                                scale, dropout_p)
         return out if residual is None else out + residual
 
 
