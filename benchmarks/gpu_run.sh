@@ -6,6 +6,7 @@
 #   install       pip install -e . offline, CUDA extension for sm_90a          25 s    120 s
 #   repro         tests/repro_chained_dots.py: does this Triton compute          5 s     60 s
 #                 16-bit chained dots with BLOCK_DQK > BLOCK_DV right (exit 1: affected)
+#   repro-kernels the same for the op's kernels launched without the workaround  10 s     60 s
 #   cuda-tests    the CUDA C++ kernel tests (-n 4)          } side by side      30 s    240 s
 #   triton-tests  the Triton kernel tests (-n 12)           }                   70 s    240 s
 #   bench         python -m benchmarks --suite op,model,host --size quick,   ~180 s    300 s
@@ -99,6 +100,8 @@ fi
 
 # Whether this Triton has the bug the launchers work around (triton_launch.head_dim_blocks).
 run repro 60 "$OUT/extra/repro.log" python -m tests.repro_chained_dots
+# And whether the op's own kernels still need it (their own process: the bug faulted).
+run repro-kernels 60 "$OUT/extra/repro-kernels.log" python -m tests.repro_chained_dots --full-kernel
 
 # Both test sets at once: the CUDA tests need few workers, the Triton tests many.
 # shellcheck disable=SC2046,SC2086  # word splitting of the worker options and file lists is meant

@@ -64,10 +64,11 @@ def headline(rows: list[dict]) -> list[str]:
     for row in rows:
         if row["provider"] not in ours or row.get("sweep"):
             continue
-        if row["provider"] == "perceiver_kernels" and row.get("suite", "op") == "op" and any(
+        if row["provider"] == "perceiver_kernels" and row.get("suite", "op") == "op" and row.get(
+                "path", "").startswith("triton") and any(
                 other["provider"] == "perceiver_kernels[triton]" and other["case"] == row["case"]
                 and other.get("pass") == row.get("pass") for other in rows):
-            continue  # auto runs Triton on these shapes: the [triton] row says the same
+            continue  # auto ran Triton here: the [triton] row says the same
         base = next((other for other in rows if other["provider"] == row.get("baseline")
                      and other["case"] == row["case"] and other.get("pass") == row.get("pass")
                      and other.get("suite") == row.get("suite")), None)
