@@ -1,7 +1,7 @@
 """The torch backend's chunked matrix-product path (perceiver_kernels/chunked_attention.py).
 
 On a GPU the backend takes it for heads over 256 channels; here the route is forced so
-that the CPU runs the same code through the same backend: forward and gradients against
+that any device (the CPU in CI, the GPU where there is one) runs it through the backend: forward and gradients against
 the float64 reference with several chunks and a partial last one, NaN in padding keys,
 rows without keys, causal masks, residuals and strided inputs, in every CPU dtype.
 """
@@ -15,6 +15,7 @@ import perceiver_kernels as pk
 from perceiver_kernels import chunked_attention as chunked
 from perceiver_kernels.backends import torch_backend
 from tests.attention_cases import Case, assert_matches_reference, make_inputs, nan_padding_inputs
+from tests.conftest import KERNEL_DEVICE
 from tests.test_backward_contract import assert_gradients_match
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,7 +58,7 @@ CASES = [
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_forward_and_gradients_match_the_reference(dtype, case, causal):
     case = Case(**{**case.__dict__, "dtype": dtype})
-    inputs = make_inputs(case, "cpu")
+    inputs = make_inputs(case, KERNEL_DEVICE)
     inputs = {**inputs, "causal": causal}
     poisoned = _poisoned_padding(inputs)
     leaves = {name: poisoned[name].detach().requires_grad_() for name in ("q", "k", "v")}
@@ -79,7 +80,7 @@ def test_forward_and_gradients_match_the_reference(dtype, case, causal):
 @pytest.mark.usefixtures("chunked_route")
 def test_nan_padding_inputs_of_the_contract():
     inputs, clean = nan_padding_inputs(Case(num_queries=11, num_keys=30, head_dim_qk=16, head_dim_v=16, mask=True,
-                                            residual=True), "cpu")
+                                            residual=True), KERNEL_DEVICE)
     assert_matches_reference(_call(inputs), clean)
 
 
