@@ -29,7 +29,8 @@
 # benchmarks/results/<date>-<device>/ and commit them), tests-cuda.log, tests-triton.log,
 # bench.log, and logs.tar.gz with the rest (install log, nvidia-smi, build info, JUnit
 # XML, benchmark progress, step times). Overrides: KERNEL_TESTS, KERNEL_SELECT, CUDA_TESTS, CUDA_SELECT,
-# TEST_WORKERS, BENCH_SUITES, BENCH_SIZE, PERCEIVER_KERNELS_CUDA_ARCHS, MAX_JOBS.
+# TEST_WORKERS, BENCH_SUITES, BENCH_SIZE, BENCH_OP_CASES (the op suite's cases, by name),
+# PERCEIVER_KERNELS_CUDA_ARCHS, MAX_JOBS.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)

@@ -160,14 +160,21 @@ CPU_SWEEP_FULL = sweep_shapes(1, 8, 128, (1024, 4096, 16_384, 65_536), 64)
 
 def cases(device: torch.device, size: str) -> list[tuple[Shape, bool]]:
     """(shape, with backward) of every measured pass: the anchors forward, the backward
-    where it is measured, then the forward sweeps."""
+    where it is measured, then the forward sweeps; only the cases named in BENCH_OP_CASES
+    (comma-separated) where it is set, for a short GPU run."""
     if device.type != "cuda":
         shapes, sweep = (CPU_SHAPES_FULL, CPU_SWEEP_FULL) if size == "full" else (CPU_SHAPES, CPU_SWEEP)
-        return [(s, False) for s in shapes] + [(s, True) for s in shapes] + [(s, False) for s in sweep]
-    shapes = GPU_SHAPES if size == "full" else [s for s in GPU_SHAPES if s.name in QUICK_GPU]
-    sweep = GPU_SWEEP if size == "full" else []
-    return ([(s, False) for s in shapes] + [(s, True) for s in shapes if s.name in BACKWARD_GPU]
-            + [(s, False) for s in sweep])
+        every = [(s, False) for s in shapes] + [(s, True) for s in shapes] + [(s, False) for s in sweep]
+    else:
+        shapes = GPU_SHAPES if size == "full" else [s for s in GPU_SHAPES if s.name in QUICK_GPU]
+        sweep = GPU_SWEEP if size == "full" else []
+        every = ([(s, False) for s in shapes] + [(s, True) for s in shapes if s.name in BACKWARD_GPU]
+                 + [(s, False) for s in sweep])
+    named = [name.strip() for name in os.environ.get("BENCH_OP_CASES", "").split(",") if name.strip()]
+    unknown = sorted(set(named) - {shape.name for shape, _ in every})
+    if unknown:
+        raise ValueError(f"BENCH_OP_CASES names no case of this size and device: {', '.join(unknown)}")
+    return [(shape, backward) for shape, backward in every if not named or shape.name in named]
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:

@@ -1,26 +1,30 @@
 """Attention as matrix products over chunks of queries: the torch backend's path for wide heads.
 
 Heads wider than 256 channels (the released Perceiver IO models' 261, 322 and 512) get
-no fused SDPA kernel: flash and cuDNN refuse them, SDPA then takes its math backend,
-which holds every score in float32, or for multiples of 8 the memory-efficient kernel,
-whose backward is slow there. On the H200 (benchmarks/results/2026-12-01-h200-run1,
-bf16) plain matrix products with a softmax between them beat both: IMG-261 forward
-4.8 ms against SDPA's 8.9, forward+backward 13.1 against 22.7; FLOW-512 decode
-forward+backward 11.9 ms against 51 (math) and 228 (memory-efficient). This module
-computes the same but bounded in memory, for inference and training:
+no fused SDPA kernel: flash and cuDNN refuse them, and SDPA falls back to its math
+backend (every score in float32) or, for multiples of 8, to its memory-efficient
+kernel, whose backward is slow there. On the H200 (benchmarks/results/2026-12-01-h200-run1,
+bf16) plain PyTorch in the inputs' dtype (product, softmax, product) beat both:
+IMG-261 forward 4.8 ms against SDPA's 8.9, forward+backward 13.1 against 22.7;
+FLOW-512 decode forward+backward 11.9 ms against 51 (math) and 228 (memory-efficient).
+A first version that took the softmax in float32 tensors of its own made three times
+the memory traffic and lost to SDPA on IMG-261 (run2: 10.2 ms).
 
-- queries go in chunks whose float32 scores take at most SCORE_CHUNK_BYTES (the
-  scores, their probabilities and their gradient live one chunk at a time);
-- the softmax is taken in float32; the products run in the inputs' dtype (cuBLAS
-  accumulates in float32), so a score is rounded to that dtype once, as in the
-  plain PyTorch computation the tolerance rule of the tests measures against;
-- the backward recomputes each chunk's probabilities from the saved log-sum-exp,
-  so nothing of size Nq x Nk is kept for it; dK and dV are summed over the chunks
-  in their dtype (one rounding per chunk).
+This is that plain computation, bounded in memory:
+
+- queries go in chunks whose scores take at most SCORE_CHUNK_ELEMENTS elements, so
+  scores, probabilities and their gradients exist one chunk at a time;
+- products run in the inputs' dtype (cuBLAS accumulates in float32) and the softmax
+  is PyTorch's, which computes in float32 and rounds the probabilities once: the
+  numerics of the plain computation the tests' tolerance rule measures against;
+- the backward recomputes one chunk at a time and takes PyTorch's own gradient of
+  it (activation checkpointing per chunk): nothing of size Nq x Nk is kept between
+  the passes, and dK, dV are summed over the chunks.
 
 Padding keys must arrive zeroed (the torch backend copies k and v with their padding
 rows zeroed): a hidden key gets probability 0, and 0 times a NaN would still be NaN.
-A row that sees no key gets 0 and zero gradients.
+Rows that see no key are given every key for the computation and 0 as output, which
+also gives them zero gradients.
 """
 
 from __future__ import annotations
@@ -31,84 +35,65 @@ import torch
 
 from .reference import causal_hidden
 
-# Float32 scores of one chunk of queries (all batch elements and heads): 256 MiB. Three
-# such buffers live at once in the backward (scores, their dtype copy, dP).
-SCORE_CHUNK_BYTES = 2**28
+# Scores of one chunk of queries, all batch elements and heads: 2^27 elements (256 MiB
+# in 16-bit). About four such buffers live at once in the backward (scores,
+# probabilities, their gradients).
+SCORE_CHUNK_ELEMENTS = 2**27
 
 
-def rows_per_chunk(batch: int, heads: int, num_keys: int, budget_bytes: int = SCORE_CHUNK_BYTES) -> int:
-    """Query rows per chunk: as many as keep the chunk's float32 scores within the budget."""
-    return max(1, budget_bytes // (4 * batch * heads * max(1, num_keys)))
+def rows_per_chunk(batch: int, heads: int, num_keys: int, budget_elements: int = SCORE_CHUNK_ELEMENTS) -> int:
+    """Query rows per chunk: as many as keep the chunk's scores within the budget."""
+    return max(1, budget_elements // (batch * heads * max(1, num_keys)))
 
 
-def _hidden(key_padding_mask: Optional[torch.Tensor], causal: bool, num_queries: int, num_keys: int,
-            start: int, rows: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Which (row, key) scores of rows [start, start + rows) are hidden, broadcastable to (B, H, rows, Nk)."""
+def _chunk(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+           scale: float, causal: bool, num_queries: int, start: int) -> torch.Tensor:
+    """Attention of the rows [start, start + len) of the queries: product, softmax, product."""
+    rows, num_keys = q_rows.shape[2], k.shape[2]
     hidden = None
     if key_padding_mask is not None:
         hidden = key_padding_mask[:, None, None, :]
     if causal:
-        triangle = causal_hidden(num_queries, num_keys, device, start, rows)[None, None]
+        triangle = causal_hidden(num_queries, num_keys, q_rows.device, start, rows)[None, None]
         hidden = triangle if hidden is None else hidden | triangle
-    return hidden
-
-
-def _scores(q_rows: torch.Tensor, k: torch.Tensor, scale: float, hidden: Optional[torch.Tensor]) -> torch.Tensor:
-    """Float32 scores of a chunk of rows, hidden ones -inf."""
-    scores = torch.matmul(q_rows, k.transpose(-2, -1)).float().mul_(scale)
-    if hidden is not None:
-        scores.masked_fill_(hidden, float("-inf"))
-    return scores
+    scores = torch.matmul(q_rows, k.transpose(-2, -1)) * scale
+    if hidden is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    blind = hidden.all(dim=-1, keepdim=True)  # rows that see no key: given every key, then 0
+    probs = torch.softmax(scores.masked_fill(hidden & ~blind, float("-inf")), dim=-1)
+    return torch.matmul(probs, v).masked_fill(blind, 0.0)
 
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, scale, causal, chunk_rows):
-        batch, heads, num_queries, _ = q.shape
-        num_keys = k.shape[2]
-        out = q.new_empty(batch, heads, num_queries, v.shape[-1])
-        lse = q.new_empty(batch, heads, num_queries, dtype=torch.float32)
+        num_queries = q.shape[2]
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
         for start in range(0, num_queries, chunk_rows):
-            rows = min(chunk_rows, num_queries - start)
-            hidden = _hidden(key_padding_mask, causal, num_queries, num_keys, start, rows, q.device)
-            scores = _scores(q[:, :, start:start + rows], k, scale, hidden)
-            row_max = scores.amax(dim=-1, keepdim=True)
-            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-            weights = scores.sub_(row_max).exp_()  # in place: the chunk's one float32 buffer
-            total = weights.sum(dim=-1, keepdim=True)
-            unnormalised = torch.matmul(weights.to(v.dtype), v)
-            out[:, :, start:start + rows] = (unnormalised.float() / torch.where(total > 0, total, 1.0)).to(out.dtype)
-            lse[:, :, start:start + rows] = (row_max + torch.log(total)).squeeze(-1)  # -inf where no key is seen
-        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+            end = min(start + chunk_rows, num_queries)
+            out[:, :, start:end] = _chunk(q[:, :, start:end], k, v, key_padding_mask, scale, causal, num_queries,
+                                          start)
+        ctx.save_for_backward(q, k, v, key_padding_mask)
         ctx.scale, ctx.causal, ctx.chunk_rows = scale, causal, chunk_rows
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-        scale, causal, chunk_rows = ctx.scale, ctx.causal, ctx.chunk_rows
-        num_queries, num_keys = q.shape[2], k.shape[2]
+        q, k, v, key_padding_mask = ctx.saved_tensors
+        num_queries = q.shape[2]
         dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        dout = dout.to(out.dtype)
-        for start in range(0, num_queries, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, num_queries))
-            hidden = _hidden(key_padding_mask, causal, num_queries, num_keys, start, rows.stop - start, q.device)
-            q_rows, dout_rows = q[:, :, rows], dout[:, :, rows]
-            # Rows that see no key have lse = -inf: +inf there makes their probabilities 0.
-            row_lse = lse[:, :, rows, None]
-            row_lse = torch.where(torch.isfinite(row_lse), row_lse, float("inf"))
-            probs = _scores(q_rows, k, scale, hidden).sub_(row_lse).exp_()
-            probs_low = probs.to(v.dtype)
-            dv += torch.matmul(probs_low.transpose(-2, -1), dout_rows)
-            del probs_low
-            # dS = P * (dP - Delta), Delta = rowsum(dO * O): the softmax's backward.
-            delta = (dout_rows.float() * out[:, :, rows].float()).sum(dim=-1, keepdim=True)
-            grad_scores = probs.mul_(torch.matmul(dout_rows, v.transpose(-2, -1)).float().sub_(delta)).mul_(scale)
-            grad_scores = grad_scores.to(q.dtype)
-            dq[:, :, rows] = torch.matmul(grad_scores, k)
-            dk += torch.matmul(grad_scores.transpose(-2, -1), q_rows)
+        dk = dv = None
+        k_leaf, v_leaf = k.detach().requires_grad_(), v.detach().requires_grad_()
+        for start in range(0, num_queries, ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, num_queries)
+            q_rows = q[:, :, start:end].detach().requires_grad_()
+            with torch.enable_grad():
+                out_rows = _chunk(q_rows, k_leaf, v_leaf, key_padding_mask, ctx.scale, ctx.causal, num_queries,
+                                  start)
+                dq_rows, dk_rows, dv_rows = torch.autograd.grad(out_rows, (q_rows, k_leaf, v_leaf),
+                                                                dout[:, :, start:end])
+            dq[:, :, start:end] = dq_rows
+            dk, dv = (dk_rows, dv_rows) if dk is None else (dk.add_(dk_rows), dv.add_(dv_rows))
         return dq, dk, dv, None, None, None, None
 
 
@@ -124,4 +109,4 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pad
     return _ChunkedAttention.apply(q, k, v, key_padding_mask, scale, causal, chunk_rows)
 
 
-__all__ = ["SCORE_CHUNK_BYTES", "chunked_attention", "rows_per_chunk"]
+__all__ = ["SCORE_CHUNK_ELEMENTS", "chunked_attention", "rows_per_chunk"]

@@ -157,6 +157,16 @@ def test_providers_named_in_bench_skip_providers_are_left_out(monkeypatch):
     assert set(op_suite.providers(cpu)) == {"perceiver_kernels"}
 
 
+def test_bench_op_cases_keeps_the_cases_it_names_and_refuses_unknown_names(monkeypatch):
+    cuda = torch.device("cuda")  # cases() only plans: no GPU needed
+    monkeypatch.setenv("BENCH_OP_CASES", "IMG-261, ENC-3")
+    assert [(shape.name, backward) for shape, backward in op_suite.cases(cuda, "full")] == [
+        ("ENC-3", False), ("IMG-261", False), ("ENC-3", True), ("IMG-261", True)]
+    monkeypatch.setenv("BENCH_OP_CASES", "IMG-261,ENC-7")
+    with pytest.raises(ValueError, match="ENC-7"):
+        op_suite.cases(cuda, "full")
+
+
 def test_gpu_cases_cover_every_anchor_and_the_sweeps_at_full_size():
     cuda = torch.device("cuda")  # cases() only plans: no GPU needed
     full = op_suite.cases(cuda, "full")

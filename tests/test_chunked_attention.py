@@ -85,9 +85,9 @@ def test_nan_padding_inputs_of_the_contract():
 
 
 def test_chunk_rows_keep_the_scores_of_a_chunk_within_the_budget():
-    # IMG-261 at batch 8: 50,176 keys of 8 heads of one head: 167 rows of float32 scores in 256 MiB.
+    # IMG-261: 8 batch elements of one head over 50,176 keys: 334 rows of scores in 2^27 elements.
     rows = chunked.rows_per_chunk(8, 1, 50_176)
-    assert rows * 8 * 50_176 * 4 <= chunked.SCORE_CHUNK_BYTES < (rows + 1) * 8 * 50_176 * 4
+    assert rows * 8 * 50_176 <= chunked.SCORE_CHUNK_ELEMENTS < (rows + 1) * 8 * 50_176
     assert chunked.rows_per_chunk(1, 1, 10**12) == 1  # never 0 rows
     with pytest.raises(ValueError, match="chunk_rows"):
         chunked.chunked_attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), None, 1.0, False, chunk_rows=0)

@@ -22,8 +22,8 @@ from .base import Backend
 #   products in query chunks (chunked_attention.py), 1.7-19x SDPA's math or
 #   memory-efficient backend;
 # - unmasked 16-bit heads up to 256 whose SDPA blocks (QUERY_BLOCK_ROWS rows each) are
-#   under half the SMs: flash first, which splits the keys where SDPA's default choice,
-#   cuDNN, does not. ENC-3 (8 heads of 256 latents, 16 blocks): flash 0.74 ms, cuDNN
+#   under half the SMs: SDPA without cuDNN, so flash, which splits the keys where SDPA's
+#   default choice, cuDNN, does not. ENC-3 (8 heads of 256 latents, 16 blocks): flash 0.74 ms, cuDNN
 #   3.38; ENC-1 (128 blocks on 132 SMs) kept cuDNN, 0.45 against flash's 0.90.
 SDPA_FUSED_MAX_HEAD_DIM = 256
 QUERY_BLOCK_ROWS = 128
@@ -96,10 +96,12 @@ class TorchBackend(Backend):
         if route == CHUNKED:
             out = chunked_attention(q, k, v, key_padding_mask, scale, causal)
         else:
-            priority = (sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
+            # cuDNN left out rather than flash put first: sdpa_kernel(..., set_priority=True)
+            # left its order in place after the context on the H200 (torch 2.11), and every
+            # later SDPA call of the process took flash (run2: ENC-1 0.88 ms instead of 0.44).
+            backends = (sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
                         if route == FLASH_FIRST else contextlib.nullcontext())
-            with priority:
+            with backends:
                 if causal:
                     out = _causal(q, k, v, key_padding_mask, scale, dropout_p)
                 else:
