@@ -32,17 +32,20 @@ def _git(*args: str) -> str:
 def project_commit() -> tuple[str, Optional[bool]]:
     """(commit, whether tracked files differ from it) of this project's own checkout.
 
-    A copy without .git inside another repository must not take that repository's
-    commit: git answers only when its top level is this project's root. Elsewhere the
-    commit comes from PERCEIVER_KERNELS_COMMIT (gpu_run.sh's caller sets it) or is
-    "unknown"."""
+    PERCEIVER_KERNELS_COMMIT, where set (gpu_run.sh's caller sets it), wins: the copy on
+    a GPU machine carried a .git of an older commit, which stamped the first runs of
+    2026-12-01 with it. Otherwise git answers, but only when its top level is this
+    project's root (a copy without .git inside another repository must not take that
+    repository's commit); else "unknown"."""
+    if os.environ.get("PERCEIVER_KERNELS_COMMIT"):
+        return os.environ["PERCEIVER_KERNELS_COMMIT"], None
     try:
         if Path(_git("rev-parse", "--show-toplevel")).resolve() == PROJECT_ROOT:
             dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
             return _git("rev-parse", "--short", "HEAD"), dirty
     except (OSError, subprocess.CalledProcessError):
         pass
-    return os.environ.get("PERCEIVER_KERNELS_COMMIT", "unknown"), None
+    return "unknown", None
 
 
 def environment(device: torch.device, ceilings: dict, size: str = "quick",

@@ -281,6 +281,8 @@ def test_commit_stamp_comes_only_from_the_projects_own_checkout(tmp_path, monkey
     assert report.project_commit() == ("unknown", None)
     monkeypatch.setenv("PERCEIVER_KERNELS_COMMIT", "f249052")
     assert report.project_commit() == ("f249052", None)
+    monkeypatch.setattr(report, "PROJECT_ROOT", tmp_path)  # a checkout with its own .git: the caller still wins
+    assert report.project_commit() == ("f249052", None)
 
 
 def test_missing_comparison_packages_get_a_row_that_says_so(monkeypatch, few_rounds):
