@@ -106,13 +106,6 @@ def head_dims_problem(head_dim_qk: int, head_dim_v: int) -> str:
 
 
 @machine_fact
-def runs_wide_kernels(head_dim_qk: int, head_dim_v: int) -> bool:
-    """Whether the wide kernels serve these head dims (no compiled pair holds them)."""
-    served = module().forward_head_dims(head_dim_qk, head_dim_v)
-    return served is not None and tuple(served) not in {tuple(pair) for pair in _build_info()["forward_head_dims"]}
-
-
-@machine_fact
 def architecture_problem(device_index: int) -> str:
     """Why this build has no code for the GPU `device_index`, or "" if it has.
 

@@ -51,8 +51,11 @@ def head_dim_blocks(head_dim_qk: int, head_dim_v: int, *, tensor_cores: bool) ->
     (40/24: forward error 1.8, then illegal memory accesses) while every other pair,
     fp32 on CUDA cores, and the same call with equal blocks were right; the PTX of
     the failing launch shows correct operand packing, V layout and descriptors, so
-    the fault is below what the compile check can see. tests/repro_chained_dots.py
-    is the minimal kernel that shows whether an installed Triton is affected.
+    the fault is below what the compile check can see. The kernels of 2026-12-01
+    still go wrong without the widening (`python -m tests.repro_chained_dots
+    --full-kernel`, benchmarks/results/2026-12-01-h200-run2: out 0.13, dq 0.58, dk
+    0.18 relative error in fp16; bf16 faulted), while the two chained dots alone
+    compute right: what triggers it needs more of the kernel than that reproducer.
     """
     block_dqk = max(16, next_power_of_2(head_dim_qk))
     block_dv = max(16, next_power_of_2(head_dim_v))

@@ -7,8 +7,12 @@ This is the shape of attention's inner loop without the softmax. On an H200 with
 Triton 3.6.0, the fused attention kernel gave wrong outputs for 16-bit inputs with
 Dqk=40, Dv=24 (BLOCK_DQK=64 > BLOCK_DV=32) and right ones for every other pair
 (benchmarks/results/2026-11-30-h200/README.md); perceiver_kernels launches with
-equal blocks on tensor cores since (triton_launch.head_dim_blocks). Run this on a
-GPU to see whether an installed Triton computes the chained dots right:
+equal blocks on tensor cores since (triton_launch.head_dim_blocks). On the same
+H200 and Triton this kernel computes right (benchmarks/results/2026-12-01-h200-run1,
+repro.log) while the op's own kernels launched without the workaround still go
+wrong (--full-kernel, run2's repro-kernels.log): the bug needs more of the attention
+kernel than two chained dots, so this is not yet a reproducer to report upstream.
+Run it on a GPU to see what an installed Triton does:
 
     python -m tests.repro_chained_dots        # exit status 1 if any case is wrong
     python -m tests.repro_chained_dots --full-kernel   # the op's kernels without the workaround
