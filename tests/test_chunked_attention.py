@@ -115,3 +115,14 @@ def test_gpu_route(monkeypatch, device, dims, masked, dropout, dtype, batch_head
     monkeypatch.setattr(torch_backend, "multiprocessor_count", lambda device: 132)  # an H200
     assert torch_backend.gpu_route(torch.device(device), dtype, batch_heads, 1, 256, *dims, masked,
                                    dropout) == expected
+
+
+@pytest.mark.usefixtures("chunked_route")
+def test_a_second_derivative_says_it_is_not_supported():
+    q, k, v = (torch.randn(1, 2, 6, 8, device=KERNEL_DEVICE) for _ in range(3))
+    q.requires_grad_()
+    out = pk.cross_attention(q, k, v, backend="torch")
+    (grad,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)  # the first derivative works
+    assert torch.isfinite(grad).all()
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
