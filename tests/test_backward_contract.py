@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
+from perceiver_kernels.triton_launch import DEFAULT_BACKWARD
 from tests.attention_cases import EPSILON, Case, make_inputs, max_error
 from tests.kernel_runners import BACKWARD_RUNNERS
 from tests.test_forward_contract import HEAD_DIMS, NUM_KEYS, NUM_QUERIES
@@ -140,8 +141,8 @@ WIDE_GRADIENT_CASES = (
 
 
 def _wide_gradient_cases(runner):
-    # The fused variant of each runner: wide heads take the wide kernels whatever the variant.
-    if runner.variant != "fused":
+    # The default variant of each runner: wide heads take the wide kernels whatever the variant.
+    if runner.variant != DEFAULT_BACKWARD:
         return
     for dims, dtype, causal, shape, fuse_residual in WIDE_GRADIENT_CASES:
         if dtype in runner.dtypes and (runner.forward.causal or not causal):
@@ -177,7 +178,7 @@ def test_default_chunking_on_encode_and_decode_shapes(runner, shape):
     assert_gradients_match(runner.gradients(inputs, dout, None), inputs, dout, runner.epsilon)
 
 
-@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.gpu and r.variant == "fused"])
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.gpu and r.variant == DEFAULT_BACKWARD])
 @pytest.mark.parametrize("shape", [(2, 1, 512, 20_000), (2, 1, 20_000, 512)], ids=["encode", "decode"])
 def test_wide_heads_default_chunking_on_encode_and_decode_shapes(runner, shape):
     batch, heads, nq, nk = shape
