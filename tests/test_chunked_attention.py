@@ -126,3 +126,14 @@ def test_a_second_derivative_says_it_is_not_supported():
     assert torch.isfinite(grad).all()
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad.sum().backward()
+
+
+@pytest.mark.usefixtures("chunked_route")
+def test_under_torch_compile_the_wide_route_keeps_sdpa(monkeypatch):
+    """The chunked backward runs autograd inside autograd, which a traced graph does not take."""
+    calls = []
+    monkeypatch.setattr(torch_backend, "chunked_attention", lambda *args: calls.append(args))
+    q, k, v = (torch.randn(1, 2, 6, 8, device=KERNEL_DEVICE) for _ in range(3))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(pk.cross_attention(q, k, v, backend="torch"), pk.reference_attention(q, k, v))
+    assert calls == []

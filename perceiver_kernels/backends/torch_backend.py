@@ -80,7 +80,8 @@ class TorchBackend(Backend):
         route = gpu_route(problem.device, problem.dtype, problem.batch, problem.heads, problem.num_queries,
                           problem.head_dim_qk, problem.head_dim_v, problem.has_mask, problem.dropout)
         if route == CHUNKED:
-            return f"torch ({CHUNKED}: heads over {SDPA_FUSED_MAX_HEAD_DIM} channels)"
+            return (f"torch ({CHUNKED}: heads over {SDPA_FUSED_MAX_HEAD_DIM} channels; "
+                    "scaled_dot_product_attention under torch.compile)")
         if route == FLASH_FIRST:
             return "torch (scaled_dot_product_attention, flash first: too few query blocks to fill the GPU)"
         return "torch (scaled_dot_product_attention)"
@@ -93,6 +94,10 @@ class TorchBackend(Backend):
             padding_rows = key_padding_mask[:, None, :, None]
             k, v = k.masked_fill(padding_rows, 0.0), v.masked_fill(padding_rows, 0.0)
         route = _route_of(q, v, key_padding_mask, dropout_p)
+        if route == CHUNKED and torch.compiler.is_compiling():
+            # The chunked path's backward runs autograd inside autograd, which a traced
+            # graph does not take: compiled models keep SDPA's math path for wide heads.
+            route = SDPA_DEFAULT
         if route == CHUNKED:
             out = chunked_attention(q, k, v, key_padding_mask, scale, causal)
         else:
