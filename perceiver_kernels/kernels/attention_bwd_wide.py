@@ -28,7 +28,8 @@ so their gradients are exactly 0.
 import triton
 import triton.language as tl
 
-from .common import dot_rows_t, kept_key_range, load_rows, program_coordinates, row_stats, store_rows, usable_keys
+from .common import (dot_rows_t, keys_of_query_block, load_rows, program_coordinates, queries_of_key_block, row_stats,
+                     store_rows, usable_keys)
 
 
 @triton.jit
@@ -96,13 +97,9 @@ def attention_bwd_wide_dkdv_kernel(
     do_ptr = DO + b * stride_dob + h * stride_doh
     dk = tl.zeros([BLOCK_OUTER, BLOCK_SLICE], dtype=tl.float32)
     dv = tl.zeros([BLOCK_OUTER, BLOCK_SLICE], dtype=tl.float32)
-    query_start = chunk * queries_per_chunk
-    query_end = tl.minimum(query_start + queries_per_chunk, num_queries)
-    if HAS_MASK:  # a block of padding keys gets zero gradients without walking the queries
-        query_end = tl.where(tl.max(key_ok.to(tl.int32)) > 0, query_end, query_start)
     causal_offset = num_keys - num_queries
-    if CAUSAL:  # the block's first key is first seen by query (first key - offset)
-        query_start = tl.maximum(query_start, key_block * BLOCK_OUTER - causal_offset)
+    query_start, query_end = queries_of_key_block(key_ok, key_block * BLOCK_OUTER, chunk, queries_per_chunk,
+                                                  num_queries, causal_offset, HAS_MASK, CAUSAL)
     for block_start in range(query_start, query_end, BLOCK_INNER):
         rows = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         row_ok = rows < query_end
@@ -166,12 +163,10 @@ def attention_bwd_wide_dq_kernel(
     v_ptr = V + b * stride_vb + h * stride_vh
     do_ptr = DO + b * stride_dob + h * stride_doh
     dq = tl.zeros([BLOCK_OUTER, BLOCK_SLICE], dtype=tl.float32)
-    key_start = chunk * keys_per_chunk
-    key_end = tl.minimum(key_start + keys_per_chunk, num_keys)
-    key_start, key_end = kept_key_range(PAD + b * stride_pb, key_start, key_end, stride_pn, HAS_MASK)
     causal_offset = num_keys - num_queries
-    if CAUSAL:  # the block's last query reaches key (last query + offset)
-        key_end = tl.minimum(key_end, tl.minimum(query_block * BLOCK_OUTER + BLOCK_OUTER, num_queries) + causal_offset)
+    end_query = tl.minimum(query_block * BLOCK_OUTER + BLOCK_OUTER, num_queries)
+    key_start, key_end = keys_of_query_block(PAD + b * stride_pb, end_query, chunk, keys_per_chunk, num_keys,
+                                             stride_pn, causal_offset, HAS_MASK, CAUSAL)
     for block_start in range(key_start, key_end, BLOCK_INNER):
         keys = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         key_ok = usable_keys(PAD + b * stride_pb, keys, key_end, stride_pn, HAS_MASK)

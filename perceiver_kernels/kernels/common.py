@@ -123,6 +123,36 @@ def kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK: tl.const
 
 
 @triton.jit
+def queries_of_key_block(key_ok, first_key, chunk, queries_per_chunk, num_queries, causal_offset,
+                         HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """[start, end) of the queries a block of keys (the first of them first_key) sums its
+    dK and dV over in its chunk of the queries: none for a block made only of padding
+    (zero gradients without walking the queries); causally, from the first query that
+    sees the block's first key (query i sees key j iff j <= i + causal_offset)."""
+    query_start = chunk * queries_per_chunk
+    query_end = tl.minimum(query_start + queries_per_chunk, num_queries)
+    if HAS_MASK:
+        query_end = tl.where(tl.max(key_ok.to(tl.int32)) > 0, query_end, query_start)
+    if CAUSAL:
+        query_start = tl.maximum(query_start, first_key - causal_offset)
+    return query_start, query_end
+
+
+@triton.jit
+def keys_of_query_block(pad_ptr, end_query, chunk, keys_per_chunk, num_keys, stride_pad_n, causal_offset,
+                        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """[start, end) of the keys a block of queries (ending before end_query) sums its dQ
+    over in its chunk of the keys: the kept range of the mask (kept_key_range);
+    causally, up to the key its last query reaches."""
+    key_start = chunk * keys_per_chunk
+    key_end = tl.minimum(key_start + keys_per_chunk, num_keys)
+    key_start, key_end = kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK)
+    if CAUSAL:
+        key_end = tl.minimum(key_end, end_query + causal_offset)
+    return key_start, key_end
+
+
+@triton.jit
 def store_rows(ptr, value, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
     """Stores `value` into rows `rows` x channels [0, dim) of a strided matrix, in its dtype."""
     offs_d = tl.arange(0, BLOCK_D)
