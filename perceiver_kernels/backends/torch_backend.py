@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -17,10 +18,10 @@ from ..reference import causal_hidden, reference_attention
 from .base import Backend
 
 # How the backend runs a problem on a GPU, chosen from the H200's measurements
-# (benchmarks/results/2026-12-01-h200-run1, bf16), where SDPA's own choice lost:
+# (benchmarks/results/2026-12-01-h200-run1..3, bf16), where SDPA's own choice lost:
 # - heads over SDPA_FUSED_MAX_HEAD_DIM channels (no flash or cuDNN kernel): matrix
-#   products in query chunks (chunked_attention.py), 1.7-19x SDPA's math or
-#   memory-efficient backend;
+#   products in query chunks (chunked_attention.py), 1.2-6.3x SDPA's best backend on
+#   the released models' wide heads (run3; 28x SDPA's own choice on FLOW-512 training);
 # - unmasked 16-bit heads up to 256 whose SDPA blocks (QUERY_BLOCK_ROWS rows each) are
 #   under half the SMs: SDPA without cuDNN, so flash, which splits the keys where SDPA's
 #   default choice, cuDNN, does not. ENC-3 (8 heads of 256 latents, 16 blocks): flash 0.74 ms, cuDNN
@@ -32,6 +33,7 @@ FLASH_FIRST = "flash first"
 SDPA_DEFAULT = "sdpa"
 
 
+@functools.lru_cache(maxsize=4096)  # called on every call: no device query each time
 def gpu_route(device: torch.device, dtype: torch.dtype, batch: int, heads: int, num_queries: int, head_dim_qk: int,
               head_dim_v: int, masked: bool, dropout: bool) -> str:
     """CHUNKED, FLASH_FIRST or SDPA_DEFAULT (also off the GPU, where nothing was measured)."""
