@@ -113,12 +113,8 @@ def test_one_chunk_and_many_chunks_agree():
 ])
 def test_gpu_route(monkeypatch, device, dims, masked, dropout, dtype, batch_heads, expected):
     monkeypatch.setattr(torch_backend, "multiprocessor_count", lambda device: 132)  # an H200
-    torch_backend.gpu_route.cache_clear()  # routes are cached per shape: none from another SM count
-    try:
-        assert torch_backend.gpu_route(torch.device(device), dtype, batch_heads, 1, 256, *dims, masked,
-                                       dropout) == expected
-    finally:
-        torch_backend.gpu_route.cache_clear()
+    assert torch_backend.gpu_route(torch.device(device), dtype, batch_heads, 1, 256, *dims, masked,
+                                   dropout) == expected
 
 
 @pytest.mark.usefixtures("chunked_route")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -33,7 +32,6 @@ FLASH_FIRST = "flash first"
 SDPA_DEFAULT = "sdpa"
 
 
-@functools.lru_cache(maxsize=4096)  # called on every call: no device query each time
 def gpu_route(device: torch.device, dtype: torch.dtype, batch: int, heads: int, num_queries: int, head_dim_qk: int,
               head_dim_v: int, masked: bool, dropout: bool) -> str:
     """CHUNKED, FLASH_FIRST or SDPA_DEFAULT (also off the GPU, where nothing was measured)."""
