@@ -41,7 +41,7 @@ DEADLINE_S=${DEADLINE_S:-530}
 # The kernel tests (the contract suites' GPU runners, tests/kernel_runners.py, and the
 # launchers' tests), split by kernel family with -k: the CUDA C++ runners' ids say cuda.
 KERNEL_FILES="tests/test_forward_contract.py tests/test_backward_contract.py tests/test_triton_launch.py
-  tests/test_cuda_extension.py tests/test_training.py tests/test_op.py tests/test_build.py tests/test_auto_policy.py"
+  tests/test_cuda_extension.py tests/test_training.py tests/test_op.py tests/test_build.py tests/test_policy.py"
 CUDA_TESTS=${CUDA_TESTS:-$KERNEL_FILES}
 CUDA_SELECT=${CUDA_SELECT:-cuda}
 KERNEL_TESTS=${KERNEL_TESTS:-$KERNEL_FILES}

@@ -60,7 +60,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
             q = torch.randn(8, 8, 512, 64, device=device, dtype=dtype)
 
             def choose(backend: str) -> Callable[[], object]:
-                return lambda: dispatch.select(validate(q, q, q, None, None, None)[0], backend)
+                return lambda: dispatch.select(validate(q, q, q, None, None, None).problem, backend)
 
             calls = {"perceiver_kernels": choose("auto"), "perceiver_kernels[torch]": choose("torch")}
         else:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import perceiver_kernels as pk
+from perceiver_kernels.triton import variants
 
 from torch.nn.attention.bias import causal_lower_right
 
@@ -213,37 +214,25 @@ def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
 # Our providers and the backend each runs: "auto" as users get it, and on a GPU each
 # kernel backend explicitly (the kernel targets are the Triton backend's; auto does
 # not choose the CUDA C++ kernels yet).
-OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[triton]": "triton",
-                "perceiver_kernels[triton fused bwd]": "triton", "perceiver_kernels[cuda]": "cuda"}
-# The fused Triton backward (PERCEIVER_KERNELS_BACKWARD=fused), which lost to the default
-# two-kernel one on the H200: timed beside it (forward+backward) while it is kept.
-FUSED_BACKWARD = "perceiver_kernels[triton fused bwd]"
+OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[triton]": "triton", "perceiver_kernels[cuda]": "cuda",
+                "perceiver_kernels[triton untimed]": "triton"}
+# The Triton rewrites no GPU has timed yet (perceiver_kernels/triton/variants.py), timed
+# beside the kernels they would replace: the whole timed call (forward and backward)
+# runs with the switch on "untimed"; where no rewrite serves a case, the row times the
+# timed kernels again.
+UNTIMED = "perceiver_kernels[triton untimed]"
+
+
+def _untimed(call: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with variants.running(variants.UNTIMED):
+            return call()
+    return run
 
 
 def _ours(backend: str) -> Callable[[dict], torch.Tensor]:
     return lambda x: pk.cross_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"], causal=x["causal"],
                                         residual=x["residual"], backend=backend)
-
-
-@contextlib.contextmanager
-def _backward_variant(variant: str):
-    """PERCEIVER_KERNELS_BACKWARD for the calls inside (read by every backward call)."""
-    previous = os.environ.get("PERCEIVER_KERNELS_BACKWARD")
-    os.environ["PERCEIVER_KERNELS_BACKWARD"] = variant
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["PERCEIVER_KERNELS_BACKWARD"]
-        else:
-            os.environ["PERCEIVER_KERNELS_BACKWARD"] = previous
-
-
-def _with_backward_variant(call: Callable[[], object], variant: str) -> Callable[[], object]:
-    def run():
-        with _backward_variant(variant):
-            return call()
-    return run
 
 
 def providers(device: torch.device) -> dict[str, Callable[[dict], torch.Tensor]]:
@@ -258,6 +247,7 @@ def _all_providers(device: torch.device) -> dict[str, Callable[[dict], torch.Ten
     ours = {"perceiver_kernels": _ours("auto")}
     if device.type == "cuda":
         ours["perceiver_kernels[triton]"] = _ours("triton")
+        ours[UNTIMED] = _ours("triton")
         ours["perceiver_kernels[cuda]"] = _ours("cuda")
     ours["naive"] = lambda x: pk.reference_attention(x["q"], x["k"], x["v"], key_padding_mask=x["mask"],
                                                      residual=x["residual"], causal=x["causal"])
@@ -296,8 +286,8 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
         roofline_ms = 1e3 * max(case_flops / (ceilings["matmul_tflops"] * 1e12),
                                 case_bytes / (ceilings["copy_gbps"] * 1e9))
         calls = {name: _timed_call(fn, inputs, backward) for name, fn in providers(device).items()}
-        if backward and "perceiver_kernels[triton]" in calls:
-            calls[FUSED_BACKWARD] = _with_backward_variant(_timed_call(_ours("triton"), inputs, backward), "fused")
+        if UNTIMED in calls:
+            calls[UNTIMED] = _untimed(calls[UNTIMED])
         for name, result in measure_case(calls, device).items():
             row = {"suite": "op", "pass": pass_name, "case": shape.name, "provider": name,
                    "B": shape.batch, "H": shape.heads, "Nq": shape.num_queries, "Nk": shape.num_keys,
@@ -308,8 +298,7 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
                    **result}
             if name in OUR_BACKENDS:
                 q = inputs["q"].detach().requires_grad_(backward)
-                variant = _backward_variant("fused") if name == FUSED_BACKWARD else contextlib.nullcontext()
-                with variant:
+                with variants.running(variants.UNTIMED if name == UNTIMED else variants.current):
                     row["path"] = pk.explain(q, inputs["k"], inputs["v"], key_padding_mask=inputs["mask"],
                                              residual=inputs["residual"], causal=shape.causal,
                                              backend=OUR_BACKENDS[name]).path

@@ -47,7 +47,6 @@ py::dict build_info() {
   info["cuda_archs"] = PK_CUDA_ARCHS;
   info["build_type"] = PK_BUILD_TYPE;
   info["cudart_version"] = CUDART_VERSION;
-  info["attention_kernels"] = true;
   info["forward_head_dims"] = compiled_head_dims();
   // Dims beyond the compiled pairs: the wide kernels take any up to `max`, rounded up to
   // a multiple of `multiple`, and cut Dv into blocks of at most value_channels_per_block

@@ -7,7 +7,7 @@ Importing the package touches no GPU and compiles nothing.
 """
 
 from .api import cross_attention, explain
-from .cuda_extension import build_info
+from .cuda.extension import build_info
 from .dispatch import BACKEND_NAMES, BackendRefusedError, Explanation
 from .reference import reference_attention, reference_attention_with_lse
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -47,26 +48,21 @@ def cross_attention(
     lay it out as (B, Nq, H, Dv), so merging the heads is free, while "torch" returns
     SDPA's layout.
     """
-    problem, scale = validate(q, k, v, key_padding_mask, residual, scale, dropout_p, causal)
-    impl = dispatch.select(problem, backend)
-    return impl.forward(q, k, v, key_padding_mask, residual, scale, dropout_p, causal)
+    call = validate(q, k, v, key_padding_mask, residual, scale, dropout_p, causal)
+    return dispatch.select(call.problem, backend).run(call)
 
 
-def explain(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    key_padding_mask: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    dropout_p: float = 0.0,
-    causal: bool = False,
-    backend: str = "auto",
-) -> dispatch.Explanation:
-    """Which backend cross_attention would run for these arguments, and why not the others.
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> dispatch.Explanation:
+    """Which backend cross_attention(q, k, v, **options) would run, how, and why not the others.
 
-    Takes the arguments of cross_attention; computes nothing. print() the result.
+    Takes the arguments of cross_attention (the same checks apply); computes nothing.
+    print() the result.
     """
-    problem, _ = validate(q, k, v, key_padding_mask, residual, scale, dropout_p, causal)
-    return dispatch.explain_problem(problem, backend)
+    arguments = _SIGNATURE.bind(q, k, v, **options)  # a misspelt option raises as in a call
+    arguments.apply_defaults()
+    backend = arguments.arguments.pop("backend")
+    return dispatch.explain_problem(validate(**arguments.arguments).problem, backend)
+
+
+_SIGNATURE = inspect.signature(cross_attention)
+explain.__signature__ = _SIGNATURE.replace(return_annotation=dispatch.Explanation)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import policy
 from .backends import AUTO_PRIORITY, BACKENDS, Backend
 from .problem import Problem
 
@@ -45,6 +46,16 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 
 
+def refusals(name: str, problem: Problem, auto: bool) -> list[str]:
+    """Why backend `name` does not run the problem: it cannot, or (auto) policy declines it."""
+    reasons = BACKENDS[name].refusals(problem)
+    if auto and not reasons:
+        declined = policy.auto_declines(name, problem)
+        if declined:
+            reasons = [declined]
+    return reasons
+
+
 def select(problem: Problem, backend: str) -> Backend:
     """The backend that runs `problem`; raises BackendRefusedError if an explicit one cannot.
 
@@ -64,34 +75,25 @@ def select(problem: Problem, backend: str) -> Backend:
 @functools.lru_cache(maxsize=4096)
 def _select(problem: Problem, backend: str) -> Backend | str:
     """The backend, or the message of the refusal (a cached exception would keep its traceback)."""
-    try:
-        return _select_uncached(problem, backend)
-    except BackendRefusedError as error:
-        return str(error)
-
-
-def _select_uncached(problem: Problem, backend: str) -> Backend:
     if backend != "auto":
-        reasons = BACKENDS[backend].refusals(problem, auto=False)
+        reasons = refusals(backend, problem, auto=False)
         if reasons:
-            raise BackendRefusedError(
-                f"backend={backend!r} cannot serve cross_attention({problem.describe()}): " + "; ".join(reasons)
-            )
+            return f"backend={backend!r} cannot serve cross_attention({problem.describe()}): " + "; ".join(reasons)
         return BACKENDS[backend]
     for name in AUTO_PRIORITY:
-        if not BACKENDS[name].refusals(problem, auto=True):
+        if not refusals(name, problem, auto=True):
             return BACKENDS[name]
-    refusals = {name: BACKENDS[name].refusals(problem, auto=True) for name in AUTO_PRIORITY}
-    raise BackendRefusedError(f"no backend can serve cross_attention({problem.describe()}): {refusals}")
+    every = {name: refusals(name, problem, auto=True) for name in AUTO_PRIORITY}
+    return f"no backend can serve cross_attention({problem.describe()}): {every}"
 
 
 def explain_problem(problem: Problem, backend: str) -> Explanation:
     _check_name(backend)
     auto = backend == "auto"
-    refusals = {name: impl.refusals(problem, auto=auto) for name, impl in BACKENDS.items()}
+    reasons = {name: refusals(name, problem, auto) for name in BACKENDS}
     if auto:
-        chosen = next((name for name in AUTO_PRIORITY if not refusals[name]), "")
+        chosen = next((name for name in AUTO_PRIORITY if not reasons[name]), "")
     else:
-        chosen = backend if not refusals[backend] else ""
+        chosen = backend if not reasons[backend] else ""
     path = BACKENDS[chosen].describe(problem) if chosen else "nothing (every candidate refused)"
-    return Explanation(backend, chosen, path, problem, refusals)
+    return Explanation(backend, chosen, path, problem, reasons)

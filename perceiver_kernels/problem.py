@@ -1,4 +1,10 @@
-"""Input validation for cross_attention and the problem description backends decide on.
+"""One call of cross_attention, described once: validation builds it, everything below reads it.
+
+`Problem` is what a call is (shapes, dtype, device, flags, scale), without tensor data:
+hashable, so it is the key of every cache below the API (the backend chosen, the split
+plan, the launch configs and grids). `Call` is a problem with its validated tensors;
+backends and launchers take a Call and read both from it, so no argument list is spelled
+again at each layer. explain() and the call itself read the same Problem.
 
 Every check names the argument and the expected shape or dtype, so a user who passes
 (B, L, H, D) where (B, H, L, D) was meant reads what to fix, not a kernel failure.
@@ -13,6 +19,11 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# Whether PyTorch lets float32 matrix products run on TF32 tensor cores: the setting behind
+# torch.backends.cuda.matmul.allow_tf32, read without that property's Python dispatch
+# (half a microsecond, on every float32 call).
+_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)
+
 # Every backend forms the scores q.k * scale in at least float32. Beyond this bound the
 # softmax is a hard maximum anyway, and scores of ordinary inputs overflow float32
 # (1e38 turns q.k = 10 into inf, and the softmax into NaN), so the bound is an error.
@@ -20,10 +31,9 @@ MAX_ABS_SCALE = 2.0**16
 
 
 class Problem(NamedTuple):
-    """What a backend needs to know to accept or refuse a call (no tensor data).
+    """What a call is, without its tensors: the key of dispatch's and the launchers' caches.
 
-    A NamedTuple: built on every call and the key of dispatch's cache, so it must be
-    cheap to make and to hash.
+    A NamedTuple: built on every call, so it must be cheap to make and to hash.
     """
 
     device: torch.device
@@ -34,11 +44,38 @@ class Problem(NamedTuple):
     num_keys: int
     head_dim_qk: int
     head_dim_v: int
-    has_mask: bool
-    has_residual: bool
-    requires_grad: bool
-    dropout: bool
+    has_mask: bool = False
+    has_residual: bool = False
+    requires_grad: bool = False
     causal: bool = False
+    scale: float = 1.0  # resolved: 1/sqrt(Dqk) unless given
+    dropout_p: float = 0.0
+    # float32 inputs may run on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32
+    # at the call, as in PyTorch); always False for other dtypes.
+    tf32: bool = False
+
+    @property
+    def exact_fp32(self) -> bool:
+        """float32 computed to float32 accuracy (the kernels' dots on CUDA cores)."""
+        return self.dtype == torch.float32 and not self.tf32
+
+    @property
+    def dropout(self) -> bool:
+        return self.dropout_p > 0.0
+
+    @property
+    def max_head_dim(self) -> int:
+        return max(self.head_dim_qk, self.head_dim_v)
+
+    @property
+    def decode(self) -> bool:
+        """DECODE-shaped: many more queries than keys (Perceiver IO's output queries over latents)."""
+        return self.num_queries >= 4 * self.num_keys
+
+    @property
+    def encode(self) -> bool:
+        """ENCODE-shaped: many more keys than queries (latents over the inputs)."""
+        return self.num_keys >= 4 * self.num_queries
 
     def describe(self) -> str:
         parts = [
@@ -47,22 +84,41 @@ class Problem(NamedTuple):
             str(self.dtype).replace("torch.", ""),
             str(self.device),
         ]
-        if self.has_mask:
-            parts.append("key_padding_mask")
-        if self.has_residual:
-            parts.append("residual")
-        if self.requires_grad:
-            parts.append("requires_grad")
-        if self.dropout:
-            parts.append("dropout")
-        if self.causal:
-            parts.append("causal")
-        return ", ".join(parts)
+        flags = (("key_padding_mask", self.has_mask), ("residual", self.has_residual),
+                 ("requires_grad", self.requires_grad), ("dropout", self.dropout), ("causal", self.causal),
+                 ("tf32", self.tf32))
+        return ", ".join(parts + [name for name, on in flags if on])
 
 
-def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether autograd will record a call on these tensors (None entries are skipped)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+class Call(NamedTuple):
+    """A validated call: its Problem and its tensors (mask and residual may be None)."""
+
+    problem: Problem
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_padding_mask: Optional[torch.Tensor]
+    residual: Optional[torch.Tensor]
+
+    def without_residual(self) -> "Call":
+        """The same call with the residual left to the caller (added outside a kernel)."""
+        return Call(self.problem._replace(has_residual=False), self.q, self.k, self.v, self.key_padding_mask, None)
+
+
+def describe_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                     residual: Optional[torch.Tensor], scale: float, causal: bool, requires_grad: bool,
+                     dropout_p: float = 0.0, tf32: Optional[bool] = None) -> Problem:
+    """The Problem of tensors known to be valid (validate() checked them, or a kernel's
+    custom op receives them back from a traced graph). tf32: whether float32 may run on
+    TF32 tensor cores; by default PyTorch's setting now."""
+    batch, heads, num_queries, head_dim_qk = q.shape
+    dtype = q.dtype
+    if dtype is torch.float32:
+        tf32 = _allow_tf32() if tf32 is None else tf32
+    else:
+        tf32 = False
+    return Problem(q.device, dtype, batch, heads, num_queries, k.shape[2], head_dim_qk, v.shape[3],
+                   key_padding_mask is not None, residual is not None, requires_grad, causal, scale, dropout_p, tf32)
 
 
 def _check_tensor(name: str, x, expected: str) -> None:
@@ -130,8 +186,8 @@ def validate(
     scale: Optional[float],
     dropout_p: float = 0.0,
     causal: bool = False,
-) -> tuple[Problem, float]:
-    """Checks the arguments of cross_attention; returns the problem and the resolved scale.
+) -> Call:
+    """Checks the arguments of cross_attention; returns the call they describe.
 
     Runs on every call (a few microseconds): the common case passes a handful of cheap
     comparisons, and the messages are only built when a check fails.
@@ -168,24 +224,13 @@ def validate(
             raise TypeError(f"dropout_p must be a Python float, got {type(dropout_p).__name__}")
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        dropout_p = float(dropout_p)
     if causal is not False and causal is not True:
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
     requires_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (residual is not None and residual.requires_grad))
     problem = Problem(device, dtype, batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v,
-                      key_padding_mask is not None, residual is not None, requires_grad, dropout_p > 0.0, causal)
-    return problem, scale
-
-
-def allocate_output(q: torch.Tensor, head_dim_v: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), and lse (B, H, Nq) in fp32.
-
-    The (B, Nq, H, Dv) memory layout makes the usual merge of heads,
-    out.transpose(1, 2).reshape(B, Nq, H * Dv), free of copies. Kernel backends and
-    their fake (meta) implementations both allocate here, so their strides agree.
-    """
-    batch, heads, num_queries, _ = q.shape
-    out = torch.empty((batch, num_queries, heads, head_dim_v), dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
-    return out, lse
+                      key_padding_mask is not None, residual is not None, requires_grad, causal, scale, dropout_p,
+                      dtype is torch.float32 and _allow_tf32())
+    return Call(problem, q, k, v, key_padding_mask, residual)

@@ -39,3 +39,31 @@ def poisoned_empty(monkeypatch):
         return tensor
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(architecture, multiprocessors, shared_memory): the machine facts of a GPU
+    (perceiver_kernels.machine) for problems on "cuda" devices, with every cache that
+    keys on them cleared, so plans and choices can be checked on the CPU."""
+    from perceiver_kernels import dispatch, machine
+    from perceiver_kernels.triton import backward, configs, forward
+
+    caches = (dispatch._select, forward.plan_forward, backward.plan_backward, configs.choose)
+
+    def clear():
+        for cache in caches:
+            cache.cache_clear()
+
+    def install(architecture: str = "sm_90", multiprocessors: int = 132, shared_memory: int = 232_448):
+        facts = {"architecture": architecture, "multiprocessors": multiprocessors,
+                 "shared_memory_per_block": shared_memory}
+        interpreter = {"architecture": machine.INTERPRETER, "multiprocessors": machine.INTERPRETER_MULTIPROCESSORS,
+                       "shared_memory_per_block": 0}
+        for name in facts:
+            monkeypatch.setattr(machine, name, lambda device_type, index, name=name:
+                                facts[name] if device_type == "cuda" else interpreter[name])
+        clear()
+
+    yield install
+    clear()

@@ -7,7 +7,10 @@ kernel on validated inputs:
 - triton-interpreter: the Triton kernels in Triton's interpreter on the CPU (CI);
 - cuda-emulation: the CUDA extension's real sources compiled for the CPU
   (tests/cuda_emulation/), driven through the real launcher (CI);
-- triton-gpu, cuda-gpu: the same kernels on a GPU (marked `gpu`).
+- triton-gpu, cuda-gpu: the same kernels on a GPU (marked `gpu`);
+- triton-interpreter-untimed, triton-gpu-untimed: the Triton rewrites no GPU has timed
+  yet (perceiver_kernels/triton/variants.py), on the cases one of them serves; the
+  others skip, since the timed kernels run them and have their own runners.
 
 A runner declares its device, the dtypes it is tested in, its paths (the plans it
 forces: unsplit, split-KV, resident K/V...), whether a case visits every path or one
@@ -17,7 +20,6 @@ gets the whole contract.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -30,19 +32,41 @@ from tests.conftest import HAS_GPU
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _scale(inputs: dict) -> float:
-    return inputs["scale"] if inputs["scale"] is not None else inputs["q"].shape[-1] ** -0.5
+def kernel_call(inputs: dict, allow_tf32: bool = False):
+    """The validated call of the op's inputs (a tests/attention_cases dict, which may
+    carry "causal"), as the op hands it to a kernel (no gradients recorded)."""
+    from perceiver_kernels.problem import validate
+
+    with torch.no_grad():
+        call = validate(inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"],
+                        inputs["scale"], causal=inputs.get("causal", False))
+    tf32 = allow_tf32 and call.q.dtype == torch.float32
+    return call._replace(problem=call.problem._replace(tf32=tf32))
 
 
 def _triton_forward(inputs: dict, num_splits: Optional[int] = None, allow_tf32: bool = False):
-    from perceiver_kernels.triton_launch import run_triton_forward
+    from perceiver_kernels.triton.forward import run_forward
 
-    return run_triton_forward(inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"],
-                              _scale(inputs), allow_tf32, num_splits=num_splits, causal=inputs.get("causal", False))
+    return run_forward(kernel_call(inputs, allow_tf32), num_splits=num_splits)
+
+
+def _untimed(plan, timed_kind, what: str):
+    """Skips the case unless an untimed rewrite serves it."""
+    if isinstance(plan, timed_kind):
+        pytest.skip(f"no untimed Triton {what} serves this case (the timed kernels' runners run it)")
+
+
+def _triton_untimed_forward(inputs: dict, num_splits: Optional[int] = None):
+    from perceiver_kernels.triton import forward, variants
+
+    call = kernel_call(inputs)
+    with variants.running(variants.UNTIMED):
+        _untimed(forward.plan_forward(call.problem, num_splits), forward.TiledForward, "forward")
+        return forward.run_forward(call, num_splits=num_splits)
 
 
 def _cuda_forward(inputs: dict, num_splits: Optional[int] = None, multiprocessors: Optional[int] = None):
-    from perceiver_kernels.cuda_launch import run_cuda_forward
+    from perceiver_kernels.cuda.launch import run_forward
 
     extension = None
     if inputs["q"].device.type == "cpu":
@@ -51,13 +75,11 @@ def _cuda_forward(inputs: dict, num_splits: Optional[int] = None, multiprocessor
         extension = cuda_emulation.build()
         if multiprocessors is not None:
             extension = extension.with_multiprocessors(multiprocessors)
-    return run_cuda_forward(inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"],
-                            _scale(inputs), num_splits=num_splits, extension=extension,
-                            causal=inputs.get("causal", False))
+    return run_forward(kernel_call(inputs), num_splits=num_splits, extension=extension)
 
 
 def _triton_interpreter_unavailable() -> str:
-    from perceiver_kernels.kernels.common import INTERPRETED
+    from perceiver_kernels.triton.kernels.common import INTERPRETED
 
     return "" if INTERPRETED else "the Triton interpreter is off (TRITON_INTERPRET is unset)"
 
@@ -93,8 +115,10 @@ class ForwardRunner:
     epsilon: dict = field(default_factory=lambda: dict(EPSILON))
     # Largest Nq * Nk of a float32 case (the emulated fp32 kernel is slow).
     max_fp32_cells: Optional[int] = None
-    # (Nq, Nk) of the head-dim cases above 256, where the default is too slow (the
-    # interpreted wide kernels walk every head dim chunk by chunk, once per slice).
+    # Head-dim pairs above 256 the wide-head cases run (none: no wide path), and their
+    # (Nq, Nk) where the default is too slow (the interpreted wide kernels walk every
+    # head dim chunk by chunk, once per slice).
+    wide_head_dims: tuple[tuple[int, int], ...] = ()
     wide_head_problem: Optional[tuple[int, int]] = None
     causal: bool = False  # runs cross_attention's causal=True (inputs["causal"])
 
@@ -113,7 +137,7 @@ class ForwardRunner:
 
 @dataclass(frozen=True)
 class BackwardRunner:
-    """One backward implementation: gradients(inputs, dout, num_chunks, fuse_residual) -> {q, k, v}."""
+    """One backward implementation: gradients(inputs, dout, num_chunks) -> {q, k, v}."""
 
     name: str
     device: str
@@ -121,33 +145,20 @@ class BackwardRunner:
     dtypes: tuple[torch.dtype, ...]
     gpu: bool = False
     epsilon: dict = field(default_factory=lambda: dict(EPSILON))
-    # PERCEIVER_KERNELS_BACKWARD: "two-kernel" (the default: the general kernels
-    # everywhere) or "fused" (the fused kernels on the asymmetric shapes, the general
-    # ones elsewhere).
-    variant: str = "two-kernel"
-    grid_every: int = 1  # the contract grid's cases this runner takes (every n-th)
+    variant: str = "timed"  # of perceiver_kernels/triton/variants.py
 
-    def gradients(self, inputs: dict, dout: torch.Tensor, num_chunks: Optional[int],
-                  fuse_residual: bool = False) -> dict:
-        """Kernel gradients; like the kernel backends in training, the residual is not
-        fused unless asked (direct callers of the op may fuse it and train)."""
-        from perceiver_kernels.triton_launch import run_triton_backward
+    def gradients(self, inputs: dict, dout: torch.Tensor, num_chunks: Optional[int]) -> dict:
+        """Kernel gradients of q, k, v; as in the kernel backends' training, the residual
+        is added outside the kernels, so the backward sees the attention alone."""
+        from perceiver_kernels.triton import backward, variants
 
-        residual = inputs["residual"] if fuse_residual else None
-        forward_inputs = {**inputs, "residual": residual}
-        out, lse = self.forward.run(forward_inputs)
-        args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], residual)
-        previous = os.environ.get("PERCEIVER_KERNELS_BACKWARD")
-        os.environ["PERCEIVER_KERNELS_BACKWARD"] = self.variant
-        try:
-            grads = run_triton_backward(dout, *args, out, lse, _scale(inputs), False, num_chunks=num_chunks,
-                                        causal=inputs.get("causal", False))
-        finally:
-            if previous is None:
-                del os.environ["PERCEIVER_KERNELS_BACKWARD"]
-            else:
-                os.environ["PERCEIVER_KERNELS_BACKWARD"] = previous
-        return dict(zip("qkv", grads))
+        attention_inputs = {**inputs, "residual": None}
+        call = kernel_call(attention_inputs)
+        with variants.running(self.variant):
+            if self.variant == variants.UNTIMED:
+                _untimed(backward.plan_backward(call.problem, num_chunks), backward.TwoKernelBackward, "backward")
+            out, lse = self.forward.run(attention_inputs)
+            return dict(zip("qkv", backward.run_backward(call, dout, out, lse, num_chunks=num_chunks)))
 
     def marks(self) -> list:
         return self.forward.marks()
@@ -164,25 +175,45 @@ TRITON_PATHS = {"tile": dict(num_splits=1), "split": dict(num_splits=3)}
 TRITON_HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160), (40, 24), (8, 200),
                     (261, 261), (322, 322), (512, 512), (1024, 1024), (32, 1280), (1280, 24))
 
+# Wide heads: not 16-byte aligned, Dv in three slices (261); Dv in ten slices over a
+# narrow Dqk (32/1280); a wide Dqk summed in chunks beside a narrow Dv (1280/24).
+TRITON_WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (1280, 24))
+
 TRITON_INTERPRETER = ForwardRunner(
     name="triton-interpreter", device="cpu", run=_triton_forward,
     dtypes=(torch.float32, torch.float16),  # a bf16 tl.dot returns garbage in the interpreter
     paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS, causal=True,
+    wide_head_dims=TRITON_WIDE_HEAD_DIMS,
     wide_head_problem=(70, 100),  # 3 query tiles and 4 key blocks, the last ones partial
 )
 TRITON_GPU = ForwardRunner(
     name="triton-gpu", device="cuda", run=_triton_forward, dtypes=DTYPES, paths=TRITON_PATHS, gpu=True,
-    head_dims=TRITON_HEAD_DIMS, causal=True,
+    head_dims=TRITON_HEAD_DIMS, causal=True, wide_head_dims=TRITON_WIDE_HEAD_DIMS,
 )
 
 # The compiled pairs, a dim padded up to one (24/7) and an odd Dv (stores channel by channel),
 # and the wide kernels: a dim that is no multiple of 16 (261 runs as 272, the query tile
 # resident in shared memory), Dqk != Dv with Dv cut into three slices (32/1280), Q
 # streamed beside K (512/512), and both at once (1024/1024: two slices).
+# The Triton rewrites: the timed kernels' paths and head dims, run where a rewrite serves.
+TRITON_INTERPRETER_UNTIMED = ForwardRunner(
+    name="triton-interpreter-untimed", device="cpu", run=_triton_untimed_forward, dtypes=TRITON_INTERPRETER.dtypes,
+    paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS, causal=True,
+    wide_head_dims=TRITON_WIDE_HEAD_DIMS, wide_head_problem=TRITON_INTERPRETER.wide_head_problem,
+)
+TRITON_GPU_UNTIMED = ForwardRunner(
+    name="triton-gpu-untimed", device="cuda", run=_triton_untimed_forward, dtypes=DTYPES, paths=TRITON_PATHS,
+    gpu=True, head_dims=TRITON_HEAD_DIMS, causal=True, wide_head_dims=TRITON_WIDE_HEAD_DIMS,
+)
+
 CUDA_HEAD_DIMS = ((32, 32), (64, 64), (32, 96), (32, 160), (128, 128), (24, 7), (64, 120),
                   (261, 261), (32, 1280), (512, 512), (1024, 1024))
 # A GPU also runs the released models' other wide heads and the largest.
 CUDA_GPU_HEAD_DIMS = CUDA_HEAD_DIMS + ((322, 322), (64, 512), (1280, 1280))
+# Wide heads: the query tile resident with element-wise loads (261, rows not 16-byte
+# aligned); Q streamed beside K, Dv in two slices (three in fp32), cp.async loads
+# (520/600); an odd Dv stored channel by channel (100/333).
+CUDA_WIDE_HEAD_DIMS = ((261, 261), (520, 600), (100, 333))
 CUDA_EMULATION = ForwardRunner(
     name="cuda-emulation", device="cpu", run=_cuda_forward, dtypes=DTYPES,
     # The paths a GPU takes, forced on small problems: K/V streamed unsplit, split-KV
@@ -191,26 +222,26 @@ CUDA_EMULATION = ForwardRunner(
     paths={"stream": dict(num_splits=1), "split": dict(num_splits=3),
            "resident": dict(num_splits=1, multiprocessors=1)},
     rotate_paths=True, unavailable=_cuda_emulation_unavailable, head_dims=CUDA_HEAD_DIMS,
-    max_fp32_cells=64 * 129, causal=True,
+    max_fp32_cells=64 * 129, causal=True, wide_head_dims=CUDA_WIDE_HEAD_DIMS, wide_head_problem=(70, 300),
 )
 CUDA_GPU = ForwardRunner(
     name="cuda-gpu", device="cuda", run=_cuda_forward, dtypes=DTYPES,
     paths={"unsplit": dict(num_splits=1), "split": dict(num_splits=3)}, gpu=True,
     unavailable=_cuda_gpu_unavailable, head_dims=CUDA_GPU_HEAD_DIMS, causal=True,
+    wide_head_dims=CUDA_WIDE_HEAD_DIMS, wide_head_problem=(70, 300),
 )
 
-FORWARD_RUNNERS = (TRITON_INTERPRETER, CUDA_EMULATION, TRITON_GPU, CUDA_GPU)
+FORWARD_RUNNERS = (TRITON_INTERPRETER, TRITON_INTERPRETER_UNTIMED, CUDA_EMULATION, TRITON_GPU, TRITON_GPU_UNTIMED,
+                   CUDA_GPU)
 
 BACKWARD_RUNNERS = (
     BackwardRunner(name="triton-interpreter", device="cpu", forward=TRITON_INTERPRETER,
                    dtypes=TRITON_INTERPRETER.dtypes),
-    # The fused kernels (PERCEIVER_KERNELS_BACKWARD=fused; slower on the H200, kept
-    # selectable) on a third of the grid.
-    BackwardRunner(name="triton-interpreter-fused", device="cpu", forward=TRITON_INTERPRETER,
-                   dtypes=TRITON_INTERPRETER.dtypes, variant="fused", grid_every=3),
+    BackwardRunner(name="triton-interpreter-untimed", device="cpu", forward=TRITON_INTERPRETER,
+                   dtypes=TRITON_INTERPRETER.dtypes, variant="untimed"),
     BackwardRunner(name="triton-gpu", device="cuda", forward=TRITON_GPU, dtypes=DTYPES, gpu=True),
-    BackwardRunner(name="triton-gpu-fused", device="cuda", forward=TRITON_GPU, dtypes=DTYPES, gpu=True,
-                   variant="fused", grid_every=3),
+    BackwardRunner(name="triton-gpu-untimed", device="cuda", forward=TRITON_GPU, dtypes=DTYPES, gpu=True,
+                   variant="untimed"),
     # The CUDA backend trains through the Triton backward from the CUDA forward's lse.
     BackwardRunner(name="cuda-gpu+triton", device="cuda", forward=CUDA_GPU, dtypes=DTYPES, gpu=True),
 )

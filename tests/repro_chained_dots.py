@@ -7,7 +7,7 @@ This is the shape of attention's inner loop without the softmax. On an H200 with
 Triton 3.6.0, the fused attention kernel gave wrong outputs for 16-bit inputs with
 Dqk=40, Dv=24 (BLOCK_DQK=64 > BLOCK_DV=32) and right ones for every other pair
 (benchmarks/results/2026-11-30-h200/README.md); perceiver_kernels launches with
-equal blocks on tensor cores since (triton_launch.head_dim_blocks). On the same
+equal blocks on tensor cores since (triton/tiling.head_dim_blocks). On the same
 H200 and Triton this kernel computes right (benchmarks/results/2026-12-01-h200-run1,
 repro.log) while the op's own kernels launched without the workaround still go
 wrong (--full-kernel, run2's repro-kernels.log): the bug needs more of the attention
@@ -78,12 +78,13 @@ def full_kernel_errors(dtype: torch.dtype, device: str) -> dict[str, float]:
     dq, dk, dv against float64. Run it in a process of its own: the bug came with
     illegal memory accesses, which leave the process's CUDA context unusable."""
     import perceiver_kernels as pk
-    from perceiver_kernels import triton_launch
+    from perceiver_kernels.triton import tiling
 
-    def unwidened(head_dim_qk, head_dim_v, *, tensor_cores):
-        return max(16, triton.next_power_of_2(head_dim_qk)), max(16, triton.next_power_of_2(head_dim_v))
+    def unwidened(problem):
+        return (max(16, triton.next_power_of_2(problem.head_dim_qk)),
+                max(16, triton.next_power_of_2(problem.head_dim_v)))
 
-    triton_launch.head_dim_blocks = unwidened
+    tiling.head_dim_blocks = unwidened
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels.triton_launch import DEFAULT_BACKWARD
 from tests.attention_cases import EPSILON, Case, make_inputs, max_error
 from tests.kernel_runners import BACKWARD_RUNNERS
 from tests.test_forward_contract import HEAD_DIMS, NUM_KEYS, NUM_QUERIES
@@ -55,8 +54,6 @@ def _grid(runner):
             for dqk, dv in HEAD_DIMS:
                 turn = i + i // len(HEAD_DIMS)
                 i += 1
-                if (i - 1) % runner.grid_every:
-                    continue
                 for dtype in (runner.dtypes[turn % len(runner.dtypes)],):
                     case = Case(batch=2, heads=2, num_queries=nq, num_keys=nk, head_dim_qk=dqk, head_dim_v=dv,
                                 dtype=dtype, mask=True, residual=True, transposed=True)
@@ -65,25 +62,14 @@ def _grid(runner):
 
 @pytest.mark.parametrize("num_chunks", [1, 3])
 @pytest.mark.parametrize("runner,case", [p for runner in BACKWARD_RUNNERS for p in _grid(runner)])
-def test_grid_gradients(runner, case, num_chunks):
+def test_gradients_on_the_grid(runner, case, num_chunks):
     inputs = make_inputs(case, runner.device)
     dout = torch.randn_like(inputs["residual"])
     assert_gradients_match(runner.gradients(inputs, dout, num_chunks), inputs, dout, runner.epsilon)
 
 
 @pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
-def test_backward_of_a_fused_residual_is_correct_to_the_output_rounding(runner):
-    # Direct callers of the op may fuse the residual and train; the backward then
-    # recovers the attention output as out - residual.
-    case = Case(num_queries=30, num_keys=200, head_dim_qk=32, head_dim_v=24, mask=True, residual=True)
-    inputs = make_inputs(case, runner.device)
-    dout = torch.randn_like(inputs["residual"])
-    grads = runner.gradients(inputs, dout, 3, fuse_residual=True)
-    assert_gradients_match(grads, inputs, dout, runner.epsilon)
-
-
-@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
-def test_padding_keys_and_rows_without_keys_get_exactly_zero_gradients(runner):
+def test_gradients_of_padding_keys_and_of_rows_without_keys_are_exactly_zero(runner):
     inputs = make_inputs(Case(num_queries=9, num_keys=300, head_dim_v=24, mask=True, residual=True), runner.device)
     dout = torch.randn_like(inputs["residual"])
     padding = inputs["key_padding_mask"]
@@ -98,7 +84,7 @@ def test_padding_keys_and_rows_without_keys_get_exactly_zero_gradients(runner):
 
 @pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
 @pytest.mark.parametrize("num_chunks", [1, 4])
-def test_variable_length_masks(runner, num_chunks):
+def test_gradients_with_variable_length_masks(runner, num_chunks):
     from tests.test_forward_contract import variable_length_inputs
 
     inputs = variable_length_inputs(runner.device, dtype=torch.float32, num_queries=100)
@@ -108,7 +94,7 @@ def test_variable_length_masks(runner, num_chunks):
 
 @pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
 @pytest.mark.parametrize("num_queries,num_keys", [(1, 300), (300, 1)])
-def test_a_single_query_or_a_single_key(runner, num_queries, num_keys):
+def test_gradients_of_a_single_query_or_a_single_key(runner, num_queries, num_keys):
     inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_v=24, residual=True), runner.device)
     dout = torch.randn_like(inputs["residual"])
     assert_gradients_match(runner.gradients(inputs, dout, None), inputs, dout, runner.epsilon)
@@ -117,7 +103,7 @@ def test_a_single_query_or_a_single_key(runner, num_queries, num_keys):
 @pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.forward.causal])
 @pytest.mark.parametrize("num_queries,num_keys", [(70, 70), (20, 700), (300, 129)])
 @pytest.mark.parametrize("num_chunks", [1, 3])
-def test_causal_gradients(runner, num_queries, num_keys, num_chunks):
+def test_gradients_causal(runner, num_queries, num_keys, num_chunks):
     inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=32, head_dim_v=48, mask=True,
                               residual=True), runner.device)
     inputs["causal"] = True
@@ -127,40 +113,37 @@ def test_causal_gradients(runner, num_queries, num_keys, num_chunks):
 
 # ---- Wide heads (above 256 channels): the wide two-kernel backward ----
 
-# (Dqk, Dv), dtype, causal, (Nq, Nk), residual fused into the forward. 261: not 16-byte
-# aligned, dK/dV and dQ in two slices; 100 queries over 40 keys with causal: the first 60
-# rows see no key; 32/1280: five dV slices beside one dK slice; 1280/24: five dK and dQ
-# slices beside one of dV, Delta over a narrow Dv; 512/300: both wide and different.
+# (Dqk, Dv), dtype, causal, (Nq, Nk). 261: not 16-byte aligned, dK/dV and dQ in two
+# slices; 100 queries over 40 keys with causal: the first 60 rows see no key; 32/1280:
+# five dV slices beside one dK slice; 1280/24: five dK and dQ slices beside one of dV,
+# Delta over a narrow Dv; 512/300: both wide and different.
 WIDE_GRADIENT_CASES = (
-    ((261, 261), torch.float32, False, (40, 100), False),
-    ((261, 261), torch.float16, True, (100, 40), True),
-    ((32, 1280), torch.float16, False, (40, 100), True),
-    ((1280, 24), torch.float32, True, (40, 100), False),
-    ((512, 300), torch.float16, False, (100, 40), False),
+    ((261, 261), torch.float32, False, (40, 100)),
+    ((261, 261), torch.float16, True, (100, 40)),
+    ((32, 1280), torch.float16, False, (40, 100)),
+    ((1280, 24), torch.float32, True, (40, 100)),
+    ((512, 300), torch.float16, False, (100, 40)),
 )
 
 
 def _wide_gradient_cases(runner):
-    # The default variant of each runner: wide heads take the wide kernels whatever the variant.
-    if runner.variant != DEFAULT_BACKWARD:
-        return
-    for dims, dtype, causal, shape, fuse_residual in WIDE_GRADIENT_CASES:
+    for dims, dtype, causal, shape in WIDE_GRADIENT_CASES:
         if dtype in runner.dtypes and (runner.forward.causal or not causal):
-            yield runner.param(dims, dtype, causal, shape, fuse_residual,
+            yield runner.param(dims, dtype, causal, shape,
                                id_suffix=f"-d{dims[0]}x{dims[1]}-{str(dtype)[6:]}-q{shape[0]}-k{shape[1]}"
-                                         f"{'-causal' if causal else ''}{'-fused-residual' if fuse_residual else ''}")
+                                         f"{'-causal' if causal else ''}")
 
 
 @pytest.mark.parametrize("num_chunks", [1, 3])
-@pytest.mark.parametrize("runner,dims,dtype,causal,shape,fuse_residual",
+@pytest.mark.parametrize("runner,dims,dtype,causal,shape",
                          [p for runner in BACKWARD_RUNNERS for p in _wide_gradient_cases(runner)])
-def test_wide_head_gradients(runner, dims, dtype, causal, shape, fuse_residual, num_chunks):
+def test_gradients_of_wide_heads(runner, dims, dtype, causal, shape, num_chunks):
     inputs = make_inputs(Case(batch=2, heads=2, num_queries=shape[0], num_keys=shape[1], head_dim_qk=dims[0],
                               head_dim_v=dims[1], dtype=dtype, mask=True, residual=True, transposed=True),
                          runner.device)
     inputs["causal"] = causal
     dout = torch.randn_like(inputs["residual"])
-    grads = runner.gradients(inputs, dout, num_chunks, fuse_residual=fuse_residual)
+    grads = runner.gradients(inputs, dout, num_chunks)
     assert_gradients_match(grads, inputs, dout, runner.epsilon)
     # Batch 0 has only padding keys: every gradient is exactly 0 there.
     assert all(torch.count_nonzero(grads[name][0]) == 0 for name in "qkv")
@@ -170,7 +153,7 @@ def test_wide_head_gradients(runner, dims, dtype, causal, shape, fuse_residual, 
 
 @pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.gpu])
 @pytest.mark.parametrize("shape", [(2, 4, 256, 20_000), (2, 4, 20_000, 256)], ids=["encode", "decode"])
-def test_default_chunking_on_encode_and_decode_shapes(runner, shape):
+def test_gradients_with_default_chunking_on_encode_and_decode_shapes(runner, shape):
     batch, heads, nq, nk = shape
     inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=64, head_dim_v=64,
                               dtype=torch.bfloat16, mask=True, residual=True), runner.device)
@@ -178,9 +161,9 @@ def test_default_chunking_on_encode_and_decode_shapes(runner, shape):
     assert_gradients_match(runner.gradients(inputs, dout, None), inputs, dout, runner.epsilon)
 
 
-@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.gpu and r.variant == DEFAULT_BACKWARD])
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS if r.gpu])
 @pytest.mark.parametrize("shape", [(2, 1, 512, 20_000), (2, 1, 20_000, 512)], ids=["encode", "decode"])
-def test_wide_heads_default_chunking_on_encode_and_decode_shapes(runner, shape):
+def test_gradients_of_wide_heads_with_default_chunking_on_encode_and_decode_shapes(runner, shape):
     batch, heads, nq, nk = shape
     inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=261, head_dim_v=261,
                               dtype=torch.bfloat16, mask=True, residual=True), runner.device)

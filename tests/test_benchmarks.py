@@ -605,29 +605,6 @@ def test_model_suite_times_perceiver_ar_training_against_plain_pytorch_and_gener
     assert model_suite.cases(torch.device("cpu"), "quick")[-2:] == list(model_suite.AR_PASSES)
 
 
-def test_the_fused_backward_is_timed_beside_the_default_one_with_its_own_path(monkeypatch):
-    """Forward+backward rows time the fused Triton backward too
-    (PERCEIVER_KERNELS_BACKWARD=fused around the whole timed call)."""
-    seen = []
-    real = op_suite.pk.cross_attention
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if out.requires_grad:
-            out.register_hook(lambda grad: seen.append(os.environ.get("PERCEIVER_KERNELS_BACKWARD")) or grad)
-        return out
-
-    monkeypatch.setattr(op_suite.pk, "cross_attention", spy)
-    call = op_suite._with_backward_variant(
-        op_suite._timed_call(op_suite._ours("torch"), {"q": torch.randn(1, 1, 4, 8), "k": torch.randn(1, 1, 6, 8),
-                                                       "v": torch.randn(1, 1, 6, 8), "mask": None, "causal": False,
-                                                       "residual": None},
-                             True), "fused")
-    seen.clear()
-    call()
-    assert seen == ["fused"] and "PERCEIVER_KERNELS_BACKWARD" not in os.environ
-
-
 @pytest.fixture
 def decoded_chunks(monkeypatch):
     """The chunk_size each call of a PerceiverDecoder got, and the queries of each chunk it decoded."""

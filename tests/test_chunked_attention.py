@@ -1,4 +1,4 @@
-"""The torch backend's chunked matrix-product path (perceiver_kernels/chunked_attention.py).
+"""The torch backend's chunked matrix-product path (perceiver_kernels/torch/chunked.py).
 
 On a GPU the backend takes it for heads over 256 channels; here the route is forced so
 that any device (the CPU in CI, the GPU where there is one) runs it through the backend: forward and gradients against
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels import chunked_attention as chunked
-from perceiver_kernels.backends import torch_backend
+from perceiver_kernels import policy
+from perceiver_kernels.torch import backend as torch_backend
+from perceiver_kernels.torch import chunked
 from tests.attention_cases import Case, assert_matches_reference, make_inputs, nan_padding_inputs
 from tests.conftest import KERNEL_DEVICE
 from tests.test_backward_contract import assert_gradients_match
@@ -25,7 +26,7 @@ CHUNK_ROWS = 5  # 23 queries: four full chunks and a partial one
 @pytest.fixture
 def chunked_route(monkeypatch):
     """The torch backend takes the chunked path, in chunks of CHUNK_ROWS rows."""
-    monkeypatch.setattr(torch_backend, "gpu_route", lambda *args: torch_backend.CHUNKED)
+    monkeypatch.setattr(policy, "torch_route", lambda problem: policy.CHUNKED)
     real = chunked.chunked_attention
     monkeypatch.setattr(torch_backend, "chunked_attention",
                         lambda *args: real(*args, chunk_rows=CHUNK_ROWS))
@@ -90,23 +91,6 @@ def test_one_chunk_and_many_chunks_agree():
     whole = chunked.chunked_attention(q, k, v, None, 0.25, True, chunk_rows=40)
     pieces = chunked.chunked_attention(q, k, v, None, 0.25, True, chunk_rows=3)
     torch.testing.assert_close(pieces, whole, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize(("device", "dims", "masked", "dropout", "dtype", "batch_heads", "expected"), [
-    ("cuda", (261, 261), True, False, torch.bfloat16, 8, torch_backend.CHUNKED),
-    ("cuda", (32, 512), False, False, torch.float32, 8, torch_backend.CHUNKED),
-    ("cuda", (261, 261), False, True, torch.bfloat16, 8, torch_backend.SDPA_DEFAULT),  # dropout: SDPA's
-    ("cuda", (64, 64), False, False, torch.bfloat16, 8, torch_backend.FLASH_FIRST),  # ENC-3: 16 blocks
-    ("cuda", (64, 64), False, False, torch.bfloat16, 64, torch_backend.SDPA_DEFAULT),  # ENC-1: 128 blocks
-    ("cuda", (64, 64), True, False, torch.bfloat16, 8, torch_backend.SDPA_DEFAULT),  # flash takes no mask
-    ("cuda", (64, 64), False, False, torch.float32, 8, torch_backend.SDPA_DEFAULT),  # flash is 16-bit only
-    ("cuda", (64, 32), False, False, torch.bfloat16, 8, torch_backend.SDPA_DEFAULT),  # flash needs Dqk = Dv
-    ("cpu", (261, 261), False, False, torch.float32, 8, torch_backend.SDPA_DEFAULT),  # measured on a GPU only
-])
-def test_gpu_route(monkeypatch, device, dims, masked, dropout, dtype, batch_heads, expected):
-    monkeypatch.setattr(torch_backend, "multiprocessor_count", lambda device: 132)  # an H200
-    assert torch_backend.gpu_route(torch.device(device), dtype, batch_heads, 1, 256, *dims, masked,
-                                   dropout) == expected
 
 
 @pytest.mark.usefixtures("chunked_route")

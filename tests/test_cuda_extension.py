@@ -14,13 +14,15 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels import cuda_extension
-from perceiver_kernels.backends.cuda_backend import SLOWER_THAN_THE_OTHERS
-from perceiver_kernels.cuda_launch import plan_cuda_forward
+from perceiver_kernels import policy
+from perceiver_kernels.backends import BACKENDS
+from perceiver_kernels.cuda import extension as cuda_extension
+from perceiver_kernels.cuda.launch import plan_forward
+from perceiver_kernels.problem import Problem
 from tests import cuda_emulation
-from tests.attention_cases import Case, assert_matches_reference, make_inputs, nan_padding_inputs
+from tests.attention_cases import Case, assert_matches_reference, make_inputs
 from tests.conftest import HAS_GPU
-from tests.kernel_runners import CUDA_EMULATION, CUDA_GPU, DTYPES, _cuda_forward
+from tests.kernel_runners import CUDA_EMULATION, DTYPES, _cuda_forward
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc" / "attention"
 BUILT = pk.build_info()["built"]
@@ -132,17 +134,20 @@ def test_architecture_check(monkeypatch, capability, archs, ok):
         assert "compute capability" in reason or "PERCEIVER_KERNELS_CUDA_ARCHS" in reason
 
 
-@needs_emulation
-def test_split_plan_counts_blocks_of_the_cuda_kernels(monkeypatch):
-    """Query rows per block come from the extension (build_info), not a Python copy."""
-    from perceiver_kernels import chunking
+def _problem(batch, heads, num_queries, num_keys, dtype=torch.bfloat16, dims=(64, 64), device=("cuda", 0),
+             **flags) -> Problem:
+    return Problem(torch.device(*device), dtype, batch, heads, num_queries, num_keys, *dims, **flags)
 
-    monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)  # an H100
-    gpu, extension = torch.device("cuda", 0), cuda_emulation.build()
+
+@needs_emulation
+def test_split_plan_counts_blocks_of_the_cuda_kernels(fake_gpu):
+    """Query rows per block come from the extension (build_info), not a Python copy."""
+    fake_gpu("sm_90", 132)
+    extension = cuda_emulation.build()
     assert extension.build_info()["query_tile_rows"] == {"float32": 32, "float16": 64, "bfloat16": 64}
 
     def plan(*shape, dtype=torch.bfloat16):
-        return plan_cuda_forward(*shape, dtype, gpu, extension=extension)
+        return plan_forward(_problem(*shape, dtype=dtype), extension=extension)
 
     assert plan(1, 8, 256, 400_000).num_splits == 9   # ENC-3: 32 blocks unsplit
     assert plan(8, 8, 256, 50_176).num_splits == 2    # ENC-1: 256 blocks
@@ -156,8 +161,8 @@ def test_auto_never_picks_the_slower_cuda_kernels_and_says_so():
     inputs = make_inputs(Case(), "cuda" if HAS_GPU else "cpu")
     explanation = pk.explain(inputs["q"], inputs["k"], inputs["v"])
     assert explanation.chosen != "cuda"
-    if HAS_GPU and BUILT:
-        assert SLOWER_THAN_THE_OTHERS in explanation.refusals["cuda"]
+    if HAS_GPU and BUILT and policy.architecture_of(explanation.problem) in policy.MEASURED:
+        assert any("auto does not choose the CUDA kernels" in reason for reason in explanation.refusals["cuda"])
 
 
 @needs_emulation
@@ -212,8 +217,8 @@ def test_causal_with_resident_kv(dtype, num_splits):
     the reach of the first five query tiles."""
     case = Case(num_queries=600, num_keys=500, head_dim_qk=24, head_dim_v=32, dtype=dtype, mask=True,
                 residual=True, transposed=True)
-    plan = plan_cuda_forward(2, 2, 600, 500, dtype, torch.device("cpu"), num_splits,
-                             extension=cuda_emulation.build())
+    plan = plan_forward(_problem(2, 2, 600, 500, dtype, device=("cpu",)), num_splits,
+                        extension=cuda_emulation.build())
     resident = cuda_emulation.build().with_multiprocessors(1).plan(dtype, 2, 2, 600, 500, (24, 32), plan.num_splits,
                                                                   plan.keys_per_split)
     assert plan.num_splits == num_splits
@@ -226,116 +231,14 @@ def test_causal_with_resident_kv(dtype, num_splits):
 
 @needs_emulation
 def test_the_launcher_drives_the_binding_and_its_checks():
-    """perceiver_kernels.cuda_launch through the binding compiled for the CPU: an input
+    """perceiver_kernels.cuda.launch through the binding compiled for the CPU: an input
     the kernels do not serve comes back as the binding's ValueError."""
     inputs = make_inputs(Case(num_queries=10, num_keys=20, head_dim_qk=1290, head_dim_v=16), "cpu")
     with pytest.raises(ValueError, match="no compiled kernel serves head dims Dqk=1290"):
         _cuda_forward(inputs)
 
 
-# ---- The wide kernels: head dims beyond the compiled pairs ----
-# The contract suite runs them through the runners' head dims (tests/kernel_runners.py);
-# these add split-KV with masks, residual and the transposed layout, NaN in padding keys
-# and unusual strides on wide heads, in the host emulation (a GPU runs them as well).
-
-WIDE_RUNNERS = [CUDA_EMULATION.param(), CUDA_GPU.param()]
-DTYPE_IDS = dict(ids=lambda dtype: str(dtype)[6:])
-
-
-def _wide_sizes(runner, dtype):
-    """Queries and keys of a wide case: fewer in the emulated fp32 kernel, which is slow."""
-    return (40, 150) if dtype == torch.float32 and runner.max_fp32_cells else (70, 300)
-
-
-@pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("runner", WIDE_RUNNERS)
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-@pytest.mark.parametrize("dims", [
-    (261, 261),  # query tile resident, element-wise loads (rows of 261 are not 16-byte aligned)
-    (520, 600),  # Q streamed beside K, Dv in two slices (three in fp32), cp.async loads
-    (100, 333),  # odd Dv: stores channel by channel
-], ids=lambda dims: f"d{dims[0]}x{dims[1]}")
-def test_wide_heads_split_masked_residual_transposed(runner, dims, dtype, num_splits):
-    num_queries, num_keys = _wide_sizes(runner, dtype)
-    case = Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
-                mask=True, residual=True, transposed=True)
-    inputs = make_inputs(case, runner.device)
-    out, lse = runner.run(inputs, num_splits=num_splits)
-    assert_matches_reference(out, inputs, lse, runner.epsilon)
-    torch.testing.assert_close(out[0], inputs["residual"][0], rtol=0, atol=0)  # batch 0: all keys padding
-    assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
-
-
-@pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("runner", WIDE_RUNNERS)
-@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-def test_wide_heads_ignore_nan_in_padding_keys(runner, dtype):
-    num_queries, num_keys = _wide_sizes(runner, dtype)
-    inputs, clean = nan_padding_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=261,
-                                            head_dim_v=520, dtype=dtype), runner.device)
-    for num_splits in (1, 3):
-        out, _ = runner.run(inputs, num_splits=num_splits)
-        assert_matches_reference(out, clean, epsilon=runner.epsilon)
-
-
-def _wide_strided_inputs(device, dtype: torch.dtype, num_queries: int, num_keys: int) -> dict:
-    """tests/attention_cases.strided_inputs on wide heads (Dqk=264, Dv=520 in two slices):
-    a batch stride below the head stride (q), a channel stride of 2 (k), Dv as the
-    slowest dimension of v, a transposed residual and a strided mask."""
-    g = torch.Generator().manual_seed(5)
-    dqk, dv = 264, 520
-    wide = torch.randn(2, 3, num_keys, 2 * dqk, generator=g).to(device, dtype)
-    q = torch.randn(3, 2, num_queries, dqk, generator=g).to(device, dtype).transpose(0, 1)
-    v = torch.randn(2, dv, num_keys, 3, generator=g).to(device, dtype).permute(0, 3, 2, 1)
-    residual = torch.randn(2, 3, dv, num_queries, generator=g).to(device, dtype).transpose(-1, -2)
-    mask = (torch.rand(2, 2 * num_keys, generator=g) < 0.3).to(device)[:, ::2]
-    return dict(q=q, k=wide[..., ::2], v=v, key_padding_mask=mask, residual=residual, scale=None)
-
-
-@pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("runner", WIDE_RUNNERS)
-@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-def test_wide_heads_with_arbitrary_strides(runner, dtype):
-    inputs = _wide_strided_inputs(runner.device, dtype, *_wide_sizes(runner, dtype))
-    for num_splits in (1, 3):
-        out, lse = runner.run(inputs, num_splits=num_splits)
-        assert_matches_reference(out, inputs, lse, runner.epsilon)
-
-
-@pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("runner", WIDE_RUNNERS)
-@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-@pytest.mark.parametrize("dims", [(32, 48), (261, 261)], ids=lambda dims: f"d{dims[0]}x{dims[1]}")
-def test_causal_tile_crossing_the_diagonal_by_one_key(runner, dims, dtype):
-    """Nk - Nq = 62: the key tile ending at key 63 (64-key tiles; with 32-key tiles the
-    second) holds exactly one key that query 0 does not see, so it must be checked per
-    (row, key) although all its other keys are visible to every row of the block."""
-    inputs = make_inputs(Case(num_queries=20, num_keys=82, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
-                              residual=True), runner.device)
-    inputs["causal"] = True
-    out, lse = runner.run(inputs, num_splits=1)
-    assert_matches_reference(out, inputs, lse, runner.epsilon)
-
-
-@pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("runner", WIDE_RUNNERS)
-@pytest.mark.parametrize("dtype", DTYPES, **DTYPE_IDS)
-@pytest.mark.parametrize("dims", [(261, 261), (520, 600)], ids=lambda dims: f"d{dims[0]}x{dims[1]}")
-def test_wide_heads_causal(runner, dims, dtype):
-    """Causal masking in the wide kernels, unsplit and split in 3, with a mask: few
-    queries over more keys, and more queries than keys (the first rows see no key,
-    and the first query tile none of the later splits)."""
-    num_queries, num_keys = _wide_sizes(runner, dtype)
-    for shape in ((num_queries, num_keys), (num_keys // 2, num_queries)):
-        case = Case(num_queries=shape[0], num_keys=shape[1], head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
-                    mask=True, residual=True, transposed=True)
-        inputs = make_inputs(case, runner.device)
-        inputs["causal"] = True
-        for num_splits in (1, 3):
-            out, lse = runner.run(inputs, num_splits=num_splits)
-            assert_matches_reference(out, inputs, lse, runner.epsilon)
-
+# ---- The wide kernels' plans: head dims beyond the compiled pairs ----
 
 @needs_emulation
 def test_wide_plans_fit_the_shared_memory_of_every_sm80_gpu():
@@ -374,46 +277,6 @@ def test_wide_plans_of_the_perceiver_heads(dtype, dims, expected):
     assert cuda_emulation.build().forward_head_dims(*dims) == tuple(16 * -(-d // 16) for d in dims)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_wide_heads_decode_many_query_tiles(dtype):
-    case = Case(batch=2, heads=2, num_queries=20_000, num_keys=300, head_dim_qk=322, head_dim_v=322, dtype=dtype,
-                mask=True, residual=True, transposed=True)
-    inputs = make_inputs(case, "cuda")
-    out, lse = CUDA_GPU.run(inputs)
-    assert_matches_reference(out, inputs, lse, CUDA_GPU.epsilon)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_causal_square_split_with_resident_kv(dtype):
-    """Square causal attention cut into 32 splits of 256 keys: on an H100 or H200
-    (132 SMs) each split's K/V stay resident in shared memory over 7 query tiles a
-    block, each tile walks only the key tiles it reaches, and splits past a block's
-    reach stay empty."""
-    case = Case(batch=2, heads=1, num_queries=8000, num_keys=8000, head_dim_qk=64, head_dim_v=64, dtype=dtype,
-                mask=True, residual=True, transposed=True)
-    inputs = make_inputs(case, "cuda")
-    inputs["causal"] = True
-    out, lse = CUDA_GPU.run(inputs, num_splits=32)
-    assert_matches_reference(out, inputs, lse, CUDA_GPU.epsilon)
-
-
-@pytest.mark.gpu
-def test_wide_heads_offsets_beyond_int32():
-    """K and V of 2^21 + 1000 keys x 1024 channels: element offsets pass 2^31; only the
-    last 1000 keys are attended, so the answer is attention over just those."""
-    num_keys, dim = 2**21 + 1000, 1024
-    q = torch.randn(1, 1, 16, dim, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, 1, num_keys, dim, device="cuda", dtype=torch.float16)
-    v = torch.randn(1, 1, num_keys, dim, device="cuda", dtype=torch.float16)
-    mask = torch.ones(1, num_keys, dtype=torch.bool, device="cuda")
-    mask[0, -1000:] = False
-    out, _ = CUDA_GPU.run(dict(q=q, k=k, v=v, key_padding_mask=mask, residual=None, scale=dim ** -0.5))
-    tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
-    assert_matches_reference(out, tail, epsilon=CUDA_GPU.epsilon)
-
-
 @needs_extension
 @pytest.mark.parametrize("dims,grad,refused", [
     ((261, 261), False, ""),
@@ -421,17 +284,20 @@ def test_wide_heads_offsets_beyond_int32():
     ((1024, 1024), True, ""),
     ((64, 64), True, ""),
     ((1281, 64), False, "wide kernels take any head dims up to 1280"),
+    ((1281, 64), True, "gradients come from the triton backward: head dims up to 1280"),
 ])
 def test_wide_heads_run_forward_and_training_through_the_triton_backward(monkeypatch, dims, grad, refused):
-    from perceiver_kernels.backends.cuda_backend import CudaBackend
-    from perceiver_kernels.problem import Problem
+    """The CUDA backend declares the Triton backward as its own: training takes what that
+    backward takes, and says so where it does not."""
+    from perceiver_kernels.triton import backend as triton_backend
 
     monkeypatch.setattr(cuda_extension, "architecture_problem", lambda index: "")
-    problem = Problem(torch.device("cuda", 0), torch.float16, 2, 1, 512, 50_176, dims[0], dims[1], False, False,
-                      grad, False)
-    reasons = CudaBackend().own_refusals(problem, auto=False)
+    monkeypatch.setattr(cuda_extension, "runtime_problem", lambda: "")
+    monkeypatch.setattr(triton_backend, "_machine_refusal", lambda device_type: "")
+    cuda = BACKENDS["cuda"]
+    assert cuda.backward is BACKENDS["triton"].backward
+    reasons = cuda.refusals(_problem(2, 1, 512, 50_176, torch.float16, dims, requires_grad=grad))
     if refused:
         assert any(refused in reason for reason in reasons), reasons
     else:
         assert reasons == []
-        assert SLOWER_THAN_THE_OTHERS in CudaBackend().own_refusals(problem, auto=True)

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from examples import common, digits, distributed
-from perceiver_kernels import chunking
+from perceiver_kernels import kernel_launch, machine
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -173,11 +173,11 @@ def test_the_split_plan_counts_the_multiprocessors_of_each_gpu(monkeypatch):
     each one's split-KV with that GPU's own SM count: the count is cached per device."""
     multiprocessors = {0: 132, 1: 16}
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: SimpleNamespace(multi_processor_count=multiprocessors[device.index]))
-    chunking.multiprocessor_count.cache_clear()
+                        lambda index: SimpleNamespace(multi_processor_count=multiprocessors[index]))
+    machine.multiprocessors.cache_clear()
     try:
         # ENC-3's forward: 16 programs over 400,000 keys; 2 programs per SM wanted.
-        chunks = [chunking.plan_chunks(16, 400_000, torch.device("cuda", index))[0] for index in (0, 1, 0)]
+        chunks = [kernel_launch.plan_chunks(16, 400_000, torch.device("cuda", index))[0] for index in (0, 1, 0)]
     finally:
-        chunking.multiprocessor_count.cache_clear()  # no invented GPU left in the cache
+        machine.multiprocessors.cache_clear()  # no invented GPU left in the cache
     assert chunks == [17, 2, 17]  # ceil(2 * 132 / 16), 2 * 16 / 16, and GPU 0's again

@@ -170,64 +170,80 @@ def test_causal(runner, dtype, num_queries, num_keys, masked):
         assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
-# ---- Wide heads: the Triton kernels' wide path (head dims above 256) ----
-# The CUDA runners' wide kernels have their own cases in tests/test_cuda_extension.py.
+# ---- Wide heads: the kernels' wide paths (head dims above 256) ----
 
-WIDE_RUNNERS = [r for r in FORWARD_RUNNERS if r.name.startswith("triton")]
-# Not 16-byte aligned, Dv in three slices; Dv in ten slices over a narrow Dqk; a wide Dqk
-# summed in chunks beside a narrow Dv.
-WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (1280, 24))
+WIDE_RUNNERS = [r for r in FORWARD_RUNNERS if r.wide_head_dims]
+
+
+def _wide_problem(runner, dtype) -> tuple[int, int]:
+    """(Nq, Nk) of a wide case: the runner's, fewer where its fp32 kernel is slow."""
+    num_queries, num_keys = runner.wide_head_problem or (150, 300)
+    if dtype == torch.float32 and runner.max_fp32_cells and num_queries * num_keys > runner.max_fp32_cells:
+        return 40, 150
+    return num_queries, num_keys
 
 
 def _wide_head_dims(runner):
-    for dims in WIDE_HEAD_DIMS:
-        for dtype in (torch.float32, torch.float16):
+    for dims in runner.wide_head_dims:
+        for dtype in runner.dtypes:
             yield runner.param(dims, dtype, id_suffix=f"-d{dims[0]}x{dims[1]}-{str(dtype)[6:]}")
-
-
-def _wide_problem(runner) -> tuple[int, int]:
-    return runner.wide_head_problem or (150, 300)
 
 
 @pytest.mark.parametrize("runner,dims,dtype", [p for r in WIDE_RUNNERS for p in _wide_head_dims(r)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_wide_heads_split_masked_residual_transposed(runner, dims, dtype, causal):
-    num_queries, num_keys = _wide_problem(runner)
-    inputs = make_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=dims[0], head_dim_v=dims[1],
-                              dtype=dtype, mask=True, residual=True, transposed=True), runner.device)
-    inputs["causal"] = causal
-    for path, (out, lse) in run_every_path(runner, inputs):
-        assert_matches_reference(out, inputs, lse, runner.epsilon)
-        assert out.transpose(1, 2).is_contiguous(), "the output is laid out as (B, Nq, H, Dv)"
+    """Every path (split-KV among them) with a mask, a residual and the transposed layout;
+    causally also with more queries than keys (the first rows see no key, and the first
+    query tiles none of the later splits)."""
+    num_queries, num_keys = _wide_problem(runner, dtype)
+    shapes = ((num_queries, num_keys), (num_keys // 2, num_queries)) if causal else ((num_queries, num_keys),)
+    for nq, nk in shapes:
+        inputs = make_inputs(Case(num_queries=nq, num_keys=nk, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
+                                  mask=True, residual=True, transposed=True), runner.device)
+        inputs["causal"] = causal
+        for path, (out, lse) in run_every_path(runner, inputs):
+            assert_matches_reference(out, inputs, lse, runner.epsilon)
+            assert out.transpose(1, 2).is_contiguous(), "the output is laid out as (B, Nq, H, Dv)"
 
 
-@pytest.mark.parametrize("runner,dtype", [p for r in WIDE_RUNNERS for p in _every_path(r, (torch.float32,
-                                                                                           torch.float16))])
+@pytest.mark.parametrize("runner,dtype", [p for r in WIDE_RUNNERS for p in _every_path(r)])
 def test_wide_heads_ignore_nan_in_padding_keys(runner, dtype):
-    num_queries, num_keys = _wide_problem(runner)
+    num_queries, num_keys = _wide_problem(runner, dtype)
     inputs, clean = nan_padding_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=261,
-                                            head_dim_v=300, dtype=dtype), runner.device)
+                                            head_dim_v=520, dtype=dtype), runner.device)
     for path, (out, lse) in run_every_path(runner, inputs):
         assert_matches_reference(out, clean, lse, runner.epsilon)
 
 
 def wide_strided_inputs(device, dtype: torch.dtype, num_queries: int, num_keys: int) -> dict:
-    """strided_inputs' layouts with wide heads (Dqk 261, Dv 300): a batch stride below the
+    """strided_inputs' layouts with wide heads (Dqk 261, Dv 520): a batch stride below the
     head stride (q), a channel stride of 2 (k), Dv as the slowest dimension of v, a
     transposed residual and a strided mask."""
     g = torch.Generator().manual_seed(5)
     q = torch.randn(3, 2, num_queries, 261, generator=g).to(device, dtype).transpose(0, 1)
     k = torch.randn(2, 3, num_keys, 522, generator=g).to(device, dtype)[..., ::2]
-    v = torch.randn(2, 300, num_keys, 3, generator=g).to(device, dtype).permute(0, 3, 2, 1)
-    residual = torch.randn(2, 3, 300, num_queries, generator=g).to(device, dtype).transpose(-1, -2)
+    v = torch.randn(2, 520, num_keys, 3, generator=g).to(device, dtype).permute(0, 3, 2, 1)
+    residual = torch.randn(2, 3, 520, num_queries, generator=g).to(device, dtype).transpose(-1, -2)
     mask = (torch.rand(2, 2 * num_keys, generator=g) < 0.3).to(device)[:, ::2]
     return dict(q=q, k=k, v=v, key_padding_mask=mask, residual=residual, scale=None)
 
 
-@pytest.mark.parametrize("runner,dtype", [p for r in WIDE_RUNNERS for p in _every_path(r, (torch.float32,
-                                                                                           torch.float16))])
+@pytest.mark.parametrize("runner,dtype", [p for r in WIDE_RUNNERS for p in _every_path(r)])
 def test_wide_heads_with_arbitrary_strides(runner, dtype):
-    inputs = wide_strided_inputs(runner.device, dtype, *_wide_problem(runner))
+    inputs = wide_strided_inputs(runner.device, dtype, *_wide_problem(runner, dtype))
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", _per_runner(lambda r: _every_path(r) if r.causal else ()))
+@pytest.mark.parametrize("dims", [(32, 48), (261, 261)], ids=lambda dims: f"d{dims[0]}x{dims[1]}")
+def test_causal_tile_crossing_the_diagonal_by_one_key(runner, dims, dtype):
+    """Nk - Nq = 62: the key tile ending at key 63 (64-key tiles; with 32-key tiles the
+    second) holds exactly one key that query 0 does not see, so it must be checked per
+    (row, key) although all its other keys are visible to every row of the block."""
+    inputs = make_inputs(Case(num_queries=20, num_keys=82, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
+                              residual=True), runner.device)
+    inputs["causal"] = True
     for path, (out, lse) in run_every_path(runner, inputs):
         assert_matches_reference(out, inputs, lse, runner.epsilon)
 
@@ -258,10 +274,41 @@ def test_decode_shape_with_many_query_tiles(runner, dtype):
 @pytest.mark.parametrize("runner,dtype", [p for r in WIDE_RUNNERS if r.gpu
                                           for p in _every_path(r, (torch.float16, torch.bfloat16))])
 @pytest.mark.parametrize("shape", [(2, 1, 512, 20_000), (2, 1, 20_000, 512)], ids=["encode", "decode"])
-def test_wide_heads_on_encode_and_decode_shapes(runner, dtype, shape):
-    # The image classifiers' encoder head (261 channels) on Perceiver IO shapes, default plans.
+@pytest.mark.parametrize("head_dim", [261, 322])
+def test_wide_heads_on_encode_and_decode_shapes(runner, dtype, shape, head_dim):
+    """The released models' wide heads on Perceiver IO shapes, many query tiles, default plans."""
     batch, heads, nq, nk = shape
-    inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=261, head_dim_v=261,
-                              dtype=dtype, mask=True, residual=True, transposed=True), runner.device)
+    inputs = make_inputs(Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=head_dim,
+                              head_dim_v=head_dim, dtype=dtype, mask=True, residual=True, transposed=True),
+                         runner.device)
     out, lse = runner.run(inputs)
     assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", _per_runner(lambda r: _every_path(r, (torch.float16, torch.bfloat16))
+                                                     if r.gpu and r.causal else ()))
+def test_causal_square_attention_in_many_splits(runner, dtype):
+    """Square causal attention cut into 32 splits of 256 keys: on an H100 or H200 the CUDA
+    kernels keep each split's K/V resident over 7 query tiles a block, each tile walks
+    only the key tiles it reaches, and splits past a block's reach stay empty."""
+    case = Case(batch=2, heads=1, num_queries=8000, num_keys=8000, head_dim_qk=64, head_dim_v=64, dtype=dtype,
+                mask=True, residual=True, transposed=True)
+    inputs = make_inputs(case, runner.device)
+    inputs["causal"] = True
+    out, lse = runner.run(inputs, num_splits=32)
+    assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in WIDE_RUNNERS if r.gpu])
+def test_wide_heads_offsets_beyond_int32(runner):
+    """K and V of 2^21 + 1000 keys x 1024 channels: element offsets pass 2^31; only the
+    last 1000 keys are attended, so the answer is attention over just those."""
+    num_keys, dim = 2**21 + 1000, 1024
+    q = torch.randn(1, 1, 16, dim, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 1, num_keys, dim, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, 1, num_keys, dim, device="cuda", dtype=torch.float16)
+    mask = torch.ones(1, num_keys, dtype=torch.bool, device="cuda")
+    mask[0, -1000:] = False
+    out, _ = runner.run(dict(q=q, k=k, v=v, key_padding_mask=mask, residual=None, scale=dim ** -0.5))
+    tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
+    assert_matches_reference(out, tail, epsilon=runner.epsilon)

@@ -1,5 +1,7 @@
 """The direction of imports (docs/DESIGN.md, "Layout"): perceiver -> perceiver_kernels'
-public API -> launchers -> kernels/ and _C, no cycles, nothing on the GPU at import."""
+public API, and inside the package api -> dispatch -> backends -> launchers -> kernels,
+with the foundation (the call's description, machine facts, policy, reference) below
+them all; no cycles, nothing on the GPU at import."""
 
 from __future__ import annotations
 
@@ -50,10 +52,55 @@ def test_the_op_never_imports_the_model_layer_benchmarks_or_tests():
 
 
 def test_triton_kernels_import_only_triton_and_each_other():
-    for path in _files("perceiver_kernels/kernels"):
-        for name in _imports(path, "perceiver_kernels.kernels", top_level_only=False):
-            allowed = name.split(".")[0] in ("os", "triton", "__future__") or name.startswith("perceiver_kernels.kernels")
+    for path in _files("perceiver_kernels/triton/kernels"):
+        for name in _imports(path, "perceiver_kernels.triton.kernels", top_level_only=False):
+            allowed = name.split(".")[0] in ("os", "triton", "__future__") or name.startswith(
+                "perceiver_kernels.triton.kernels")
             assert allowed, f"{path}: imports {name}"
+
+
+# The package's layers, top down; a module may import its own layer and those below. An
+# entry ending in "." is a package and everything in it; the longest entry that matches wins.
+LAYERS = (
+    ("api", ("perceiver_kernels", "perceiver_kernels.api")),
+    ("dispatch", ("perceiver_kernels.dispatch",)),
+    ("backends", ("perceiver_kernels.backends.", "perceiver_kernels.triton.backend", "perceiver_kernels.cuda.backend",
+                  "perceiver_kernels.torch.backend", "perceiver_kernels.autograd")),
+    ("launchers", ("perceiver_kernels.triton.", "perceiver_kernels.cuda.", "perceiver_kernels.torch.",
+                   "perceiver_kernels.kernel_launch")),
+    ("kernels", ("perceiver_kernels.triton.kernels.",)),
+    ("foundation", ("perceiver_kernels.problem", "perceiver_kernels.machine", "perceiver_kernels.policy",
+                    "perceiver_kernels.reference")),
+)
+KERNELS, FOUNDATION = 4, 5
+
+
+def _layer(module: str) -> int:
+    """The index in LAYERS of a module's layer."""
+    best, length = None, -1
+    for index, (_, entries) in enumerate(LAYERS):
+        for entry in entries:
+            package = entry.endswith(".")
+            matches = module.startswith(entry) or module == entry[:-1] if package else module == entry
+            if matches and len(entry) > length:
+                best, length = index, len(entry)
+    assert best is not None, f"{module} is in no layer of tests/test_layering.py"
+    return best
+
+
+def test_the_package_imports_downwards_only():
+    modules = {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+               for path in _files("perceiver_kernels")}
+    for module, path in modules.items():
+        for name in _imports(path, module, top_level_only=False):
+            # "from .x import y" names both x and x.y; only modules count, and not the
+            # packages around the importing module (Python imports them first anyway).
+            if name not in modules or name == module or module.startswith(name + "."):
+                continue
+            below = _layer(name) >= _layer(module)
+            leaving = _layer(module) in (KERNELS, FOUNDATION) and _layer(name) != _layer(module)
+            assert below and not leaving, \
+                f"{module} ({LAYERS[_layer(module)][0]}) imports {name} ({LAYERS[_layer(name)][0]})"
 
 
 def test_the_model_layer_uses_only_the_public_api():
@@ -94,7 +141,19 @@ def test_no_import_cycles_at_module_level():
 def test_importing_the_packages_touches_no_gpu_and_compiles_nothing():
     script = ("import sys, torch, perceiver_kernels, perceiver\n"
               "assert not torch.cuda.is_initialized()\n"
-              "assert 'perceiver_kernels.kernels.attention_fwd' not in sys.modules\n"
+              "assert 'perceiver_kernels.triton.kernels.attention_fwd' not in sys.modules\n"
+              "assert 'triton' not in sys.modules or 'perceiver_kernels.triton.forward' not in sys.modules\n"
               "assert 'perceiver_kernels._C' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_no_test_name_is_defined_in_two_test_files():
+    """One contract, one definition: a case a second file defines again drifts apart."""
+    files_of: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                files_of.setdefault(node.name, []).append(path.name)
+    twice = {name: files for name, files in files_of.items() if len(files) > 1}
+    assert not twice, twice

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels import ops
+from perceiver_kernels import autograd
 from tests.attention_cases import Case, assert_matches_reference, make_inputs
 from tests.conftest import HAS_GPU, KERNEL_DEVICE
 
@@ -148,9 +148,10 @@ def test_empty_dimensions():
 @KERNEL_BACKEND_TESTABLE
 def test_custom_op_passes_opcheck():
     inputs = make_inputs(Case(num_queries=5, num_keys=40, head_dim_v=24, mask=True, residual=True), "cpu")
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"], 0.25, False)
-    torch.library.opcheck(ops.triton_forward, args)
-    torch.library.opcheck(ops.triton_forward, args[:3] + (None, None, 0.25, False))
+    args = ("triton", inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"], 0.25,
+            False, False)
+    torch.library.opcheck(autograd.forward_op, args)
+    torch.library.opcheck(autograd.forward_op, args[:4] + (None, None, 0.25, True, False))
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
@@ -253,9 +254,9 @@ def test_causal_attention_on_the_torch_backend(num_queries, num_keys, masked, mo
     """Bottom-right causal masking, alone and with padding, against the reference, with
     gradients; rows that see no key (Nq > Nk) give the residual and zero gradients. A
     tiny mask-chunk bound makes the padded path build its mask in several chunks."""
-    from perceiver_kernels.backends import torch_backend
+    from perceiver_kernels.torch import sdpa
 
-    monkeypatch.setattr(torch_backend, "CAUSAL_MASK_CELLS", 2 * num_keys * 3)
+    monkeypatch.setattr(sdpa, "CAUSAL_MASK_CELLS", 2 * num_keys * 3)
     case = Case(num_queries=num_queries, num_keys=num_keys, head_dim_v=24, dtype=torch.float64, mask=masked,
                 residual=True)
     inputs = make_inputs(case, "cpu")
@@ -276,14 +277,16 @@ def test_causal_attention_on_the_torch_backend(num_queries, num_keys, masked, mo
 
 
 def test_causal_is_checked_and_every_kernel_backend_serves_it():
-    from perceiver_kernels.backends.cuda_backend import CudaBackend
-    from perceiver_kernels.backends.triton_backend import TritonBackend
+    from perceiver_kernels.backends import BACKENDS
 
     inputs = make_inputs(Case(), "cpu")
     with pytest.raises(TypeError, match="causal must be a bool"):
         pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], causal=1)
     explanation = pk.explain(inputs["q"], inputs["k"], inputs["v"], causal=True, backend="torch")
     assert explanation.chosen == "torch" and "causal" in str(explanation)
-    problem = explanation.problem._replace(device=torch.device("cuda", 0))
-    for backend in (CudaBackend(), TritonBackend()):
-        assert not any("causal" in reason for reason in backend.declared_refusals(problem)), backend.name
+    problem = explanation.problem._replace(device=torch.device("cuda", 0), requires_grad=True)
+    for name in ("triton", "cuda"):
+        backend = BACKENDS[name]
+        for implementation in (backend.forward, backend.backward):
+            assert implementation.capabilities.causal, name
+            assert not implementation.capabilities.refusals(problem, name), name

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels import ops
+from perceiver_kernels import autograd
 from tests.attention_cases import Case, make_inputs
 from tests.conftest import HAS_GPU, KERNEL_DEVICE
 from tests.test_backward_contract import DIFFERENTIABLE, assert_gradients_match
@@ -49,13 +49,22 @@ def test_gradcheck_of_the_torch_backend_in_float64():
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter path; the GPU runs it with compiled kernels")
 def test_custom_ops_pass_opcheck_with_gradients():
     inputs = make_inputs(Case(num_queries=5, num_keys=40, head_dim_v=24, mask=True, residual=True), "cpu")
-    leaves = [inputs[name].detach().requires_grad_() for name in DIFFERENTIABLE]
-    args = (*leaves[:3], inputs["key_padding_mask"], leaves[3], 0.25, False)
-    torch.library.opcheck(ops.triton_forward, args)
-    out, lse = ops.triton_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-    backward_args = (torch.randn_like(out), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]],
-                     out, lse, 0.25, False)
-    torch.library.opcheck(ops.triton_backward, backward_args)
+    q, k, v = (inputs[name].detach().requires_grad_() for name in "qkv")
+    # With gradients wanted the kernel backends pass no residual (they add it outside).
+    args = ("triton", q, k, v, inputs["key_padding_mask"], None, 0.25, False, False)
+    torch.library.opcheck(autograd.forward_op, args)
+    out, lse = autograd.forward_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    backward_args = ("triton", torch.randn_like(out), q.detach(), k.detach(), v.detach(), inputs["key_padding_mask"],
+                     out, lse, 0.25, False, False)
+    torch.library.opcheck(autograd.backward_op, backward_args)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter path")
+def test_the_forward_op_refuses_to_differentiate_a_fused_residual():
+    inputs = make_inputs(Case(num_queries=5, num_keys=40, head_dim_v=24, residual=True), "cpu")
+    q = inputs["q"].requires_grad_()
+    with pytest.raises(RuntimeError, match="without a residual when gradients are wanted"):
+        autograd.forward_op("triton", q, inputs["k"], inputs["v"], None, inputs["residual"], 0.25, False, False)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -152,6 +161,7 @@ def test_explicit_cuda_backend_trains_causal_through_the_triton_backward(num_que
 @needs_extension
 def test_cuda_custom_op_passes_opcheck():
     inputs = make_inputs(Case(num_queries=70, num_keys=300, dtype=torch.float16, mask=True, residual=True), "cuda")
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"], 0.25)
-    torch.library.opcheck(torch.ops.perceiver_kernels.cuda_forward.default, args,
+    args = ("cuda", inputs["q"], inputs["k"], inputs["v"], inputs["key_padding_mask"], inputs["residual"], 0.25,
+            False, False)
+    torch.library.opcheck(torch.ops.perceiver_kernels.forward.default, args,
                           test_utils=("test_schema", "test_faketensor"))

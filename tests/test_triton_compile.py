@@ -4,7 +4,7 @@ The interpreter runs the kernels' arithmetic but never their compiler. Here ever
 launch the launchers make (each dtype and head-dim pair, narrow and wide, ENCODE and
 DECODE, forward and backward) is compiled to SASS for sm_80 and sm_90 by
 tests/triton_compile.py in a subprocess (it needs TRITON_INTERPRET unset), with the
-config each launch takes from perceiver_kernels/triton_configs.py (the measured table
+config each launch takes from perceiver_kernels/triton/configs.py (the measured table
 and its heuristic, chosen for each target's shared memory) and with every config
 autotuning would try on the anchor.
 """
@@ -25,8 +25,6 @@ pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernel tests compi
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"attention_fwd_kernel", "attention_fwd_split_kernel", "merge_splits_kernel", "attention_bwd_delta_kernel",
            "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
-# The fused backward runs on Hopper, 16-bit, head dims up to 128 (triton_configs.FUSED_MAX_INNER).
-FUSED = {"attention_bwd_encode_kernel", "attention_bwd_decode_kernel"}
 NO_DOTS = {"merge_splits_kernel", "attention_bwd_delta_kernel", "attention_bwd_wide_delta_kernel"}
 # Head dims above 256: the wide kernels (Delta sums a Dv above 256 in chunks).
 WIDE_KERNELS = {"attention_fwd_wide_kernel", "attention_fwd_wide_split_kernel", "merge_splits_kernel",
@@ -34,49 +32,67 @@ WIDE_KERNELS = {"attention_fwd_wide_kernel", "attention_fwd_wide_split_kernel", 
 WIDE_DTYPES = ("bfloat16", "float32")
 
 
-def compile_records(*args: str, autotune: bool, shards: int = 2) -> list[dict]:
-    """Records of `python -m tests.triton_compile ARGS`, run in `shards` processes at once."""
+def _run_compile_check(shards: int = 2) -> list[dict]:
+    """Records of `python -m tests.triton_compile` (every suite), in `shards` processes at once."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PERCEIVER_KERNELS_AUTOTUNE"] = "1" if autotune else "0"
-    processes = [subprocess.Popen([sys.executable, "-m", "tests.triton_compile", *args, "--shard", f"{i}/{shards}"],
+    processes = [subprocess.Popen([sys.executable, "-m", "tests.triton_compile", "--shard", f"{i}/{shards}"],
                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i in range(shards)]
-    records = []
+    records, skip = [], None
     for process in processes:
         out, err = process.communicate(timeout=1800)
         if process.returncode == MISSING_INTERNALS_EXIT:
-            pytest.skip(err.strip().splitlines()[-1])
+            skip = err.strip().splitlines()[-1]
+            continue
         assert process.returncode == 0, err[-4000:]
         records += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if skip:
+        pytest.skip(skip)
     return records
 
 
+@pytest.fixture(scope="module")
+def all_builds():
+    """Every compile of every suite, each launch class compiled once (tests/triton_compile.py)."""
+    return _run_compile_check()
+
+
+def suite(records: list[dict], name: str) -> list[dict]:
+    return [r for r in records if name in r["suites"]]
+
+
+def of_case(record: dict, prefix: str) -> bool:
+    """Whether a record serves a case whose label starts with `prefix` ("dtype Dqk/Dv ...")."""
+    return any(label.startswith(prefix) for label in record["problems"])
+
+
+def label(record: dict) -> str:
+    return f"{record['problems'][0]} (+{len(record['problems']) - 1} cases) {record['kernel']} sm_{record['arch']} " \
+           f"{record['config']}"
+
+
 def failures(records: list[dict]) -> list[str]:
-    return [f"{r['problem']} {r['kernel']} sm_{r['arch']} {r['config']}: {r['error'][:600]}"
-            for r in records if r["error"]]
+    return [f"{label(r)}: {r['error'][:600]}" for r in records if r["error"]]
 
 
 @pytest.fixture(scope="module")
-def table_config_builds():
-    return compile_records(autotune=False)
+def table_config_builds(all_builds):
+    return suite(all_builds, "table")
 
 
 @pytest.fixture(scope="module")
-def causal_builds():
-    return compile_records("--dtypes", "bfloat16,float32", "--head-dims", "64/64,32/160", "--causal",
-                           autotune=False)
+def causal_builds(all_builds):
+    return suite(all_builds, "causal")
 
 
 @pytest.fixture(scope="module")
-def wide_builds():
-    return compile_records("--dtypes", ",".join(WIDE_DTYPES),
-                           "--head-dims", ",".join(f"{dqk}/{dv}" for dqk, dv in WIDE_HEAD_DIMS), "--causal",
-                           autotune=False)
+def wide_builds(all_builds):
+    return suite(all_builds, "wide")
 
 
 @pytest.fixture(scope="module")
-def tuned_anchor_builds():
-    return compile_records("--dtypes", "bfloat16", "--head-dims", "64/64", "--arch", "90", autotune=True)
+def tuned_anchor_builds(all_builds):
+    return suite(all_builds, "tuned")
 
 
 def test_every_launch_compiles_for_sm80_and_sm90_with_its_table_config(table_config_builds):
@@ -84,14 +100,13 @@ def test_every_launch_compiles_for_sm80_and_sm90_with_its_table_config(table_con
     for dtype in DTYPES:
         for dqk, dv in HEAD_DIMS:
             for arch in SHARED_MEMORY_LIMIT:
-                built = {r["kernel"] for r in table_config_builds
-                         if r["problem"].startswith(f"{dtype} {dqk}/{dv} ") and r["arch"] == arch}
-                fused = arch == 90 and dtype != "float32" and max(dqk, dv) <= 128
-                assert built == KERNELS | (FUSED if fused else set()), (dtype, dqk, dv, arch)
+                built = {r["kernel"] for r in table_config_builds if of_case(r, f"{dtype} {dqk}/{dv} ")
+                         and r["arch"] == arch}
+                assert built == KERNELS, (dtype, dqk, dv, arch)
 
 
 def test_the_table_configs_fit_the_shared_memory_of_every_target(table_config_builds):
-    too_big = [f"{r['problem']} {r['kernel']} sm_{r['arch']}: {r['shared_bytes']} bytes"
+    too_big = [f"{label(r)}: {r['shared_bytes']} bytes"
                for r in table_config_builds if not r["error"] and r["shared_bytes"] > SHARED_MEMORY_LIMIT[r["arch"]]]
     assert not too_big, "\n".join(too_big)
 
@@ -102,22 +117,21 @@ def test_on_hopper_16_bit_dots_are_wgmma_and_nothing_spills(table_config_builds)
     design: a backward with both heads wider than 128 takes 32-row blocks (64-row
     blocks, which wgmma needs, spill there) and runs on mma.sync."""
     for r in table_config_builds:
-        if r["arch"] != 90 or r["problem"].startswith("float32") or r["kernel"] in NO_DOTS:
+        if r["arch"] != 90 or not of_case(r, "float16") and not of_case(r, "bfloat16") or r["kernel"] in NO_DOTS:
             continue
-        assert r["stack_bytes"] == 0, f"{r['problem']} {r['kernel']} {r['config']} spills {r['stack_bytes']} bytes"
-        dims = [int(d) for d in r["problem"].split()[1].split("/")]
+        assert r["stack_bytes"] == 0, f"{label(r)} spills {r['stack_bytes']} bytes"
+        dims = [int(d) for d in r["problems"][0].split()[1].split("/")]
         wide_backward = "bwd" in r["kernel"] and min(dims) > 128
-        assert r["wgmma"] or wide_backward, f"{r['problem']} {r['kernel']} {r['config']} has no wgmma"
+        assert r["wgmma"] or wide_backward, f"{label(r)} has no wgmma"
 
 
 def test_causal_launches_compile_and_on_hopper_use_wgmma_without_spills(causal_builds):
-    causal = [r for r in causal_builds if "+causal" in r["problem"]]
-    assert not failures(causal), "\n".join(failures(causal))
-    assert {r["kernel"] for r in causal} >= {"attention_fwd_kernel", "attention_fwd_split_kernel",
-                                             "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
-    for r in causal:
-        if r["arch"] == 90 and r["problem"].startswith("bfloat16") and r["kernel"] not in NO_DOTS:
-            assert r["stack_bytes"] == 0 and r["wgmma"], f"{r['problem']} {r['kernel']} {r['config']}"
+    assert not failures(causal_builds), "\n".join(failures(causal_builds))
+    assert {r["kernel"] for r in causal_builds} >= {"attention_fwd_kernel", "attention_fwd_split_kernel",
+                                                    "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"}
+    for r in causal_builds:
+        if r["arch"] == 90 and of_case(r, "bfloat16") and r["kernel"] not in NO_DOTS:
+            assert r["stack_bytes"] == 0 and r["wgmma"], label(r)
 
 
 def test_wide_head_launches_compile_for_sm80_and_sm90_within_shared_memory(wide_builds):
@@ -126,25 +140,23 @@ def test_wide_head_launches_compile_for_sm80_and_sm90_within_shared_memory(wide_
         for dqk, dv in WIDE_HEAD_DIMS:
             delta = "attention_bwd_wide_delta_kernel" if dv > 256 else "attention_bwd_delta_kernel"
             for arch in SHARED_MEMORY_LIMIT:
-                built = [r for r in wide_builds
-                         if r["problem"].startswith(f"{dtype} {dqk}/{dv} ") and r["arch"] == arch]
+                built = [r for r in wide_builds if of_case(r, f"{dtype} {dqk}/{dv} ") and r["arch"] == arch]
                 assert {r["kernel"] for r in built} == WIDE_KERNELS | {delta}, (dtype, dqk, dv, arch)
-                assert any("+causal" in r["problem"] for r in built)
+                assert any(any("+causal" in case for case in r["problems"]) for r in built)
                 too_big = [r for r in built if r["shared_bytes"] > SHARED_MEMORY_LIMIT[arch]]
                 assert not too_big, too_big
 
 
 def test_wide_head_launches_do_not_spill_and_the_forward_uses_wgmma_on_hopper(wide_builds):
-    """The wide kernels' tiles (triton_launch.WIDE_*, triton_configs) were chosen so that
+    """The wide kernels' tiles (triton/tiling.py, triton/configs.py) were chosen so that
     no launch spills, on either target, in any dtype, with rows of 261 elements (not
     16-byte aligned: every element is loaded with its own address) the tightest. The
     16-bit forward runs its dots on wgmma on sm_90; the backward's 32-row blocks (two
     256-channel accumulators) run on mma.sync."""
     for r in wide_builds:
-        assert r["stack_bytes"] == 0, f"{r['problem']} {r['kernel']} sm_{r['arch']} {r['config']} spills " \
-                                      f"{r['stack_bytes']} bytes ({r['registers']} registers)"
-        if r["arch"] == 90 and r["problem"].startswith("bfloat16") and "fwd" in r["kernel"]:
-            assert r["wgmma"], f"{r['problem']} {r['kernel']} {r['config']} has no wgmma"
+        assert r["stack_bytes"] == 0, f"{label(r)} spills {r['stack_bytes']} bytes ({r['registers']} registers)"
+        if r["arch"] == 90 and of_case(r, "bfloat16") and "fwd" in r["kernel"]:
+            assert r["wgmma"], f"{label(r)} has no wgmma"
 
 
 def test_every_tuned_config_of_the_anchor_compiles_and_one_per_kernel_does_not_spill(tuned_anchor_builds):
@@ -157,6 +169,15 @@ def test_every_tuned_config_of_the_anchor_compiles_and_one_per_kernel_does_not_s
         clean = [r for r in tuned_anchor_builds if r["kernel"] == kernel and r["stack_bytes"] == 0
                  and r["shared_bytes"] <= SHARED_MEMORY_LIMIT[90]]
         assert clean, f"every tuned config of {kernel} spills registers or overflows shared memory"
+
+
+def test_each_launch_class_is_compiled_once(all_builds):
+    """The suites share launch classes (the causal suite's and the tuned anchor's table
+    configs, ENCODE and DECODE twins); each is compiled once and serves them all."""
+    keys = [(r["kernel"], r["arch"], json.dumps(r["config"], sort_keys=True), tuple(r["problems"]))
+            for r in all_builds]
+    assert len(keys) == len(set(keys))
+    assert any(len(r["suites"]) > 1 for r in all_builds)
 
 
 def test_the_compile_check_reports_what_the_interpreter_accepts(tmp_path):
@@ -174,10 +195,10 @@ def test_the_compile_check_reports_what_the_interpreter_accepts(tmp_path):
         "import json, sys, torch\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "from broken_kernel import scale_kernel\n"
-        "from tests.triton_compile import Problem, compile_launch\n"
-        "problem = Problem('float32', 16, 16, 1, 1)\n"
+        "from tests.triton_compile import CompileCase, compile_launch\n"
+        "case = CompileCase('float32', 16, 16, 1, 1)\n"
         "args, kwargs = (torch.zeros(16), 16), {'BLOCK': 16}\n"
-        "print(json.dumps([r.error for r in compile_launch(scale_kernel, args, kwargs, 90, problem)]))\n"
+        "print(json.dumps([compile_launch(scale_kernel, args, kwargs, 90, case).error]))\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,

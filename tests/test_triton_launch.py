@@ -8,21 +8,24 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels.triton_launch import plan_triton_forward
+from perceiver_kernels import policy
+from perceiver_kernels.problem import Problem
+from perceiver_kernels.triton.forward import plan_splits
 from tests.attention_cases import Case, assert_matches_reference, make_inputs
 from tests.conftest import KERNEL_DEVICE
 from tests.kernel_runners import _triton_forward
 
 
-def test_split_plan_fills_the_gpu(monkeypatch):
-    from perceiver_kernels import chunking
+def gpu_problem(batch, heads, num_queries, num_keys, dtype=torch.bfloat16, dims=(64, 64)) -> Problem:
+    return Problem(torch.device("cuda", 0), dtype, batch, heads, num_queries, num_keys, *dims)
 
-    monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)  # an H100
-    gpu = torch.device("cuda", 0)
-    enc3 = plan_triton_forward(1, 8, 256, 400_000, 64, 64, gpu)  # 16 programs unsplit
-    enc1 = plan_triton_forward(8, 8, 256, 50_176, 64, 64, gpu)   # 128 programs unsplit
-    dec1 = plan_triton_forward(8, 8, 50_176, 256, 64, 64, gpu)   # thousands of query tiles
-    short = plan_triton_forward(1, 1, 64, 700, 64, 64, gpu)      # too few keys for a split to pay
+
+def test_split_plan_fills_the_gpu(fake_gpu):
+    fake_gpu("sm_90", 132)  # an H100
+    enc3 = plan_splits(gpu_problem(1, 8, 256, 400_000))  # 16 programs unsplit
+    enc1 = plan_splits(gpu_problem(8, 8, 256, 50_176))   # 128 programs unsplit
+    dec1 = plan_splits(gpu_problem(8, 8, 50_176, 256))   # thousands of query tiles
+    short = plan_splits(gpu_problem(1, 1, 64, 700))      # too few keys for a split to pay
     assert enc3.num_splits == 17
     assert enc1.num_splits == 3
     assert dec1.num_splits == 1
@@ -30,15 +33,12 @@ def test_split_plan_fills_the_gpu(monkeypatch):
     assert enc3.keys_per_split % 128 == 0 and enc3.keys_per_split * enc3.num_splits >= 400_000
 
 
-def test_exact_fp32_splits_with_shorter_query_tiles(monkeypatch):
+def test_exact_fp32_splits_with_shorter_query_tiles(fake_gpu):
     """Exact fp32 dots keep operands in registers: 64-row tiles, so twice the programs."""
-    from perceiver_kernels import chunking
-
-    monkeypatch.setattr(chunking, "multiprocessor_count", lambda device: 132)
-    gpu = torch.device("cuda", 0)
-    exact = plan_triton_forward(1, 8, 256, 400_000, 64, 64, gpu, exact_fp32=True)  # 32 programs unsplit
+    fake_gpu("sm_90", 132)
+    exact = plan_splits(gpu_problem(1, 8, 256, 400_000, torch.float32))  # 32 programs unsplit
     assert exact.query_tile_rows == 64 and exact.num_splits == 9
-    assert plan_triton_forward(1, 8, 256, 400_000, 64, 64, gpu).query_tile_rows == 128
+    assert plan_splits(gpu_problem(1, 8, 256, 400_000)).query_tile_rows == 128
 
 
 @pytest.mark.parametrize("dtype, allow_tf32, block_dv", [
@@ -50,10 +50,10 @@ def test_launches_widen_the_value_block_on_tensor_cores(dtype, allow_tf32, block
     """Dqk=40, Dv=24 (blocks 64 and 32) gave wrong results with 16-bit inputs on an H200
     (Triton 3.6) unless both blocks were 64: every kernel the launchers start for such
     inputs, forward and backward, ENCODE and DECODE, gets equal blocks on tensor cores."""
-    from tests.triton_compile import Problem, record_launches
+    from tests.triton_compile import CompileCase, record_launches
 
     for num_queries, num_keys in ((128, 4096), (4096, 128)):
-        launches = record_launches(Problem(dtype, 40, 24, num_queries, num_keys), allow_tf32=allow_tf32)
+        launches = record_launches(CompileCase(dtype, 40, 24, num_queries, num_keys), allow_tf32=allow_tf32)
         assert len(launches) >= 3
         for kernel, _, kwargs in launches:
             assert kwargs["BLOCK_DV"] == block_dv, kernel
@@ -75,16 +75,14 @@ def test_chained_dots_reproducer_runs_and_is_right_in_the_interpreter():
 @pytest.mark.parametrize("shape", [(8, 8, 256, 50_176), (1, 8, 256, 400_000), (2, 8, 20_000, 256)],
                          ids=["enc1", "enc3", "dec"])
 def test_auto_on_perceiver_shapes(shape, dtype):
-    """auto takes the kernels exactly where they were measured faster (auto_policy), and
+    """auto takes the kernels exactly where they were measured faster (policy), and
     whichever backend it takes is right."""
-    from perceiver_kernels.backends.auto_policy import kernels_measured_faster
-
     batch, heads, nq, nk = shape
     case = Case(batch=batch, heads=heads, num_queries=nq, num_keys=nk, head_dim_qk=64, head_dim_v=64,
                 dtype=dtype, mask=True, residual=True, transposed=True)
     inputs = make_inputs(case, "cuda")
     explanation = pk.explain(**inputs)
-    assert explanation.chosen == ("triton" if kernels_measured_faster(explanation.problem) else "torch"), \
+    assert explanation.chosen == ("torch" if policy.auto_declines("triton", explanation.problem) else "triton"), \
         str(explanation)
     out = pk.cross_attention(**inputs)
     assert_matches_reference(out[:, :, :64], {**inputs, "q": inputs["q"][:, :, :64],

@@ -3,7 +3,7 @@
 The interpreter that runs the kernels in CI executes them in numpy: it never meets
 the compiler, so it cannot see code that only fails on a GPU (a global Triton
 refuses, a dot too small for the tensor cores, a tile that overflows shared memory).
-This module runs the real launchers of perceiver_kernels.triton_launch on CPU tensors
+This module runs the real launchers of perceiver_kernels.triton on CPU tensors
 with the kernels swapped for recorders, then compiles each recorded launch with
 Triton's own argument specialization, for every config the autotuner would try after
 pruning (or the one fixed config when PERCEIVER_KERNELS_AUTOTUNE=0), through PTX to
@@ -11,10 +11,15 @@ SASS with Triton's ptxas, for sm_80 and sm_90. A stand-in driver reports the tar
 being compiled for and launches nothing. Each compiled kernel's shared memory,
 registers and spills come back as one JSON record per line.
 
+The launches of all the suites (SUITES) are recorded first and compiled once each:
+many cases launch the same kernel with the same specialization and config, and a
+record names every case and suite it serves.
+
 It must run with TRITON_INTERPRET unset (the decorators read it at import), so the
 tests call it in a subprocess:
 
-    python -m tests.triton_compile --dtypes bfloat16 --head-dims 64/64 --arch 90 --shard 0/2
+    python -m tests.triton_compile --shard 0/2                      # every suite, half the compiles
+    python -m tests.triton_compile --dtypes bfloat16 --head-dims 64/64 --arch 90   # one custom suite
 
 Triton's internals are used where a launch uses them (JITFunction.warmup, the
 autotuner's pruning, the active driver); where this Triton lacks one, the module
@@ -24,7 +29,6 @@ exits with MISSING_INTERNALS_EXIT and the tests skip with the reason.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -33,7 +37,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -45,7 +48,7 @@ MISSING_INTERNALS_EXIT = 3
 
 
 @dataclass(frozen=True)
-class Problem:
+class CompileCase:
     """One forward + backward call of the launchers."""
 
     dtype: str
@@ -56,12 +59,13 @@ class Problem:
     masked: bool = True
     residual: bool = True
     causal: bool = False
+    variant: str = "timed"  # of perceiver_kernels/triton/variants.py
 
     @property
     def label(self) -> str:
         shape = "encode" if self.num_keys > self.num_queries else "decode"
         extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
-                          "+causal" if self.causal else ""))
+                          "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else ""))
         return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape}{extras}"
 
 
@@ -70,19 +74,41 @@ HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 # ten forward slices (32/1280), both wide and aligned (512/512), a narrow Dv (1280/24).
 WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (512, 512), (1280, 24))
 DTYPES = ("float16", "bfloat16", "float32")
+ARCHS = (80, 90)
 
 
-def problems(dtypes=DTYPES, head_dims=HEAD_DIMS, flags=((True, True),), causal: bool = False) -> list[Problem]:
-    """An ENCODE and a DECODE problem for each dtype, (Dqk, Dv) and (masked, residual);
-    with `causal`, their causal twins too.
+@dataclass(frozen=True)
+class Suite:
+    """Cases compiled for some architectures, with their table configs or (tuned) every
+    config autotuning would try."""
 
-    ENCODE runs split (split and merge kernels; record_launches forces it) and the
-    fused or chunked-dQ backward; DECODE takes the one-program-per-tile kernel and the
-    fused or chunked-dK/dV backward.
-    """
-    return [Problem(dtype, dqk, dv, num_queries, num_keys, masked, residual, is_causal)
-            for dtype in dtypes for dqk, dv in head_dims for masked, residual in flags
-            for num_queries, num_keys in ((128, 4096), (4096, 128)) for is_causal in ((False, True) if causal else (False,))]
+    dtypes: tuple[str, ...]
+    head_dims: tuple[tuple[int, int], ...]
+    causal: tuple[bool, ...] = (False,)
+    archs: tuple[int, ...] = ARCHS
+    tuned: bool = False
+    flags: tuple[tuple[bool, bool], ...] = ((True, True),)  # (masked, residual)
+    variant: str = "timed"
+
+    def cases(self) -> list["CompileCase"]:
+        return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant)
+                for dtype in self.dtypes for dqk, dv in self.head_dims for masked, residual in self.flags
+                for num_queries, num_keys in ((128, 4096), (4096, 128)) for causal in self.causal]
+
+
+SUITES = {
+    # Every dtype and narrow head dim with its table config, ENCODE and DECODE.
+    "table": Suite(DTYPES, HEAD_DIMS),
+    # The causal launches (their non-causal twins are the table's).
+    "causal": Suite(("bfloat16", "float32"), ((64, 64), (32, 160)), causal=(True,)),
+    # The wide kernels, causal or not.
+    "wide": Suite(("bfloat16", "float32"), WIDE_HEAD_DIMS, causal=(False, True)),
+    # Every config autotuning would try on the anchor, for Hopper.
+    "tuned": Suite(("bfloat16",), ((64, 64),), archs=(90,), tuned=True),
+    # The rewrites no GPU has timed yet, where they serve (the timed kernels elsewhere:
+    # their launches are the table's and compile once).
+    "untimed": Suite(DTYPES, HEAD_DIMS + WIDE_HEAD_DIMS, causal=(False, True), variant="untimed"),
+}
 
 
 class _Recorder:
@@ -96,64 +122,54 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
-def record_launches(problem: Problem, allow_tf32: bool = False, arch: int | None = None) -> list[tuple]:
+def record_launches(case: CompileCase, allow_tf32: bool = False, arch: int | None = None) -> list[tuple]:
     """(kernel, args, kwargs) of every launch of one forward and one backward call.
 
     The launches take the configs the launchers choose for a GPU of compute capability
-    `arch` (its shared memory included), or for the interpreter when arch is None;
-    under PERCEIVER_KERNELS_AUTOTUNE=1, _configs_to_try adds the tuning space.
+    `arch` (its shared memory included), or for the interpreter when arch is None.
     """
-    from perceiver_kernels import triton_configs, triton_launch
-    from perceiver_kernels.kernels import (attention_bwd, attention_bwd_fused, attention_bwd_wide, attention_fwd,
-                                           attention_fwd_wide)
+    from perceiver_kernels.triton import backward, configs, forward, variants
+    from tests.kernel_runners import kernel_call
 
-    dtype = getattr(torch, problem.dtype)
+    dtype = getattr(torch, case.dtype)
     batch, heads = 1, 2
-    q = torch.randn(batch, heads, problem.num_queries, problem.head_dim_qk, dtype=dtype)
-    k = torch.randn(batch, heads, problem.num_keys, problem.head_dim_qk, dtype=dtype)
-    v = torch.randn(batch, heads, problem.num_keys, problem.head_dim_v, dtype=dtype)
-    mask = torch.zeros(batch, problem.num_keys, dtype=torch.bool) if problem.masked else None
-    residual = torch.randn(batch, heads, problem.num_queries, problem.head_dim_v, dtype=dtype) \
-        if problem.residual else None
-    scale = problem.head_dim_qk**-0.5
+    inputs = dict(
+        q=torch.randn(batch, heads, case.num_queries, case.head_dim_qk, dtype=dtype),
+        k=torch.randn(batch, heads, case.num_keys, case.head_dim_qk, dtype=dtype),
+        v=torch.randn(batch, heads, case.num_keys, case.head_dim_v, dtype=dtype),
+        key_padding_mask=torch.zeros(batch, case.num_keys, dtype=torch.bool) if case.masked else None,
+        residual=torch.randn(batch, heads, case.num_queries, case.head_dim_v, dtype=dtype) if case.residual else None,
+        scale=None, causal=case.causal,
+    )
+    call = kernel_call(inputs, allow_tf32)
 
     launches: list = []
-    kernels = [(attention_fwd, name) for name in ("attention_fwd_kernel", "attention_fwd_split_kernel",
-                                                  "merge_splits_kernel")]
-    kernels += [(attention_bwd, name) for name in ("attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel",
-                                                   "attention_bwd_dq_kernel")]
-    kernels += [(attention_bwd_fused, name) for name in ("attention_bwd_encode_kernel", "attention_bwd_decode_kernel")]
-    kernels += [(attention_fwd_wide, name) for name in ("attention_fwd_wide_kernel", "attention_fwd_wide_split_kernel")]
-    kernels += [(attention_bwd_wide, name)
-                for name in ("attention_bwd_wide_delta_kernel", "attention_bwd_wide_dkdv_kernel",
-                             "attention_bwd_wide_dq_kernel")]
-    originals = [(module, name, getattr(module, name)) for module, name in kernels]
-    originals += [(triton_configs, "AUTOTUNE", triton_configs.AUTOTUNE),
-                  (triton_configs, "device_facts", triton_configs.device_facts),
-                  (triton_configs, "choose", triton_configs.choose)]
+    originals = [(module, name, getattr(module, name)) for name, module in configs.MODULES.items()]
+    settings = [(configs, "AUTOTUNE", configs.AUTOTUNE), (configs, "device_facts", configs.device_facts)]
+
+    def clear_caches():
+        for cached in (configs.choose, forward.plan_forward, backward.plan_backward):
+            cached.cache_clear()
+
     try:
-        for module, name, kernel in originals[: len(kernels)]:
+        for module, name, kernel in originals:
             setattr(module, name, _Recorder(kernel, launches))
-        triton_configs.AUTOTUNE = False  # the table's config is recorded; _configs_to_try adds the tuning space
+        configs.AUTOTUNE = False  # the table's config is recorded; a tuned suite adds the tuning space
         if arch is not None:
             facts = (f"sm_{arch}", SHARED_MEMORY_LIMIT[arch])
-            triton_configs.device_facts = lambda device: facts
-            triton_configs.choose = functools.lru_cache(maxsize=None)(triton_configs.choose.__wrapped__)
-        # ENCODE forces a split, so the split and merge kernels are compiled whatever the tiles.
-        num_splits = 3 if problem.num_keys > problem.num_queries else None
-        out, lse = triton_launch.run_triton_forward(q, k, v, mask, residual, scale, allow_tf32=allow_tf32,
-                                                    num_splits=num_splits, causal=problem.causal)
-        out, lse = torch.randn_like(out), torch.randn_like(lse)
-        for variant in triton_launch.BACKWARD_VARIANTS:  # the fused kernels and the general ones
-            os.environ["PERCEIVER_KERNELS_BACKWARD"] = variant
-            triton_launch.run_triton_backward(torch.randn_like(out), q, k, v, mask, residual, out, lse, scale,
-                                              allow_tf32=allow_tf32, causal=problem.causal)
+            configs.device_facts = lambda device: facts
+        clear_caches()
+        with variants.running(case.variant):
+            # The timed ENCODE forces a split, so the split and merge kernels are compiled
+            # whatever the tiles; rewrites take their own plans.
+            timed_split = case.num_keys > case.num_queries and case.variant == variants.TIMED
+            out, lse = forward.run_forward(call, num_splits=3 if timed_split else None)
+            out, lse = torch.randn_like(out), torch.randn_like(lse)
+            backward.run_backward(call.without_residual(), torch.randn_like(out), out, lse)
     finally:
-        os.environ.pop("PERCEIVER_KERNELS_BACKWARD", None)
-        for module, name, original in originals:
+        for module, name, original in originals + settings:
             setattr(module, name, original)
-        triton_launch._forward_launch.cache_clear()
-        triton_launch.plan_triton_backward.cache_clear()
+        clear_caches()
     return launches
 
 
@@ -178,22 +194,22 @@ class _CompileOnlyDriver:
         return GPUTarget("cuda", self.arch, 32)
 
 
-def _configs_to_try(kernel, args, kwargs, arch: int) -> list[dict]:
-    """The launch's own config, or under PERCEIVER_KERNELS_AUTOTUNE=1 every config the
-    autotuner would try for it (the tuning space pruned for this shape class and target)."""
-    from perceiver_kernels import triton_configs
+def _configs_to_try(kernel, args, kwargs, arch: int, tuned: bool) -> list[dict]:
+    """The launch's own config, or (tuned) every config the autotuner would try for it
+    (the tuning space pruned for this shape class and target)."""
+    from perceiver_kernels.triton import configs
 
     name = kernel.__name__
-    if not triton_configs.AUTOTUNE or name not in triton_configs.SEARCH_SPACES:
+    if not tuned or name not in configs.SEARCH_SPACES:
         return [{}]
     named = {**dict(zip(kernel.arg_names, args)), **kwargs}
-    shape = triton_configs.shape_class(name, named)
-    device_facts = triton_configs.device_facts
+    shape = configs.shape_class(name, named)
+    device_facts = configs.device_facts
     try:
-        triton_configs.device_facts = lambda device: (f"sm_{arch}", SHARED_MEMORY_LIMIT[arch])
-        space = triton_configs.search_space(shape, torch.device("cpu"))
+        configs.device_facts = lambda device: (f"sm_{arch}", SHARED_MEMORY_LIMIT[arch])
+        space = configs.search_space(shape, torch.device("cpu"))
     finally:
-        triton_configs.device_facts = device_facts
+        configs.device_facts = device_facts
     return [config.kwargs(name) for config in space]
 
 
@@ -225,7 +241,8 @@ def _resource_usage(cubin: bytes) -> dict:
 
 @dataclass
 class CompileRecord:
-    problem: str
+    problems: list[str]  # the labels of the cases that launch it
+    suites: list[str]
     kernel: str
     arch: int
     config: dict
@@ -235,31 +252,86 @@ class CompileRecord:
     stack_bytes: int | None = None
     local_bytes: int | None = None
     wgmma: int | None = None  # Hopper warpgroup matrix instructions in the PTX
+    tma: int | None = None  # tensor-memory-accelerator copies (cp.async.bulk.tensor) in the PTX
+    warp_specialized: bool | None = None  # the TTGIR holds ttg.warp_specialize
 
 
-def compile_launch(kernel, args, kwargs, arch: int, problem: Problem) -> Iterator[CompileRecord]:
+def _specialization(value) -> tuple:
+    """What Triton specializes a launch argument on: a tensor's dtype, an int's being 1 or
+    a multiple of 16; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ("int", value == 1, value % 16 == 0)
+    if isinstance(value, float):
+        return ("float",)
+    if hasattr(value, "base") and hasattr(value, "block_shape"):  # a host-side TensorDescriptor
+        return ("descriptor", str(value.base.dtype), tuple(value.block_shape),
+                tuple(_specialization(stride)[1:] for stride in value.strides))
+    return (repr(value),)
+
+
+@dataclass
+class CompileUnit:
+    """One kernel compile: a launch's kernel, arguments and config, for one architecture,
+    and every case and suite that launches it so."""
+
+    kernel: object
+    args: tuple
+    kwargs: dict
+    arch: int
+    config: dict
+    problems: list[str]
+    suites: list[str]
+
+
+def compile_units(suites: dict[str, Suite]) -> list[CompileUnit]:
+    """The distinct compiles of every suite's launches, in a fixed order."""
+    units: dict[tuple, CompileUnit] = {}
+    for suite_name, suite in suites.items():
+        for case in suite.cases():
+            for arch in suite.archs:
+                for kernel, args, kwargs in record_launches(case, arch=arch):
+                    for config in _configs_to_try(kernel, args, kwargs, arch, suite.tuned):
+                        launch = {**kwargs, **config}
+                        key = (kernel.__name__, arch, tuple(sorted(launch.items())),
+                               tuple(_specialization(a) for a in args))
+                        unit = units.setdefault(key, CompileUnit(kernel, args, launch, arch, config, [], []))
+                        if case.label not in unit.problems:
+                            unit.problems.append(case.label)
+                        if suite_name not in unit.suites:
+                            unit.suites.append(suite_name)
+    return list(units.values())
+
+
+def compile_unit(unit: CompileUnit) -> CompileRecord:
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    jit_function = kernel if isinstance(kernel, JITFunction) else kernel.fn  # an autotuner wraps one
+    jit_function = unit.kernel if isinstance(unit.kernel, JITFunction) else unit.kernel.fn  # an autotuner wraps one
     # This process only compiles, so the stand-in is never swapped back.
-    driver.set_active(_CompileOnlyDriver(arch))
-    for config in _configs_to_try(jit_function, args, kwargs, arch):
-        launch = {**kwargs, **config}
-        record = CompileRecord(problem.label, jit_function.__name__, arch,
-                               {key: value for key, value in launch.items()
-                                if key in ("BLOCK_M", "BLOCK_N", "BLOCK_INNER", "num_warps", "num_stages")})
-        try:
-            compiled = jit_function.warmup(*args, grid=(1,), **launch)
-        except Exception as error:  # noqa: BLE001 (every compile failure is a finding)
-            record.error = f"{type(error).__name__}: {error}"[:2000]
-        else:
-            record.shared_bytes = compiled.metadata.shared
-            usage = _resource_usage(compiled.asm["cubin"])
-            record.registers, record.stack_bytes = usage.get("reg"), usage.get("stack")
-            record.local_bytes = usage.get("local")
-            record.wgmma = compiled.asm["ptx"].count("wgmma.mma_async")
-        yield record
+    driver.set_active(_CompileOnlyDriver(unit.arch))
+    record = CompileRecord(unit.problems, unit.suites, jit_function.__name__, unit.arch,
+                           {key: value for key, value in unit.kwargs.items()
+                            if key in ("BLOCK_M", "BLOCK_N", "BLOCK_INNER", "num_warps", "num_stages")})
+    try:
+        compiled = jit_function.warmup(*unit.args, grid=(1,), **unit.kwargs)
+    except Exception as error:  # noqa: BLE001 (every compile failure is a finding)
+        record.error = f"{type(error).__name__}: {error}"[:2000]
+    else:
+        record.shared_bytes = compiled.metadata.shared
+        usage = _resource_usage(compiled.asm["cubin"])
+        record.registers, record.stack_bytes = usage.get("reg"), usage.get("stack")
+        record.local_bytes = usage.get("local")
+        record.wgmma = compiled.asm["ptx"].count("wgmma.mma_async")
+        record.tma = compiled.asm["ptx"].count("cp.async.bulk.tensor")
+        record.warp_specialized = "ttg.warp_specialize" in compiled.asm.get("ttgir", "")
+    return record
+
+
+def compile_launch(kernel, args, kwargs, arch: int, case: CompileCase) -> CompileRecord:
+    """The record of compiling one launch (a kernel of any module) for one architecture."""
+    return compile_unit(CompileUnit(kernel, args, kwargs, arch, {}, [case.label], ["custom"]))
 
 
 def _triton_version() -> str:
@@ -278,14 +350,15 @@ def _missing_internals() -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.triton_compile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated torch dtypes")
+    parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated suites of {list(SUITES)}")
+    parser.add_argument("--dtypes", help="a custom suite instead: comma-separated torch dtypes")
     parser.add_argument("--head-dims", default=",".join(f"{a}/{b}" for a, b in HEAD_DIMS),
-                        help="comma-separated Dqk/Dv pairs")
+                        help="the custom suite's comma-separated Dqk/Dv pairs")
     parser.add_argument("--both-flags", action="store_true",
-                        help="also compile without mask and residual (default: both on)")
-    parser.add_argument("--causal", action="store_true", help="also compile the causal launches")
-    parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities")
-    parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th launch from the i-th")
+                        help="the custom suite also without mask and residual (default: both on)")
+    parser.add_argument("--causal", action="store_true", help="the custom suite's causal launches too")
+    parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="the custom suite's compute capabilities")
+    parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th unit from the i-th")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("TRITON_INTERPRET=1 makes the kernels interpreted: unset it")
@@ -295,16 +368,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"this Triton ({_triton_version()}) lacks {missing}, which the compile check drives", file=sys.stderr)
         sys.exit(MISSING_INTERNALS_EXIT)
 
-    head_dims = [tuple(int(d) for d in pair.split("/")) for pair in args.head_dims.split(",")]
-    flags = ((True, True), (False, False)) if args.both_flags else ((True, True),)
-    chosen = problems(args.dtypes.split(","), head_dims, flags, args.causal)
-    work = [(arch, problem, launch) for problem in chosen for arch in (int(a) for a in args.arch.split(","))
-            for launch in record_launches(problem, arch=arch)]
-    for index, (arch, problem, (kernel, launch_args, launch_kwargs)) in enumerate(work):
-        if index % shards != shard:
-            continue
-        for record in compile_launch(kernel, launch_args, launch_kwargs, arch, problem):
-            print(json.dumps(asdict(record)), flush=True)
+    if args.dtypes:
+        head_dims = tuple(tuple(int(d) for d in pair.split("/")) for pair in args.head_dims.split(","))
+        flags = ((True, True), (False, False)) if args.both_flags else ((True, True),)
+        suites = {"custom": Suite(tuple(args.dtypes.split(",")), head_dims, (False, True) if args.causal else (False,),
+                                  tuple(int(a) for a in args.arch.split(",")), flags=flags)}
+    else:
+        unknown = set(args.suites.split(",")) - set(SUITES)
+        if unknown:
+            parser.error(f"unknown suites {sorted(unknown)}; the suites are {list(SUITES)}")
+        suites = {name: SUITES[name] for name in args.suites.split(",")}
+    for index, unit in enumerate(compile_units(suites)):
+        if index % shards == shard:
+            print(json.dumps(asdict(compile_unit(unit))), flush=True)
 
 
 if __name__ == "__main__":

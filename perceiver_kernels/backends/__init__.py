@@ -1,14 +1,20 @@
-"""The backends of cross_attention and the order "auto" tries them in."""
+"""The backends of cross_attention, as pairs of a forward and a backward, and the order
+"auto" tries them in."""
 
-from .base import Backend
-from .cuda_backend import CudaBackend
-from .torch_backend import TorchBackend
-from .triton_backend import TritonBackend
+from ..cuda import backend as cuda
+from ..torch.backend import TorchBackend
+from ..triton import backend as triton
+from .base import Backend, KernelBackend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), CudaBackend(), TorchBackend())}
+BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
+    KernelBackend("triton", triton.FORWARD, triton.BACKWARD),
+    # The CUDA forward trains through the Triton backward, from the CUDA forward's lse.
+    KernelBackend("cuda", cuda.FORWARD, triton.BACKWARD),
+    TorchBackend(),
+)}
 
-# "auto" takes the first backend that accepts the input. The fused kernels come
-# first; "torch" accepts everything, so "auto" always finds one.
+# "auto" takes the first backend that accepts the input and that policy.py does not
+# decline: the fused kernels first; "torch" accepts everything, so "auto" always finds one.
 AUTO_PRIORITY: tuple[str, ...] = ("triton", "cuda", "torch")
 
 __all__ = ["AUTO_PRIORITY", "BACKENDS", "Backend"]

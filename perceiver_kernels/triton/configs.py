@@ -1,5 +1,5 @@
 """Launch configurations of the Triton kernels: measured per GPU architecture, a
-heuristic for the rest, and autotuning only on request.
+heuristic for the rest, and autotuning only on request; and the kernels by name.
 
 By default every launch takes its config (tile sizes, warps, pipeline stages) from
 MEASURED, the winners of autotuning on a GPU for the shape classes that were tuned
@@ -22,26 +22,41 @@ from typing import Optional
 
 import torch
 
+from .. import machine
+from ..kernel_launch import next_power_of_2
+from ..problem import Problem
+from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide
+
 AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "0") == "1"
 
 # The kernels, by the names the launchers and the compile check use.
 FORWARD_TILE = "attention_fwd_kernel"
 FORWARD_SPLIT = "attention_fwd_split_kernel"
+MERGE = "merge_splits_kernel"
+BACKWARD_DELTA = "attention_bwd_delta_kernel"
 BACKWARD_DKDV = "attention_bwd_dkdv_kernel"
 BACKWARD_DQ = "attention_bwd_dq_kernel"
-BACKWARD_ENCODE = "attention_bwd_encode_kernel"
-BACKWARD_DECODE = "attention_bwd_decode_kernel"
 # Head dims above 256: chunked head-dim sums, one program per slice of the output's
 # channels (kernels/attention_fwd_wide.py, kernels/attention_bwd_wide.py).
 FORWARD_WIDE_TILE = "attention_fwd_wide_kernel"
 FORWARD_WIDE_SPLIT = "attention_fwd_wide_split_kernel"
+BACKWARD_WIDE_DELTA = "attention_bwd_wide_delta_kernel"
 BACKWARD_WIDE_DKDV = "attention_bwd_wide_dkdv_kernel"
 BACKWARD_WIDE_DQ = "attention_bwd_wide_dq_kernel"
 FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT)
-BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_ENCODE, BACKWARD_DECODE, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
+BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 # The kernels whose programs' rows come from the plan, not from the config.
 SPLITS = (FORWARD_SPLIT, FORWARD_WIDE_SPLIT)
+# Where each kernel lives. Looked up at launch (kernel()), not bound at import, so that
+# tests/triton_compile.py can put recorders in the kernels' place.
+MODULES = {
+    FORWARD_TILE: attention_fwd, FORWARD_SPLIT: attention_fwd, MERGE: attention_fwd,
+    FORWARD_WIDE_TILE: attention_fwd_wide, FORWARD_WIDE_SPLIT: attention_fwd_wide,
+    BACKWARD_DELTA: attention_bwd, BACKWARD_DKDV: attention_bwd, BACKWARD_DQ: attention_bwd,
+    BACKWARD_WIDE_DELTA: attention_bwd_wide, BACKWARD_WIDE_DKDV: attention_bwd_wide,
+    BACKWARD_WIDE_DQ: attention_bwd_wide,
+}
 # The meta-parameter each kernel walks its summed dimension with.
 INNER_BLOCK = {**{kernel: "BLOCK_N" for kernel in FORWARDS}, **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}
 
@@ -117,11 +132,7 @@ PREFERENCES: dict[str, tuple[LaunchConfig, ...]] = {
     FORWARD_SPLIT: (_c(64, 8, 4), _c(64, 8, 3), _c(64, 4, 2), _c(32, 8, 2), _c(32, 4, 2), *_SMALL),
     BACKWARD_DKDV: (_c(64, 4, 2), _c(32, 4, 2), _c(32, 8, 2), *_SMALL),
     BACKWARD_DQ: (_c(64, 4, 2), _c(32, 4, 2), _c(32, 8, 2), *_SMALL),
-    # The fused kernels hold every row of the short side (up to 256) on 8 warps; how long
-    # the blocks walking the other side may be is FUSED_MAX_INNER's.
-    BACKWARD_ENCODE: (_c(64, 8, 2), _c(32, 8, 2), _c(16, 8, 1)),
-    BACKWARD_DECODE: (_c(64, 8, 2), _c(32, 8, 2), _c(16, 8, 1)),
-    # Wide heads (triton_launch.WIDE_*): forward tiles of 64 rows over 32 keys (exact fp32:
+    # Wide heads (tiling.WIDE_*): forward tiles of 64 rows over 32 keys (exact fp32:
     # 16 rows over 16; 32 rows spilled on sm_80 in 1 stage or 2, depending on the head
     # dim); the backward walks 16 rows at a time (32 spilled at 261 channels).
     FORWARD_WIDE_TILE: (_c(32, 8, 2, 64), _c(16, 8, 1, 16)),
@@ -129,24 +140,6 @@ PREFERENCES: dict[str, tuple[LaunchConfig, ...]] = {
     BACKWARD_WIDE_DKDV: (_c(16, 8, 1),),
     BACKWARD_WIDE_DQ: (_c(16, 8, 2), _c(16, 8, 1)),
 }
-# The fused backward kernels' longest inner block without spills, by (kernel, rows held
-# (the short side: up to 128, or up to 256), head block (up to 32, 64 or 128)), from
-# ptxas for sm_90, where they run (on sm_80 every config spilled hundreds of bytes, so
-# the launcher keeps the two general kernels there). ptxas is not monotonic here:
-# 256 rows fit at head dim 64 but spill 700 bytes at 32. Absent: no fused kernel.
-FUSED_MAX_INNER = {
-    (BACKWARD_ENCODE, 128, 32): 64, (BACKWARD_ENCODE, 128, 64): 32, (BACKWARD_ENCODE, 256, 64): 32,
-    (BACKWARD_ENCODE, 128, 128): 16,
-    (BACKWARD_DECODE, 128, 32): 64, (BACKWARD_DECODE, 128, 64): 32, (BACKWARD_DECODE, 256, 64): 16,
-    (BACKWARD_DECODE, 128, 128): 16,
-}
-
-
-def fused_max_inner(kernel: str, rows: int, block_d: int) -> Optional[int]:
-    """FUSED_MAX_INNER for `rows` held rows and head blocks of `block_d`, or None."""
-    rows_bucket = 128 if rows <= 128 else 256 if rows <= 256 else None
-    d_bucket = 32 if block_d <= 32 else block_d
-    return FUSED_MAX_INNER.get((kernel, rows_bucket, d_bucket))
 # The interpreter runs in numpy: configs only change its speed and how many blocks a
 # test walks, so it takes small query tiles (more programs, more edges tested).
 INTERPRETER_TILE_ROWS = 32
@@ -156,17 +149,11 @@ SEARCH_SPACES: dict[str, tuple[LaunchConfig, ...]] = {
     FORWARD_SPLIT: tuple(_c(n, w, s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)),
     BACKWARD_DKDV: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
     BACKWARD_DQ: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
-    BACKWARD_ENCODE: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
-    BACKWARD_DECODE: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
     FORWARD_WIDE_TILE: tuple(_c(n, w, s, m) for m in (32, 64) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
     FORWARD_WIDE_SPLIT: tuple(_c(n, w, s) for n in (16, 32, 64) for w in (4, 8) for s in (1, 2)),
     BACKWARD_WIDE_DKDV: tuple(_c(n, w, s) for n in (16, 32) for w in (4, 8) for s in (1, 2)),
     BACKWARD_WIDE_DQ: tuple(_c(n, w, s) for n in (16, 32) for w in (4, 8) for s in (1, 2)),
 }
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def shared_memory_bytes(config: LaunchConfig, shape: ShapeClass) -> int:
@@ -196,7 +183,7 @@ def _register_budget_exceeded(config: LaunchConfig, shape: ShapeClass, arch: str
     """
     rows = config.block_m or shape.block_m or 64
     threads = 32 * config.num_warps
-    hopper = arch >= "sm_90"
+    hopper = machine.capability(arch) >= 90
     if shape.kernel in BACKWARDS:
         if shape.exact_fp32:
             return False
@@ -225,15 +212,11 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
     rows = config.block_m or shape.block_m or 0
     if config.inner > max(16, next_power_of_2(shape.inner_length)):
         return False
-    if shape.kernel in (BACKWARD_ENCODE, BACKWARD_DECODE):
-        longest = fused_max_inner(shape.kernel, rows, max(shape.block_dqk, shape.block_dv))
-        return longest is not None and config.inner <= longest and config.num_warps == 8 and (
-            config.num_stages == 1 or config.inner >= 32)
     if arch != "interpreter" and _register_budget_exceeded(config, shape, arch):
         return False
     wide = shape.kernel in WIDE
     if shape.kernel == BACKWARD_WIDE_DQ and not shape.exact_fp32 and arch != "interpreter" and (
-            config.num_stages != (2 if arch >= "sm_90" else 1)):
+            config.num_stages != (2 if machine.capability(arch) >= 90 else 1)):
         return False
     if shape.wide_head and not wide and (
             config.inner > (32 if backward else 64) or rows > 64 or config.num_stages > (1 if backward else 2)
@@ -248,20 +231,18 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
     return True
 
 
-@functools.lru_cache(maxsize=None)
 def device_facts(device: torch.device) -> tuple[str, Optional[int]]:
     """("sm_XY", opt-in shared memory per block) of a GPU; ("interpreter", None) on the CPU."""
-    if device.type != "cuda":
-        return "interpreter", None
-    properties = torch.cuda.get_device_properties(device)
-    return f"sm_{properties.major}{properties.minor}", properties.shared_memory_per_block_optin
+    architecture = machine.architecture(device.type, device.index)
+    limit = machine.shared_memory_per_block(device.type, device.index)
+    return architecture, limit or None
 
 
 @functools.lru_cache(maxsize=4096)
 def choose(shape: ShapeClass, device: torch.device) -> LaunchConfig:
     """The config a launch of this shape class takes without autotuning."""
     arch, limit = device_facts(device)
-    if arch == "interpreter":
+    if arch == machine.INTERPRETER:
         for config in PREFERENCES[shape.kernel]:
             if fits(config, shape, None, arch):
                 tile_rows = INTERPRETER_TILE_ROWS if config.block_m else None
@@ -323,3 +304,22 @@ def autotuned(kernel):
         configs.append(triton.Config(meta, num_warps=config.num_warps, num_stages=config.num_stages))
     return triton.autotune(configs=configs, key=_tuning_key(name), prune_configs_by={"early_config_prune": prune},
                            cache_results=True)(kernel)
+
+
+def launch_meta(kernel: str, problem: Problem, constexprs: dict, inner_length: int,
+                block_m: Optional[int] = None) -> tuple[dict, Optional[LaunchConfig]]:
+    """The launch meta-parameters of one kernel of a problem, and the config they came
+    from (None when autotuning chooses at launch)."""
+    if AUTOTUNE:
+        return {}, None
+    block_dqk, block_dv = (constexprs[name] for name in head_dim_block_names(kernel))
+    shape = ShapeClass(kernel, block_dqk, block_dv, problem.exact_fp32, problem.dtype.itemsize, inner_length,
+                       block_m)
+    config = choose(shape, problem.device)
+    return config.kwargs(kernel), config
+
+
+def kernel(name: str):
+    """The kernel of that name, behind the autotuner when it is on and the kernel is tuned."""
+    jit_function = getattr(MODULES[name], name)
+    return autotuned(jit_function) if AUTOTUNE and name in SEARCH_SPACES else jit_function

@@ -34,29 +34,24 @@ from .common import (dot_rows_t, keys_of_query_block, load_rows, program_coordin
 
 @triton.jit
 def attention_bwd_wide_delta_kernel(
-    OUT, RES, DO, DELTA,
+    OUT, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_rb, stride_rh, stride_rm, stride_rd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     heads, num_queries, head_dim_v,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Delta_i = sum_d dO_id * (O_id - residual_id) of attention_bwd_delta_kernel, summed
+    """Delta_i = sum_d dO_id * O_id of attention_bwd_delta_kernel, summed
     over chunks of BLOCK_DV channels: a Dv of 1280 would not fit one tile's registers."""
     tile, _, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
     out_ptr = OUT + b * stride_ob + h * stride_oh
-    res_ptr = RES + b * stride_rb + h * stride_rh
     do_ptr = DO + b * stride_dob + h * stride_doh
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for chunk_start in range(0, head_dim_v, BLOCK_DV):
         width = head_dim_v - chunk_start
         out = load_rows(out_ptr + chunk_start * stride_od, rows, row_ok, stride_om, stride_od, width,
                         BLOCK_DV).to(tl.float32)
-        if HAS_RESIDUAL:
-            out -= load_rows(res_ptr + chunk_start * stride_rd, rows, row_ok, stride_rm, stride_rd, width,
-                             BLOCK_DV).to(tl.float32)
         dout = load_rows(do_ptr + chunk_start * stride_dod, rows, row_ok, stride_dom, stride_dod, width,
                          BLOCK_DV).to(tl.float32)
         delta += tl.sum(dout * out, 1)

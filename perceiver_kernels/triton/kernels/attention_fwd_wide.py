@@ -15,7 +15,7 @@ masks, causal walk, split-KV and merge) tiled over the head dims:
   instead of Dqk + Dv; the alternatives cost more: all of Dv in one program does not
   fit registers past 512 channels (and takes 32-row tiles, no wgmma, well before), and
   two passes (the row statistics first, then each slice's values) compute Q.K^T S + 1
-  times. The launcher takes slices as wide as registers allow (triton_launch.wide_blocks).
+  times. The launcher takes slices as wide as registers allow (tiling.WIDE_FORWARD_SLICE).
 - Every slice computes m, l and lse with the same operations in the same order, so
   they agree bit for bit; the slice at channel 0 alone writes lse.
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .machine_facts import machine_fact
+from ..machine import machine_fact
 
 NOT_BUILT = (
     "perceiver_kernels._C was not built: no nvcc was found when the package was installed, "
@@ -44,10 +44,10 @@ def build_info() -> dict:
     """What was built: {"built": bool, "reason": str, and the extension's own fields}.
 
     The extension's fields are cuda_version, cuda_archs, build_type, cudart_version,
-    attention_kernels (whether this build carries the CUDA attention kernels),
-    forward_head_dims (the compiled (Dqk, Dv) pairs), query_tile_rows (query rows per
-    block of each dtype's kernel), max_batch_heads (the grid's limit on B * H) and
-    max_rows (the largest Nq or Nk).
+    forward_head_dims (the compiled (Dqk, Dv) pairs), forward_wide_head_dims (what the
+    wide kernels take beyond them), query_tile_rows (query rows per block of each
+    dtype's kernel), max_batch_heads (the grid's limit on B * H) and max_rows (the
+    largest Nq or Nk).
     """
     return dict(_build_info())
 
@@ -74,13 +74,8 @@ def runtime_problem() -> str:
 
 @machine_fact
 def build_problem() -> str:
-    """Why the built extension cannot serve attention at all, or "" if it can."""
-    module, reason = _load()
-    if module is None:
-        return reason
-    if not _build_info().get("attention_kernels"):
-        return "this build of perceiver_kernels._C predates the attention kernels; reinstall the package"
-    return ""
+    """Why there is no extension to run, or "" if it loaded."""
+    return _load()[1]
 
 
 def module() -> ModuleType:
@@ -99,8 +94,7 @@ def head_dims_problem(head_dim_qk: int, head_dim_v: int) -> str:
         return ""
     info = _build_info()
     pairs = ", ".join(f"{qk}/{v}" for qk, v in info["forward_head_dims"])
-    wide = info.get("forward_wide_head_dims")
-    beyond = f", and the wide kernels take any head dims up to {wide['max']}" if wide else ""
+    beyond = f", and the wide kernels take any head dims up to {info['forward_wide_head_dims']['max']}"
     return (f"no compiled kernel for Dqk={head_dim_qk} Dv={head_dim_v}; the compiled Dqk/Dv pairs are {pairs} "
             f"(smaller dims run padded up to a pair){beyond}")
 

@@ -1,7 +1,8 @@
 """Backward kernels of fused cross-attention (Triton).
 
 With P_ij = exp(s_ij - lse_i) recomputed from the forward's log-sum-exp, the upstream
-gradient dO and Delta_i = sum_d dO_id * O_id (O without the residual):
+gradient dO and Delta_i = sum_d dO_id * O_id (O the attention output: the kernel
+backends add a residual outside the kernels when gradients are wanted):
 
     dV_j = sum_i P_ij dO_i
     dS_ij = P_ij * (dO_i . v_j - Delta_i)
@@ -34,23 +35,19 @@ from .common import (keys_of_query_block, load_rows, program_coordinates, querie
 
 @triton.jit
 def attention_bwd_delta_kernel(
-    OUT, RES, DO, DELTA,
+    OUT, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_rb, stride_rh, stride_rm, stride_rd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     heads, num_queries, head_dim_v,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Delta_i = sum_d dO_id * (O_id - residual_id), in fp32 from the outputs' own dtype:
+    """Delta_i = sum_d dO_id * O_id, in fp32 from the outputs' own dtype:
     no fp32 copies of out and dout (DEC-1 peaked at 1.7x SDPA's memory with them)."""
     tile, _, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_M), 1, heads)
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
     out = load_rows(OUT + b * stride_ob + h * stride_oh, rows, row_ok, stride_om, stride_od, head_dim_v,
                     BLOCK_DV).to(tl.float32)
-    if HAS_RESIDUAL:
-        out -= load_rows(RES + b * stride_rb + h * stride_rh, rows, row_ok, stride_rm, stride_rd, head_dim_v,
-                         BLOCK_DV).to(tl.float32)
     dout = load_rows(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, stride_dod, head_dim_v,
                      BLOCK_DV).to(tl.float32)
     tl.store(DELTA + bh * num_queries + rows, tl.sum(dout * out, 1), mask=row_ok)

@@ -1,12 +1,15 @@
-"""Cutting the summed dimension of a kernel into chunks (split-KV), for every kernel backend."""
+"""What the kernel launchers of every backend share: the split plan, the output's memory
+layout, the device a launch runs on."""
 
 from __future__ import annotations
 
-import functools
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from . import machine
 
 # Chunking plan. A kernel parallel over the blocks of what it writes leaves most of
 # a GPU idle when those blocks are few: forward ENCODE has (query tiles x B*H)
@@ -22,23 +25,17 @@ PROGRAMS_PER_SM = 2
 MIN_CHUNK_LENGTH = 512
 MAX_CHUNKS = 128
 # Chunks of at least this many rows start on a multiple of it (every block size of
-# the Triton autotuner and of the CUDA kernels divides it), so no block straddles
-# two chunks.
+# the Triton kernels and of the CUDA kernels divides it), so no block straddles two
+# chunks.
 CHUNK_ALIGNMENT = 128
-# The interpreter has no SMs; a small nominal count makes the CPU tests exercise
-# the same split heuristic at small sizes.
-INTERPRETER_NOMINAL_SMS = 4
-
-
-@functools.lru_cache(maxsize=None)
-def multiprocessor_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_NOMINAL_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def plan_chunks(programs: int, length: int, device: torch.device, num_chunks: Optional[int] = None) -> tuple[int, int]:
@@ -48,7 +45,7 @@ def plan_chunks(programs: int, length: int, device: torch.device, num_chunks: Op
     unless there are fewer rows than chunks.
     """
     if num_chunks is None:
-        wanted = cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), max(1, programs))
+        wanted = cdiv(PROGRAMS_PER_SM * machine.multiprocessors(device.type, device.index), max(1, programs))
         num_chunks = max(1, min(wanted, length // MIN_CHUNK_LENGTH, MAX_CHUNKS))
     elif num_chunks < 1:
         raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
@@ -74,8 +71,26 @@ class SplitPlan:
                 f"{self.query_tile_rows}-row query tile, then a merge")
 
 
-def plan_splits(batch: int, heads: int, num_queries: int, num_keys: int, query_tile_rows: int,
-                device: torch.device, num_splits: Optional[int] = None) -> SplitPlan:
-    """The split plan of a forward whose programs each take `query_tile_rows` query rows."""
-    programs = cdiv(num_queries, query_tile_rows) * batch * heads
+def plan_splits(programs: int, num_keys: int, query_tile_rows: int, device: torch.device,
+                num_splits: Optional[int] = None) -> SplitPlan:
+    """The split plan of a forward with `programs` programs unsplit, each taking
+    `query_tile_rows` query rows."""
     return SplitPlan(*plan_chunks(programs, num_keys, device, num_splits), query_tile_rows)
+
+
+def allocate_output(q: torch.Tensor, head_dim_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), and lse (B, H, Nq) in fp32.
+
+    The (B, Nq, H, Dv) memory layout makes the usual merge of heads,
+    out.transpose(1, 2).reshape(B, Nq, H * Dv), free of copies. Kernel launchers and
+    their fake (meta) implementations both allocate here, so their strides agree.
+    """
+    batch, heads, num_queries, _ = q.shape
+    out = torch.empty((batch, num_queries, heads, head_dim_v), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((batch, heads, num_queries), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def on_device(x: torch.Tensor):
+    """Kernels launch on the current device: a context that makes it the tensors' device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -3,12 +3,9 @@
 Heads wider than 256 channels (the released Perceiver IO models' 261, 322 and 512) get
 no fused SDPA kernel: flash and cuDNN refuse them, and SDPA falls back to its math
 backend (every score in float32) or, for multiples of 8, to its memory-efficient
-kernel, whose backward is slow there. On the H200 (benchmarks/results/2026-12-01-h200-run1,
-bf16) plain PyTorch in the inputs' dtype (product, softmax, product) beat both:
-IMG-261 forward 4.8 ms against SDPA's 8.9, forward+backward 13.1 against 22.7;
-FLOW-512 decode forward+backward 11.9 ms against 51 (math) and 228 (memory-efficient).
-A first version that took the softmax in float32 tensors of its own made three times
-the memory traffic and lost to SDPA on IMG-261 (run2: 10.2 ms).
+kernel, whose backward is slow there. Plain PyTorch in the inputs' dtype (product,
+softmax, product) beat both (policy.py has the measurements); a softmax in float32
+tensors of its own would triple the memory traffic.
 
 This is that plain computation, bounded in memory:
 
@@ -33,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .reference import causal_hidden
+from ..reference import causal_hidden
 
 # Scores of one chunk of queries, all batch elements and heads: 2^27 elements (256 MiB
 # in 16-bit). About four such buffers live at once in the backward (scores,

@@ -1,6 +1,6 @@
 """What every Triton kernel file shares: the interpreter switch, constants, and the
 small @triton.jit helpers that forward and backward both use. (Launch configurations
-and autotuning are the launchers' business: perceiver_kernels/triton_configs.py.)
+and autotuning are the launchers' business: perceiver_kernels/triton/configs.py.)
 """
 
 import os

@@ -1,0 +1,1 @@
+"""The Triton kernels, their launchers, tiling and launch configs, and their backend."""
