@@ -49,57 +49,14 @@ KERNEL_SELECT=${KERNEL_SELECT:-not cuda}
 TEST_WORKERS=${TEST_WORKERS:-12}
 KEEP="summary.md results.json report.md op.png tests-cuda.log tests-triton.log bench.log logs.tar.gz"
 
-# run NAME LIMIT_S LOG COMMAND...: one step, stopped at its limit (or at the deadline),
-# its exit status and seconds appended to steps.tsv; under DRY_RUN only printed.
-run() {
-  local name=$1 limit=$2 log=$3 start=$SECONDS status
-  shift 3
-  local left=$((DEADLINE_S - SECONDS))
-  (( limit > left )) && limit=$left
-  echo "== $name (limit ${limit} s, $(date -u +%H:%M:%S)): $*"
-  if [ "$DRY_RUN" = 1 ]; then
-    printf '%s\t%s\t%s\n' "$name" "dry run" 0 >> "$OUT/steps.tsv"
-    return 0
-  fi
-  if (( limit < 10 )); then
-    printf '%s\t%s\t%s\n' "$name" "skipped: deadline" 0 >> "$OUT/steps.tsv"
-    return 124
-  fi
-  timeout -k 10 "$limit" "$@" > "$log" 2>&1
-  status=$?
-  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" >> "$OUT/steps.tsv"
-  return $status
-}
-
-# Tests run in parallel processes with fault isolation. Without pytest-xdist they run
-# in one process each, which stops (and says why) at a broken CUDA context. Verbose: a
-# line per test, so that a step stopped at its limit still names its failures.
-PYTEST=(python -m pytest -v -rf -p no:benchmark -p no:cacheprovider -p benchmarks.pytest_fault_isolation)
-if python -c "import xdist" 2> /dev/null; then
-  workers() { echo "-n $1 --max-worker-restart 40"; }
-else
-  echo "pytest-xdist is missing: each test set runs in one process"
-  workers() { :; }
-fi
+# shellcheck source=benchmarks/gpu_common.sh
+source benchmarks/gpu_common.sh
 
 rm -f "$OUT/steps.tsv"
-if [ "$DRY_RUN" != 1 ] && ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_run.sh: no CUDA GPU here; it needs one (DRY_RUN=1 prints its steps)" >&2
-  exit 2
-fi
-mkdir -p "$OUT/extra"
-[ "$DRY_RUN" = 1 ] || nvidia-smi > "$OUT/extra/nvidia-smi.txt" 2>&1
+require_gpu
+install_package
 
-if ! PERCEIVER_KERNELS_FORCE_CUDA=1 PERCEIVER_KERNELS_CUDA_ARCHS="${PERCEIVER_KERNELS_CUDA_ARCHS:-90a}" \
-     MAX_JOBS="${MAX_JOBS:-16}" run install 120 "$OUT/extra/install.log" \
-     python -m pip install --no-build-isolation --no-deps -v -e .; then
-  tail -30 "$OUT/extra/install.log"
-  echo "install failed: nothing else can run"
-fi
-[ "$DRY_RUN" = 1 ] || python -c "import perceiver_kernels as pk, torch, triton; print(pk.build_info()); print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
-  > "$OUT/extra/build_info.txt" 2>&1
-
-# Whether this Triton has the bug the launchers work around (triton_launch.head_dim_blocks).
+# Whether this Triton has the bug the launchers work around (triton/tiling.head_dim_blocks).
 run repro 60 "$OUT/extra/repro.log" python -m tests.repro_chained_dots
 # And whether the op's own kernels still need it (their own process: the bug faulted).
 run repro-kernels 60 "$OUT/extra/repro-kernels.log" python -m tests.repro_chained_dots --full-kernel
@@ -128,15 +85,6 @@ done
 python -m benchmarks.gpu_summary "$OUT" > "$OUT/extra/summary.out" 2>&1 || tail -20 "$OUT/extra/summary.out"
 failed_steps=$(awk -F'\t' '$2 != "0" && $2 != "dry run"' "$OUT/steps.tsv" | wc -l)
 # Everything beyond the kept files goes into one archive.
-(
-  cd "$OUT" || exit 1
-  extras=()
-  for entry in *; do
-    [[ " $KEEP " == *" $entry "* ]] || extras+=("$entry")
-  done
-  if (( ${#extras[@]} )); then
-    tar -czf logs.tar.gz "${extras[@]}" && rm -rf "${extras[@]}"
-  fi
-)
+archive "$KEEP"
 cat "$OUT/summary.md" 2> /dev/null || echo "no summary (its error is above and in logs.tar.gz)"
 exit $((failed_steps > 0))

@@ -59,7 +59,7 @@ def _ms(row: dict | None) -> str:
 
 def headline(rows: list[dict]) -> list[str]:
     """Per anchor case and pass: each of our providers and the best baseline, with the ratio."""
-    ours = ("perceiver_kernels[triton]", "perceiver_kernels[cuda]", "perceiver_kernels")
+    ours = ("perceiver_kernels[triton]", UNTIMED, "perceiver_kernels[cuda]", "perceiver_kernels")
     lines = ["| suite | case | pass | provider | ms | baseline | baseline ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if row["provider"] not in ours or row.get("sweep"):
@@ -77,8 +77,36 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
-def summary(out: Path) -> str:
-    parts = [f"## GPU run summary ({out})", ""]
+UNTIMED = "perceiver_kernels[triton untimed]"
+
+
+def ab_table(rows: list[dict]) -> list[str]:
+    """The A/B of the Triton rewrites: per case and pass, the timed kernels, the untimed
+    rewrites and the best SDPA backend, with untimed over timed and over the best."""
+    untimed = [row for row in rows if row["provider"] == UNTIMED and row.get("suite", "op") == "op"]
+    if not untimed:
+        return []
+    lines = ["A/B of the untimed Triton rewrites (ms; speed-ups are time ratios, above 1 = the rewrite is faster):",
+             "", "| case | pass | timed | untimed | untimed vs timed | best SDPA | ms | untimed vs best | untimed runs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in untimed:
+        def other(provider):
+            return next((o for o in rows if o["provider"] == provider and o["case"] == row["case"]
+                         and o.get("pass") == row.get("pass") and o.get("suite", "op") == "op"), None)
+
+        timed, base = other("perceiver_kernels[triton]"), other(row.get("baseline"))
+        versus = (f"{timed['median_ms'] / row['median_ms']:.2f}x" if timed and timed["status"] == "ok"
+                  and row["status"] == "ok" else "-")
+        lines.append(f"| {row['case']} | {row.get('pass', '')} | {_ms(timed)} | {_ms(row)} | {versus} | "
+                     f"{row.get('baseline', '-')} | {_ms(base)} | {report.format_ratio(row)} | "
+                     f"{str(row.get('path', ''))[:70]} |")
+    return lines + [""]
+
+
+def summary(out: Path, ab: bool = False) -> str:
+    """The summary of a gpu_run.sh folder, or (ab) of an ab_run.sh folder: its steps,
+    tests and A/B table without the full run's headline and targets."""
+    parts = [f"## GPU {'A/B' if ab else 'run'} summary ({out})", ""]
     parts += _steps(out) + [""]
     parts += ["Tests:"] + (_tests(out) or ["- no test logs"]) + [""]
     results = out / "results.json"
@@ -90,7 +118,9 @@ def summary(out: Path) -> str:
                   f"triton {env['triton']}, `{env['command']}`", ""]
         if env.get("stopped"):
             parts += [f"Incomplete: the benchmark was {env['stopped']}.", ""]
-        parts += headline(rows) + ["", targets.table(targets.evaluate(rows))]
+        parts += ab_table(rows)
+        if not ab:
+            parts += headline(rows) + ["", targets.table(targets.evaluate(rows))]
     else:
         parts.append("Benchmark: no results.json (see bench.log)")
     return "\n".join(parts) + "\n"
@@ -98,9 +128,10 @@ def summary(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_summary", description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path, help="the folder gpu_run.sh wrote")
+    parser.add_argument("out", type=Path, help="the folder gpu_run.sh (or ab_run.sh) wrote")
+    parser.add_argument("--ab", action="store_true", help="the short summary of an ab_run.sh folder")
     args = parser.parse_args(argv)
-    text = summary(args.out)
+    text = summary(args.out, args.ab)
     (args.out / "summary.md").write_text(text)
     print(text, end="")
 

@@ -669,3 +669,34 @@ def test_model_suite_times_optical_flow_against_hf_with_the_chunked_decode(few_r
     assert found["speedup"].measured == rows[0]["speedup"] and found["speedup"].status in ("PASS", "FAIL")
     assert found["speedup"].target.threshold == 3.0 and found["speedup"].against == "hf_transformers"
     assert (found["peak ratio"].status, found["peak ratio"].measured) == ("PASS", 0.25)
+
+
+def test_ab_run_plan_times_the_untimed_rewrites_and_prints_their_counters_last(tmp_path):
+    """ab_run.sh (DRY_RUN): its steps, at most 8 files, the A/B table (timed against
+    untimed against the best SDPA backend) and the ncu table at the end of its output."""
+    out = tmp_path / "out"
+    (out / "bench").mkdir(parents=True)
+    rows = [dict(suite="op", case="DEC-1", provider=provider, status="ok", median_ms=ms, samples_ms=[ms] * 5,
+                 path=path, **{"pass": "forward"})
+            for provider, ms, path in (("perceiver_kernels[triton]", 0.76, "triton (one program per tile)"),
+                                       ("perceiver_kernels[triton untimed]", 0.38, "triton (persistent DECODE)"),
+                                       ("sdpa-cudnn_attention", 0.585, ""))]
+    environment = dict(device="H200", commit="abc", torch="2.11", triton="3.6", command="x", date="today")
+    (out / "bench" / "results.json").write_text(json.dumps({"environment": environment, "results": rows}))
+    (out / "ncu").mkdir()
+    (out / "ncu" / "DEC-1-untimed.csv").write_text(
+        '"ID","Kernel Name","gpu__time_duration.sum","dram__throughput.avg.pct_of_peak_sustained_elapsed",'
+        '"sm__throughput.avg.pct_of_peak_sustained_elapsed",'
+        '"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio"\n'
+        '"","","usecond","%","%","ratio"\n"0","decode_fwd_kernel(ptr)","380.5","81.0","40.0","3.2"\n')
+    run = subprocess.run(["bash", "benchmarks/ab_run.sh", str(out)], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "DRY_RUN": "1"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    steps = [line.split(" (")[0] for line in run.stdout.splitlines() if line.startswith("== ")]
+    assert steps[:3] == ["== install", "== tests", "== bench"] and all(s.startswith("== ncu") for s in steps[3:])
+    assert len({path.name for path in out.iterdir()}) <= 8
+    summary = (out / "summary.md").read_text()
+    assert "| DEC-1 | forward | 0.760 | 0.380 | 2.00x | sdpa-cudnn_attention | 0.585 | 1.54x" in summary
+    assert "Targets" not in summary  # the full run's tables stay out of the short one
+    assert run.stdout.rstrip().splitlines()[-1].startswith("| DEC-1-untimed | decode_fwd_kernel | 380.5 | 81.0")
+    assert "long_scoreboard 3.20" in run.stdout
