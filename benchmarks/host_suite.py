@@ -2,6 +2,9 @@
 
 - "dispatch": cross_attention's argument validation and backend choice alone
   (perceiver_kernels.problem.validate, then dispatch.select), per call, on any device.
+- "launch path 8x8x512x512 d64": the whole Triton call with the kernels' launches
+  stubbed (validation, the cached plan, the outputs' allocation, the arguments), on any
+  device: the host cost that is ours; on a GPU the "call" rows add Triton's launcher.
 - "call <shape>" (GPU): whole calls at steady state on shapes whose GPU work is
   shorter than the host's, timed as LOOP calls back to back with one synchronisation
   at the end, so the time per call is the host's; our backends against SDPA.
@@ -12,6 +15,7 @@ the report's speed-up column compares with SDPA the same way.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 
 import perceiver_kernels as pk
 from perceiver_kernels import dispatch
+from perceiver_kernels.backends import BACKENDS
 from perceiver_kernels.problem import validate
 
 from .harness import measure_case
@@ -28,8 +33,32 @@ LOOP = 1000
 CALL_SHAPES = {"call 1x1x16x16 d64": (1, 1, 16, 64), "call 8x8x512x512 d64": (8, 8, 512, 64)}
 
 
+LAUNCH_PATH = "launch path 8x8x512x512 d64"
+
+
 def cases(device: torch.device, size: str) -> list[str]:
-    return ["dispatch"] + (list(CALL_SHAPES) if device.type == "cuda" else [])
+    return ["dispatch", LAUNCH_PATH] + (list(CALL_SHAPES) if device.type == "cuda" else [])
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: `kernel[grid](*args)` takes the arguments, launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _kernels_stubbed():
+    from perceiver_kernels.triton import configs
+
+    originals = {name: getattr(module, name) for name, module in configs.MODULES.items()}
+    try:
+        for name, module in configs.MODULES.items():
+            setattr(module, name, _NoLaunch())
+        yield
+    finally:
+        for name, module in configs.MODULES.items():
+            setattr(module, name, originals[name])
 
 
 def _looped(fn: Callable[[], object]) -> Callable[[], None]:
@@ -63,6 +92,16 @@ def run_suite(device: torch.device, size: str, ceilings: dict, progress: Callabl
                 return lambda: dispatch.select(validate(q, q, q, None, None, None).problem, backend)
 
             calls = {"perceiver_kernels": choose("auto"), "perceiver_kernels[torch]": choose("torch")}
+        elif case == LAUNCH_PATH:
+            q = torch.randn(8, 8, 512, 64, device=device, dtype=torch.float16 if device.type == "cpu" else dtype)
+            triton = BACKENDS["triton"]
+            with _kernels_stubbed():
+                results = measure_case({"perceiver_kernels[triton]": _looped(
+                    lambda: triton.run(validate(q, q, q, None, None, None)))}, device)
+            for name, result in results.items():
+                rows.append({"suite": "host", "pass": "host", "case": case, "provider": name,
+                             "dtype": str(q.dtype)[6:], **_per_call(result)})
+            continue
         else:
             q = torch.randn(*CALL_SHAPES[case], device=device, dtype=dtype)
             calls = {"perceiver_kernels": lambda: pk.cross_attention(q, q, q),

@@ -91,6 +91,12 @@ def allocate_output(q: torch.Tensor, head_dim_v: int) -> tuple[torch.Tensor, tor
     return out, lse
 
 
+_NOTHING_TO_SWITCH = contextlib.nullcontext()
+
+
 def on_device(x: torch.Tensor):
-    """Kernels launch on the current device: a context that makes it the tensors' device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Kernels launch on the current device: a context that makes it the tensors' device
+    (none to enter, the common case, when it already is)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _NOTHING_TO_SWITCH

@@ -479,6 +479,11 @@ def test_host_suite_times_dispatch_per_call_and_checks_its_target(few_rounds):
     dispatch = [row for row in rows if row["case"] == "dispatch"]
     assert {row["provider"] for row in dispatch} == {"perceiver_kernels", "perceiver_kernels[torch]"}
     assert all(row["status"] == "ok" and 0 < row["us_per_call"] < 1e4 for row in dispatch)
+    (launch_path,) = [row for row in rows if row["case"] == host_suite.LAUNCH_PATH]
+    assert launch_path["status"] == "ok" and dispatch[0]["us_per_call"] < launch_path["us_per_call"] < 1e4
+    from perceiver_kernels.triton import configs
+
+    assert not any(isinstance(getattr(module, name), host_suite._NoLaunch) for name, module in configs.MODULES.items())
     report.annotate_ratios(rows)
     (result,) = [r for r in targets.evaluate(rows) if r.target.suite == "host" and r.measured is not None]
     assert result.target.case == "dispatch" and result.status in ("PASS", "FAIL")

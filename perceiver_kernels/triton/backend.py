@@ -8,6 +8,7 @@ first launch or explanation, so importing the package compiles nothing.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -58,33 +59,34 @@ class _TritonImplementation:
         return [refusal] if refusal else []
 
 
+@functools.cache
+def _launchers():
+    """The launcher modules, imported at the first launch or explanation (they import triton
+    and the kernels); a function-level import on every call would cost microseconds."""
+    from . import backward, forward
+
+    return forward, backward
+
+
 class TritonForward(_TritonImplementation, Forward):
-    """Split-KV ENCODE and tiled DECODE (kernels/attention_fwd.py, attention_fwd_wide.py)."""
+    """The forward kernels (triton/forward.py: the timed ones, or an untimed rewrite)."""
 
     def describe(self, problem: Problem) -> str:
-        from .forward import plan_forward
-
-        return plan_forward(problem).describe(problem)
+        return _launchers()[0].plan_forward(problem).describe(problem)
 
     def launch(self, call: Call):
-        from .forward import run_forward
-
-        return run_forward(call)
+        return _launchers()[0].plan_forward(call.problem).launch(call)
 
 
 class TritonBackward(_TritonImplementation, Backward):
-    """dK/dV and dQ kernels (kernels/attention_bwd.py, attention_bwd_wide.py); deterministic
-    (partials summed in a fixed order, no atomics)."""
+    """The backward kernels (triton/backward.py); deterministic (partials summed in a fixed
+    order, no atomics)."""
 
     def describe(self, problem: Problem) -> str:
-        from .backward import plan_backward
-
-        return plan_backward(problem).describe()
+        return _launchers()[1].plan_backward(problem).describe()
 
     def launch(self, call: Call, dout, out, lse):
-        from .backward import run_backward
-
-        return run_backward(call, dout, out, lse)
+        return _launchers()[1].plan_backward(call.problem).launch(call, dout, out, lse)
 
 
 FORWARD = TritonForward()

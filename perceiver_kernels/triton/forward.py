@@ -73,9 +73,10 @@ class TiledForward:
     kernel: str                # the tile kernel (num_splits == 1) or the split kernel
     constexprs: dict           # of the kernel, its config included (none chosen when autotuning)
     grid: Optional[tuple]      # None: autotuning picks BLOCK_M, the grid follows it
+    scalars: tuple             # the kernel's arguments after its strides
     slices: int                # programs per query tile (and key chunk): one per slice of Dv
-    merge_rows: int
-    merge_block_dv: int        # channels per merge program
+    merge_grid: tuple
+    merge_constexprs: dict
 
     def describe(self, problem: Problem) -> str:
         path = self.plan.describe()
@@ -123,6 +124,12 @@ def _tiled(problem: Problem, num_splits: Optional[int]) -> TiledForward:
         meta, _ = configs.launch_meta(kernel, problem, constexprs, plan.keys_per_split, plan.query_tile_rows)
         meta = {**meta, "BLOCK_M": plan.query_tile_rows}
         grid = (cdiv(problem.num_queries, plan.query_tile_rows) * programs_per_row_block * plan.num_splits,)
+    sizes = (problem.heads, problem.num_queries, problem.num_keys, problem.head_dim_qk, problem.head_dim_v,
+             problem.scale * LOG2E)
+    if plan.num_splits == 1:
+        scalars = (*sizes, next_power_of_2(problem.num_keys))
+    else:
+        scalars = (*sizes, plan.num_splits, plan.keys_per_split, next_power_of_2(plan.keys_per_split))
     # The merge holds one fp32 output row per query: 256 channels take 32 rows to stay in
     # registers, and wider heads are merged in slices.
     if wide:
@@ -130,7 +137,10 @@ def _tiled(problem: Problem, num_splits: Optional[int]) -> TiledForward:
     else:
         merge_block_dv = constexprs["BLOCK_DV"]
         merge_rows = min(32 if merge_block_dv > 128 else 64, plan.query_tile_rows)
-    return TiledForward(plan, kernel, {**constexprs, **meta}, grid, slices, merge_rows, merge_block_dv)
+    merge_programs = cdiv(problem.num_queries, merge_rows) * cdiv(problem.head_dim_v, merge_block_dv)
+    merge_constexprs = dict(HAS_RESIDUAL=problem.has_residual, BLOCK_M=merge_rows, BLOCK_DV=merge_block_dv)
+    return TiledForward(plan, kernel, {**constexprs, **meta}, grid, scalars, slices,
+                        (merge_programs * problem.batch * problem.heads,), merge_constexprs)
 
 
 def run_forward(call: Call, num_splits: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +157,6 @@ def _launch_tiled(launch: TiledForward, call: Call) -> tuple[torch.Tensor, torch
     pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
     res = residual if residual is not None else out
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    sizes = (problem.heads, problem.num_queries, problem.num_keys, problem.head_dim_qk, problem.head_dim_v,
-             problem.scale * LOG2E)
     plan = launch.plan
 
     with on_device(q):
@@ -158,7 +166,7 @@ def _launch_tiled(launch: TiledForward, call: Call) -> tuple[torch.Tensor, torch
             configs.kernel(launch.kernel)[grid](
                 q, k, v, pad, res, out, lse,
                 *q.stride(), *k.stride(), *v.stride(), *pad_strides, *res_strides, *out.stride(),
-                *sizes, next_power_of_2(problem.num_keys), **launch.constexprs,
+                *launch.scalars, **launch.constexprs,
             )
             return out, lse
 
@@ -168,15 +176,10 @@ def _launch_tiled(launch: TiledForward, call: Call) -> tuple[torch.Tensor, torch
                                dtype=torch.float32, device=q.device)
         configs.kernel(launch.kernel)[launch.grid](
             q, k, v, pad, part_out, part_lse,
-            *q.stride(), *k.stride(), *v.stride(), *pad_strides,
-            *sizes, plan.num_splits, plan.keys_per_split, next_power_of_2(plan.keys_per_split),
-            **launch.constexprs,
+            *q.stride(), *k.stride(), *v.stride(), *pad_strides, *launch.scalars, **launch.constexprs,
         )
-        merge_programs = cdiv(problem.num_queries, launch.merge_rows) * cdiv(problem.head_dim_v, launch.merge_block_dv)
-        configs.kernel(configs.MERGE)[(merge_programs * problem.batch * problem.heads,)](
-            part_out, part_lse, res, out, lse,
-            *res_strides, *out.stride(),
-            problem.heads, problem.num_queries, problem.head_dim_v, plan.num_splits,
-            HAS_RESIDUAL=problem.has_residual, BLOCK_M=launch.merge_rows, BLOCK_DV=launch.merge_block_dv,
+        configs.kernel(configs.MERGE)[launch.merge_grid](
+            part_out, part_lse, res, out, lse, *res_strides, *out.stride(),
+            problem.heads, problem.num_queries, problem.head_dim_v, plan.num_splits, **launch.merge_constexprs,
         )
     return out, lse
