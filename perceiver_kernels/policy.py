@@ -16,7 +16,12 @@ Measured architectures:
   - a key padding mask on a shape whose SDPA kernels launch fewer blocks than the GPU
     has SMs: SDPA's masked paths (cuDNN, memory-efficient) do not split the keys, the
     Triton kernels do. ENC-3 masked (B*H = 8, 256 latents, 400k keys): 5.52x forward,
-    2.21x forward + backward; ENC-1 masked (B*H = 64, 256 blocks of 64 rows) lost, 0.71x;
+    2.21x forward + backward;
+  - a key padding mask on any ENCODE shape: the torch backend must copy k and v with
+    their padding rows zeroed before SDPA (SDPA multiplies padding values by 0, and NaN
+    in them would leak), a pass over the long side. ENC-1 masked: Triton 1.03 ms, the
+    torch backend (auto) 5.20 ms; SDPA's cuDNN alone, without the copy, took 0.73 ms
+    (and the copy of ENC-1's 2 x 411 MB costs about 0.4 ms at the H200's bandwidth);
   - a residual fused into a memory-bound DECODE without gradients (few keys, so the
     output's extra read and write that SDPA + add pays is a large share): DEC-1 with a
     residual 1.03x (1.49x on the first run). In training the residual is added outside
@@ -96,10 +101,10 @@ def masked_where_sdpa_cannot_split(problem: Problem) -> bool:
 
 
 def triton_measured_faster(problem: Problem) -> bool:
-    """Where the Triton kernels beat SDPA's best backend on sm_90 (this module's docstring)."""
+    """Where the Triton kernels beat the torch backend on sm_90 (this module's docstring)."""
     if problem.max_head_dim > SDPA_FUSED_MAX_HEAD_DIM:
         return False
-    if masked_where_sdpa_cannot_split(problem):
+    if masked_where_sdpa_cannot_split(problem) or (problem.has_mask and problem.encode):
         return True
     if problem.requires_grad or not problem.decode:
         return False
