@@ -20,8 +20,9 @@ Measured architectures:
   - a key padding mask on any ENCODE shape: the torch backend must copy k and v with
     their padding rows zeroed before SDPA (SDPA multiplies padding values by 0, and NaN
     in them would leak), a pass over the long side. ENC-1 masked: Triton 1.03 ms, the
-    torch backend (auto) 5.20 ms; SDPA's cuDNN alone, without the copy, took 0.73 ms
-    (and the copy of ENC-1's 2 x 411 MB costs about 0.4 ms at the H200's bandwidth);
+    torch backend (auto) 5.20 ms, but under the SDPA priority leak run3 fixed; SDPA's
+    cuDNN alone, without the copy, took 0.73 ms, and the copy of ENC-1's 2 x 411 MB
+    adds about 0.4 ms at the H200's bandwidth (an estimate: the next run times auto);
   - a residual fused into a memory-bound DECODE without gradients (few keys, so the
     output's extra read and write that SDPA + add pays is a large share): DEC-1 with a
     residual 1.03x (1.49x on the first run). In training the residual is added outside
