@@ -223,6 +223,23 @@ def header(env: dict) -> list[str]:
     return lines + [""]
 
 
+def read_results(path: Path) -> dict:
+    """A results.json written by python -m benchmarks, given it or its run folder; a
+    ValueError with a one-line reason otherwise."""
+    file = path / "results.json" if path.is_dir() else path
+    if not file.exists():
+        where = f"the folder {str(path)!r} has no results.json" if path.is_dir() else f"{str(path)!r} does not exist"
+        raise ValueError(f"{where} (give a run folder of python -m benchmarks or its results.json)")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(file)!r} is not a readable results.json ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{str(file)!r} is not a results.json of python -m benchmarks (no list of results)")
+    data.setdefault("environment", {})
+    return data
+
+
 def write(out_dir: Path, env: dict, rows: list[dict]) -> str:
     """Writes results.json, report.md and the plots; returns the summary table
     (followed by the targets table when the run measured any target's case)."""

@@ -4,7 +4,7 @@ One declarative list: each target names a case and pass of a suite, a metric and
 threshold. `report.write` appends the table to report.md when a run measured any of
 the cases; `gpu_run.sh` prints it last. Re-check any results file with
 
-    python -m benchmarks.targets bench-out/<time>/results.json
+    python -m benchmarks.targets bench-out/<time>     # a run folder, or its results.json
 
 Metrics:
 - "speedup": the suite's speed-up column (op: over the best SDPA backend timed in the
@@ -25,7 +25,6 @@ lower-right causal bias: a backend that refuses it has no time, so it is no base
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -187,16 +186,20 @@ def table(results: list[Result]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from .report import annotate_ratios
+    from .report import annotate_ratios, read_results
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.targets", description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="a results.json written by python -m benchmarks")
+    parser.add_argument("results", type=Path, help="a run folder of python -m benchmarks, or its results.json")
     args = parser.parse_args(argv)
-    data = json.loads(args.results.read_text())
+    try:
+        data = read_results(args.results)
+    except ValueError as error:
+        parser.error(str(error))
     rows = data["results"]
     annotate_ratios(rows)
     env = data["environment"]
-    print(f"{env['device']}, commit {env['commit']}, {env['date']}\n")
+    print(f"{env.get('device', 'unknown device')}, commit {env.get('commit', 'unknown')}, {env.get('date', '')}"
+          + (f"\nincomplete run: {env['stopped']}" if env.get("stopped") else "") + "\n")
     print(table(evaluate(rows)))
 
 

@@ -472,6 +472,53 @@ def test_compare_counts_unflagged_ratios_outside_the_tolerance(tmp_path):
     assert outside == 1
 
 
+def _run_folder(folder, rows, **environment):
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"environment": environment, "results": rows}))
+    return folder
+
+
+def test_compare_takes_run_folders_and_names_the_rows_one_run_lacks(tmp_path, capsys):
+    full = [_timed_row("sdpa", 2.0, 1.99, 2.01, case=case) for case in ("c", "d", "e")] + [
+        _timed_row("perceiver_kernels", 1.0, 0.99, 1.01, case=case) for case in ("c", "d", "e")]
+    a = _run_folder(tmp_path / "A", full)
+    b_rows = [row for row in full if row["case"] != "e"] + [_timed_row("naive", 4.0, 3.99, 4.01)]
+    b_rows[-2] = {**b_rows[-2], "status": "out of memory"}  # ours on d
+    stopped = "stopped by signal SIGTERM during case 3 of 3: the rows are what it measured before"
+    b = _run_folder(tmp_path / "B", b_rows, stopped=stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(a), str(b)])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "| op | c | forward | perceiver_kernels | 2.00x | 2.00x | +0.0% | yes |" in out
+    assert f"Run B ({b}) is incomplete: {stopped}." in out
+    assert ("Rows of run A that run B lacks (2; run B did not finish):\n- op | e | forward | sdpa\n"
+            "- op | e | forward | perceiver_kernels") in out
+    assert "Rows of run B that run A lacks (1):\n- op | c | forward | naive" in out
+    assert ("Rows with a ratio in one run only (1):\n"
+            "- op | d | forward | perceiver_kernels (run A: 2.00x, run B: out of memory)") in out
+    table, _ = compare.compare(a / "results.json", b / "results.json", 0.10)  # the files themselves, as before
+    assert table == out.rstrip("\n").replace(f"({b})", f"({b / 'results.json'})")
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda tmp: tmp / "missing", "'{}' does not exist (give a run folder of python -m benchmarks or its results.json)"),
+    (lambda tmp: tmp, "the folder '{}' has no results.json"),
+    (lambda tmp: (tmp / "x.json").write_text("{") and tmp / "x.json", "'{}' is not a readable results.json"),
+    (lambda tmp: (tmp / "x.json").write_text("[]") and tmp / "x.json", "'{}' is not a results.json of python -m"),
+])
+def test_compare_and_targets_refuse_what_is_not_a_run_in_one_line(tmp_path, capsys, make, reason):
+    bad = make(tmp_path)
+    good = _run_folder(tmp_path / "good", [_timed_row("sdpa", 2.0, 1.99, 2.01)])
+    for main, argv in ((compare.main, [str(good), str(bad)]), (targets.main, [str(bad)])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err
+        (line,) = [line for line in err.splitlines() if "error:" in line]
+        assert reason.format(bad) in line
+
+
 def test_host_suite_times_dispatch_per_call_and_checks_its_target(few_rounds):
     from benchmarks import host_suite, report, targets
 
