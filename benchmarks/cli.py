@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is available here")
     out_dir = args.out or Path("bench-out") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        rows = report.Results(out_dir)
+    except OSError as error:
+        parser.error(f"--out {str(out_dir)!r} is not a writable folder ({error.strerror or error})")
     if device.type == "cpu" or args.threads is not None:
         harness.set_cpu_threads(args.threads or harness.default_cpu_threads())
     steady_allocator = device.type == "cpu" and harness.steady_cpu_allocator()
@@ -80,15 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     load_at_start = harness.load_average()
     print(f"measuring ceilings on {device} ({torch.get_num_threads()} CPU threads) ...", file=sys.stderr)
     ceilings = harness.ceilings(device)
+    rows.begin(report.environment(device, ceilings, args.size, load_at_start, steady_allocator))
     progress = Progress(_count_cases(device, args.size, suites))
-    rows: list[dict] = []
     stopped = ""
     previous_handler = signal.signal(signal.SIGTERM, _stop)
     try:
         for name in suites:
             SUITES[name].run_suite(device, args.size, ceilings, progress, rows)
-    except Stopped as stop:
-        stopped = f"{stop} during case {progress.done} of {progress.total}: the rows are what it measured before"
+    except (Stopped, KeyboardInterrupt) as stop:
+        how = str(stop) if isinstance(stop, Stopped) else "stopped by Ctrl-C"
+        stopped = f"{how} during case {progress.done} of {progress.total}: the rows are what it measured before"
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     print(file=sys.stderr)
@@ -96,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     if stopped:
         env["stopped"] = stopped
         print(f"\nbenchmark {stopped}", file=sys.stderr)
-    table = report.write(out_dir, env, rows)
+    try:
+        table = report.write(rows, env)
+    except Exception as error:  # whatever failed (a full disk, a plot), the measurements are kept
+        reason = (str(error).splitlines() or [""])[0]
+        sys.exit(f"benchmark: writing the report into {out_dir}/ failed ({type(error).__name__}: {reason}); "
+                 f"the measurements are in {rows.keep(env)}")
     print(f"\nresults in {out_dir}/ (results.json, report.md, plots)\n")
     print(table)

@@ -107,6 +107,117 @@ def test_cli_rejects_unknown_suites():
         cli.main(["--suite", "op,speed"])
 
 
+CEILINGS = {"matmul_tflops": 1.0, "matmul_dtype": "float32", "copy_gbps": 10.0}
+
+
+def _host_row(provider, median_ms, case="dispatch"):
+    return {"suite": "host", "pass": "host", "case": case, "provider": provider, "status": "ok",
+            "median_ms": median_ms, "samples_ms": [median_ms] * 3}
+
+
+@pytest.fixture
+def fake_suites(monkeypatch):
+    """Suites that measure nothing (two cases each) and the ceilings as constants: the
+    command line's own behaviour in a fraction of a second. `calls` lists the suites run;
+    `during` runs inside each case (after progress, before its rows are appended)."""
+    calls, during = [], []
+
+    def suite(name):
+        def run_suite(device, size, ceilings, progress, rows):
+            calls.append(name)
+            for case in ("a", "b"):
+                progress(f"{name} {case}")
+                for hook in during:
+                    hook(name, case)
+                rows.append(_host_row("sdpa", 2.0, f"{name} {case}"))
+                rows.append(_host_row("perceiver_kernels", 1.0, f"{name} {case}"))
+            return rows
+
+        return type("FakeSuite", (), {"cases": staticmethod(lambda device, size: ["a", "b"]),
+                                      "run_suite": staticmethod(run_suite)})
+
+    monkeypatch.setattr(cli, "SUITES", {name: suite(name) for name in ("one", "two")})
+    monkeypatch.setattr(harness, "ceilings", lambda device: CEILINGS)
+    return calls, during
+
+
+def test_an_out_that_cannot_be_written_fails_before_anything_is_measured(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness, "ceilings", lambda device: pytest.fail("measured before checking --out"))
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "host", "--out", str(blocker / "out")])
+    assert exit_info.value.code == 2
+    assert f"error: --out {str(blocker / 'out')!r} is not a writable folder" in capsys.readouterr().err
+
+
+def test_each_row_reaches_results_json_as_it_is_measured(tmp_path, fake_suites):
+    calls, during = fake_suites
+    seen = []
+
+    def read_file(name, case):
+        seen.append(report.read_results(tmp_path))  # the run folder, as compare and targets take it
+
+    during.append(read_file)
+    cli.main(["--suite", "one", "--out", str(tmp_path)])
+    first, second = seen
+    assert first["results"] == [] and first["environment"]["ceilings"] == CEILINGS
+    assert first["environment"]["stopped"] == report.UNFINISHED  # what a run killed outright leaves
+    assert [(row["case"], row["provider"]) for row in second["results"]] == [
+        ("one a", "sdpa"), ("one a", "perceiver_kernels")]
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert "stopped" not in final["environment"] and len(final["results"]) == 4
+    assert final["results"][1]["speedup"] == 2.0  # annotated in the final write
+
+
+def test_a_report_that_cannot_be_written_keeps_the_results_and_says_so_in_one_line(tmp_path, monkeypatch,
+                                                                                   fake_suites):
+    from benchmarks import plots
+
+    monkeypatch.setattr(plots, "write_plots", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "one", "--out", str(tmp_path)])
+    message = exit_info.value.code  # sys.exit(message): printed on stderr, exit status 1
+    assert isinstance(message, str) and "\n" not in message
+    assert message.endswith(f"failed (OSError: [Errno 28] No space left); the measurements are in "
+                            f"{tmp_path / 'results.json'}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["results"]) == 4 and "stopped" not in results["environment"]
+
+
+def test_results_go_to_a_named_fallback_when_the_out_folder_goes_away(tmp_path, monkeypatch, fake_suites):
+    calls, during = fake_suites
+    out, fallback = tmp_path / "out", tmp_path / "tmp"
+    fallback.mkdir()
+    monkeypatch.setattr(report.tempfile, "gettempdir", lambda: str(fallback))
+
+    def remove_out(name, case):
+        if case == "b":  # the rows of case a are written; those of case b cannot be
+            shutil.rmtree(out)
+            out.write_text("not a folder any more")
+
+    during.append(remove_out)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "one", "--out", str(out)])
+    (kept,) = fallback.glob("perceiver-benchmark-*-results.json")
+    assert exit_info.value.code.endswith(f"the measurements are in {kept}")
+    assert len(json.loads(kept.read_text())["results"]) == 4
+
+
+def test_ctrl_c_keeps_what_was_measured_as_sigterm_does(tmp_path, fake_suites):
+    calls, during = fake_suites
+
+    def interrupt(name, case):
+        if case == "b":
+            raise KeyboardInterrupt
+
+    during.append(interrupt)
+    cli.main(["--suite", "one", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["environment"]["stopped"].startswith("stopped by Ctrl-C during case 2 of 2")
+    assert [row["case"] for row in results["results"]] == ["one a", "one a"]
+
+
 def test_report_shows_failed_rows_and_missing_baselines():
     rows = [
         {"suite": "op", "case": "s", "pass": "forward", "provider": "sdpa-flash", "status": "unsupported: No kernel"},
