@@ -1,4 +1,4 @@
-"""Command line: python -m benchmarks [--suite op,scaling,model] [--size quick|full] [--device ...] [--threads N] [--out DIR].
+"""Command line: python -m benchmarks [--suite op,scaling,model,host] [--size quick|full] [--device ...] [--threads N] [--out DIR].
 
 Run it from the repository root (benchmarks/ is a folder there, not an installed package)."""
 
@@ -8,7 +8,9 @@ import argparse
 import datetime
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -17,18 +19,34 @@ from . import harness, host_suite, model_suite, op_suite, report, scaling_suite
 SUITES = {"op": op_suite, "scaling": scaling_suite, "model": model_suite, "host": host_suite}
 
 
-class Progress:
-    """A one-line progress bar on stderr: [#####.....] done/total, the case being measured."""
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
-    def __init__(self, total: int):
+
+class Progress:
+    """A one-line progress bar on stderr: [#####.....] done/total, the time left, the case
+    being measured. The time left assumes the cases to come take as long on average as
+    those done so far: rough, as a model case takes longer than an op case."""
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic):
         self.total = total
         self.done = 0
+        self.clock = clock
+        self.start = clock()
+
+    def time_left(self) -> str:
+        finished = self.done - 1  # the case starting now is not
+        if finished < 1:
+            return "time left known after the first case"
+        left = (self.clock() - self.start) / finished * (max(self.total, self.done) - finished)
+        return f"about {_duration(left)} left"
 
     def __call__(self, message: str) -> None:
         self.done += 1
-        filled = int(20 * self.done / max(self.total, self.done))
+        total = max(self.total, self.done)
+        filled = int(20 * self.done / total)
         end = "\n" if not sys.stderr.isatty() else ""
-        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{max(self.total, self.done)} {message:<60}",
+        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{total}, {self.time_left()}: {message:<40}",
               end=end, file=sys.stderr, flush=True)
 
 
@@ -47,8 +65,8 @@ def _count_cases(device: torch.device, size: str, suites: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--suite", default="op,scaling,model,host",
-                        help="comma-separated suites among op, scaling, model, host (default: all)")
+    parser.add_argument("--suite", default=",".join(SUITES), metavar=",".join(SUITES),
+                        help=f"comma-separated suites among {', '.join(SUITES)} (default: all; each runs once)")
     parser.add_argument("--size", choices=("quick", "full"), default="quick",
                         help="GPU: quick = the headline anchors, full = every anchor and the sweeps; "
                              "CPU: scaled-down shapes, full = larger ones (several times longer)")
@@ -59,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/<time>)")
     args = parser.parse_args(argv)
 
-    suites = [name.strip() for name in args.suite.split(",") if name.strip()]
+    suites = list(dict.fromkeys(name.strip() for name in args.suite.split(",") if name.strip()))
     unknown = [name for name in suites if name not in SUITES]
     if unknown or not suites:
         parser.error(f"--suite takes names among {', '.join(SUITES)}, got {args.suite!r}")

@@ -114,6 +114,7 @@ class Result:
     measured: Optional[float] = None
     against: str = ""
     noisy: bool = False
+    provider: str = ""  # of the row measured: the target's, or the auto row that ran its backend
 
 
 def _find(rows: list[dict], suite: str, case: str, pass_name: str, provider: str) -> Optional[dict]:
@@ -137,28 +138,28 @@ def _check(target: Target, rows: list[dict]) -> Result:
     if row is None:
         return Result(target, "not measured")
     if row["status"] != "ok":
-        return Result(target, row["status"])
+        return Result(target, row["status"], provider=row["provider"])
     noisy = bool(row.get("ratio_noisy"))
     if target.metric == "speedup":
         if row.get("speedup") is None:
-            return Result(target, "no baseline")
+            return Result(target, "no baseline", provider=row["provider"])
         measured, against = row["speedup"], row["baseline"]
     elif target.metric == "peak ratio":
         base = _by_name(rows).get((target.suite, target.case, target.pass_name, row.get("baseline")))
         if base is None or not row.get("peak_mib") or not base.get("peak_mib"):
-            return Result(target, "no peak memory")
+            return Result(target, "no peak memory", provider=row["provider"])
         measured, against = row["peak_mib"] / base["peak_mib"], base["provider"]
     elif target.metric == "us per call":
         measured, against, noisy = row["median_ms"] * 1e3, "", False
     elif target.metric.startswith("vs "):
         other = _by_name(rows).get((target.suite, target.metric[3:], target.pass_name, row["provider"]))
         if other is None or other["status"] != "ok":
-            return Result(target, "not measured")
+            return Result(target, "not measured", provider=row["provider"])
         measured, against, noisy = other["median_ms"] / row["median_ms"], "", False
     else:
         raise ValueError(f"unknown metric {target.metric!r}")
     passed = measured <= target.threshold if target.at_most else measured >= target.threshold
-    return Result(target, "PASS" if passed else "FAIL", measured, against, noisy)
+    return Result(target, "PASS" if passed else "FAIL", measured, against, noisy, row["provider"])
 
 
 def evaluate(rows: list[dict]) -> list[Result]:
@@ -169,15 +170,19 @@ def evaluate(rows: list[dict]) -> list[Result]:
 def table(results: list[Result]) -> str:
     issues = ", ".join(str(issue) for issue in sorted({result.target.issue for result in results}))
     lines = [f"### Targets (issues {issues})", "",
-             "| issue | case | pass | metric | measured | target | result |", "|---|---|---|---|---|---|---|"]
+             "| issue | case | pass | provider | metric | measured | target | result |",
+             "|---|---|---|---|---|---|---|---|"]
     for result in results:
         target = result.target
+        provider = target.provider
+        if result.provider and result.provider != target.provider:
+            provider += f" (its {result.provider} row)"
         sign = "<=" if target.at_most else ">="
         metric = target.metric + (f" ({result.against})" if result.against else "")
         unit = " us" if target.metric == "us per call" else "x"
         measured = "-" if result.measured is None else f"{result.measured:.2f}{unit}"
         status = result.status + (" (noisy)" if result.noisy else "")
-        lines.append(f"| {target.issue} | {target.case} | {target.pass_name} | {metric} | {measured} | "
+        lines.append(f"| {target.issue} | {target.case} | {target.pass_name} | {provider} | {metric} | {measured} | "
                      f"{sign} {target.threshold:.2f}{unit} | {status} |")
     passed = sum(result.status == "PASS" for result in results)
     measured = sum(result.measured is not None for result in results)

@@ -218,6 +218,34 @@ def test_ctrl_c_keeps_what_was_measured_as_sigterm_does(tmp_path, fake_suites):
     assert [row["case"] for row in results["results"]] == ["one a", "one a"]
 
 
+def test_a_suite_named_twice_runs_once_and_the_help_names_every_suite(tmp_path, capsys, fake_suites):
+    calls, _ = fake_suites
+    cli.main(["--suite", "one,two,one", "--out", str(tmp_path)])
+    assert calls == ["one", "two"]
+    assert "/4, " in capsys.readouterr().err  # the progress counts each case once
+
+
+def test_the_usage_line_names_every_suite(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert f"[--suite {','.join(cli.SUITES)}]" in " ".join(usage.split())
+    assert set(cli.SUITES) == {"op", "scaling", "model", "host"}
+
+
+def test_progress_estimates_the_time_left_from_the_cases_done(capsys):
+    now = [100.0]
+    progress = cli.Progress(4, clock=lambda: now[0])
+    progress("first")
+    now[0] += 20.0
+    progress("second")  # one case done in 20 s: three to go
+    now[0] += 280.0
+    progress("third")  # two done in 300 s: two to go
+    text = " ".join(capsys.readouterr().err.split())
+    assert "1/4, time left known after the first case: first" in text
+    assert "2/4, about 60 s left: second" in text and "3/4, about 5 min left: third" in text
+
+
 def test_report_shows_failed_rows_and_missing_baselines():
     rows = [
         {"suite": "op", "case": "s", "pass": "forward", "provider": "sdpa-flash", "status": "unsupported: No kernel"},
@@ -435,6 +463,16 @@ def _op_row(case, pass_name, provider, median, peak=None, path=""):
             "median_ms": median, "peak_mib": peak, "path": path}
 
 
+def test_target_rows_of_each_kernel_backend_name_their_provider():
+    rows = [_op_row("IMG-261", "forward", "sdpa-math", 3.0), _op_row("IMG-261", "forward", "perceiver_kernels[triton]", 2.0),
+            _op_row("IMG-261", "forward", "perceiver_kernels[cuda]", 0.5)]
+    report.annotate_ratios(rows)
+    lines = [line for line in targets.table(targets.evaluate(rows)).splitlines() if "| IMG-261 | forward |" in line]
+    assert lines == [
+        "| 16 | IMG-261 | forward | perceiver_kernels[triton] | speedup (sdpa-math) | 1.50x | >= 3.00x | FAIL |",
+        "| 16 | IMG-261 | forward | perceiver_kernels[cuda] | speedup (sdpa-math) | 6.00x | >= 3.00x | PASS |"]
+
+
 def test_targets_pass_fail_and_say_what_was_not_measured():
     rows = [
         _op_row("ENC-1", "forward", "sdpa-cudnn_attention", 1.0),
@@ -456,8 +494,12 @@ def test_targets_pass_fail_and_say_what_was_not_measured():
     assert peak.status == "FAIL" and peak.measured == pytest.approx(2768 / 1600)
     assert results[("ENC-2", "forward", "speedup")].status == "not measured"
     text = targets.table(targets.evaluate(rows))
-    assert "| 14 | ENC-1 | forward | speedup (sdpa-cudnn_attention) | 1.25x | >= 1.10x | PASS |" in text
-    assert "| 15 | DEC-1 | forward+backward | peak ratio (sdpa-cudnn_attention) | 1.73x | <= 1.00x | FAIL |" in text
+    assert ("| 14 | ENC-1 | forward | perceiver_kernels[triton] | speedup (sdpa-cudnn_attention) | 1.25x | >= 1.10x "
+            "| PASS |") in text
+    assert ("| 14 | ENC-3 | forward | perceiver_kernels[triton] (its perceiver_kernels row) | speedup (sdpa-flash_attention) "
+            "| 2.00x | >= 1.60x | PASS |") in text
+    assert ("| 15 | DEC-1 | forward+backward | perceiver_kernels[triton] | peak ratio (sdpa-cudnn_attention) | 1.73x "
+            "| <= 1.00x | FAIL |") in text
     assert "3 of 4 measured targets pass" in text
 
 
@@ -499,6 +541,15 @@ def test_gpu_run_plan_keeps_at_most_8_files_and_prints_the_targets_last(tmp_path
     assert "294 passed" in summary and "tests/test_triton_forward.py::test_plain[40x24]" in summary
     assert "tests/test_triton_forward.py::test_verbose[1]" in summary
     assert "| op | ENC-1 | forward | perceiver_kernels | 0.993 | sdpa-cudnn_attention | 0.504 | 0.51x |" in summary
+
+
+def test_the_output_folders_the_docs_name_are_ignored_by_git():
+    """gpu-out/ is what the README's gpu_run.sh commands write, bench-out/ and examples/out/
+    the defaults of the benchmark and the examples."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("gpu-out/summary.md", "bench-out/20261201-120000/results.json", "examples/out/digits/curve.png"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
@@ -710,8 +761,8 @@ def test_causal_targets_take_only_sdpa_backends_that_accept_the_mask_and_compare
     square = results[("AR-1k self causal", "forward", "vs AR-1k self")]
     assert square.status == "FAIL" and square.measured == pytest.approx(1 / 0.7)  # 0.7x the time: not <= 0.6x
     assert results[("AR-8k causal", "forward", "vs AR-8k")].status == "PASS"
-    assert "| 17 | AR-1k self causal | forward | vs AR-1k self | 1.43x | >= 1.67x | FAIL |" in targets.table(
-        targets.evaluate(rows))
+    assert ("| 17 | AR-1k self causal | forward | perceiver_kernels[triton] | vs AR-1k self | 1.43x | >= 1.67x "
+            "| FAIL |") in targets.table(targets.evaluate(rows))
 
 
 def test_plain_pytorch_perceiver_ar_gives_the_loss_and_gradients_of_perceiver_ar():
