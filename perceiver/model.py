@@ -180,8 +180,9 @@ class PerceiverIO(nn.Module):
     (inputs, key_padding_mask); the output adapter maps decoder outputs to the task's
     outputs. Every key_padding_mask here, passed or from the adapter, is bool (B, M)
     with True = padding (a key to ignore): the opposite of CrossAttention's `mask`
-    (True = keep, perceiver-pytorch's convention). `queries` is the decoder's QueryProvider (or a tensor); None makes the
-    adapted inputs the queries (one output per input, as in optical flow).
+    (True = keep, perceiver-pytorch's convention). `queries` is the decoder's
+    QueryProvider (or a tensor); None makes the adapted inputs the queries (one output
+    per input, as in optical flow).
     encode() and decode() can be used on their own, e.g. to decode a subset or in chunks.
     """
 

@@ -464,8 +464,9 @@ def _op_row(case, pass_name, provider, median, peak=None, path=""):
 
 
 def test_target_rows_of_each_kernel_backend_name_their_provider():
-    rows = [_op_row("IMG-261", "forward", "sdpa-math", 3.0), _op_row("IMG-261", "forward", "perceiver_kernels[triton]", 2.0),
-            _op_row("IMG-261", "forward", "perceiver_kernels[cuda]", 0.5)]
+    rows = [_op_row("IMG-261", "forward", provider, median)
+            for provider, median in (("sdpa-math", 3.0), ("perceiver_kernels[triton]", 2.0),
+                                     ("perceiver_kernels[cuda]", 0.5))]
     report.annotate_ratios(rows)
     lines = [line for line in targets.table(targets.evaluate(rows)).splitlines() if "| IMG-261 | forward |" in line]
     assert lines == [
@@ -496,8 +497,8 @@ def test_targets_pass_fail_and_say_what_was_not_measured():
     text = targets.table(targets.evaluate(rows))
     assert ("| 14 | ENC-1 | forward | perceiver_kernels[triton] | speedup (sdpa-cudnn_attention) | 1.25x | >= 1.10x "
             "| PASS |") in text
-    assert ("| 14 | ENC-3 | forward | perceiver_kernels[triton] (its perceiver_kernels row) | speedup (sdpa-flash_attention) "
-            "| 2.00x | >= 1.60x | PASS |") in text
+    assert ("| 14 | ENC-3 | forward | perceiver_kernels[triton] (its perceiver_kernels row) "
+            "| speedup (sdpa-flash_attention) | 2.00x | >= 1.60x | PASS |") in text
     assert ("| 15 | DEC-1 | forward+backward | perceiver_kernels[triton] | peak ratio (sdpa-cudnn_attention) | 1.73x "
             "| <= 1.00x | FAIL |") in text
     assert "3 of 4 measured targets pass" in text
@@ -664,7 +665,8 @@ def test_compare_takes_run_folders_and_names_the_rows_one_run_lacks(tmp_path, ca
 
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda tmp: tmp / "missing", "'{}' does not exist (give a run folder of python -m benchmarks or its results.json)"),
+    (lambda tmp: tmp / "missing", "'{}' does not exist (give a run folder of python -m benchmarks or its "
+                                  "results.json)"),
     (lambda tmp: tmp, "the folder '{}' has no results.json"),
     (lambda tmp: (tmp / "x.json").write_text("{") and tmp / "x.json", "'{}' is not a readable results.json"),
     (lambda tmp: (tmp / "x.json").write_text("[]") and tmp / "x.json", "'{}' is not a results.json of python -m"),
