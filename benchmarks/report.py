@@ -10,6 +10,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -223,20 +224,113 @@ def header(env: dict) -> list[str]:
     return lines + [""]
 
 
-def write(out_dir: Path, env: dict, rows: list[dict]) -> str:
-    """Writes results.json, report.md and the plots; returns the summary table
-    (followed by the targets table when the run measured any target's case)."""
+# What results.json says while the run that writes it has not finished: what a run
+# killed outright (SIGKILL) leaves behind.
+UNFINISHED = "cut off before it finished (killed, or still running): the rows are what it measured until then"
+
+
+class Results(list):
+    """The rows of a run, each written to OUT/results.json as it is measured.
+
+    Created before anything is measured, so that an --out that cannot be written fails
+    at once (OSError). The suites append rows one at a time or a case's at once (+=);
+    each is written over the file's closing brackets, followed by them again, so the
+    file is valid JSON after every row (benchmarks.compare and benchmarks.targets read
+    it) without rewriting what came before. Until finish() its environment says that
+    the run did not finish."""
+
+    CLOSING = b"\n]}\n"
+
+    def __init__(self, out_dir: Path):
+        super().__init__()
+        self.path = out_dir / "results.json"
+        self.finished = False
+        self.write_error: Optional[OSError] = None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.begin({})
+
+    def begin(self, env: dict) -> None:
+        """Starts the file over with the run's environment, before any row."""
+        header = json.dumps({"environment": {**env, "stopped": UNFINISHED}, "results": []})
+        self.path.write_bytes(header[:-2].encode() + self.CLOSING)
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.write_error is not None:
+            return
+        try:
+            with self.path.open("r+b") as file:
+                file.seek(-len(self.CLOSING), os.SEEK_END)
+                file.write((",\n" if len(self) > 1 else "\n").encode() + json.dumps(row).encode() + self.CLOSING)
+        except OSError as error:
+            # The run goes on (a full disk must not end it): finish() or keep() writes
+            # every row at the end.
+            self.write_error = error
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+    def finish(self, env: dict, path: Optional[Path] = None) -> Path:
+        """Writes the whole file again (to `path`, default results.json) with the final
+        environment and the rows as annotate_ratios left them; returns where. Written
+        beside and then renamed, so that a failed write leaves the rows written so far."""
+        path = path or self.path
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps({"environment": env, "results": list(self)}, indent=1))
+        partial.replace(path)
+        self.finished = self.finished or path == self.path
+        return path
+
+    def keep(self, env: dict) -> Path:
+        """Where the results are once writing the report failed: results.json if it was
+        written in full, else a copy in the temporary folder, else results.json as it
+        stands (every row written, the environment of the start)."""
+        if self.finished:
+            return self.path
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        try:
+            return self.finish(env, Path(tempfile.gettempdir()) / f"perceiver-benchmark-{stamp}-results.json")
+        except OSError:
+            return self.path
+
+
+def read_results(path: Path) -> dict:
+    """A results.json written by python -m benchmarks, given it or its run folder; a
+    ValueError with a one-line reason otherwise."""
+    file = path / "results.json" if path.is_dir() else path
+    if not file.exists():
+        where = f"the folder {str(path)!r} has no results.json" if path.is_dir() else f"{str(path)!r} does not exist"
+        raise ValueError(f"{where} (give a run folder of python -m benchmarks or its results.json)")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(file)!r} is not a readable results.json ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{str(file)!r} is not a results.json of python -m benchmarks (no list of results)")
+    data.setdefault("environment", {})
+    return data
+
+
+def write(results: Results, env: dict) -> str:
+    """Writes results.json in full (the rows annotated with their ratios), report.md
+    and the plots beside it; returns the summary table (followed by the targets table
+    when the run measured any target's case)."""
     from . import targets
     from .plots import write_plots
 
-    annotate_ratios(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
-    table = summary_table(rows)
-    checked = targets.evaluate(rows)
+    out_dir = results.path.parent
+    annotate_ratios(results)
+    results.finish(env)
+    table = summary_table(results)
+    checked = targets.evaluate(results)
     if any(result.status != "not measured" for result in checked):
         table += "\n\n" + targets.table(checked)
-    plots = write_plots(rows, out_dir, env["device"], env.get("device_type", "cuda"))
+    plots = write_plots(results, out_dir, env["device"], env.get("device_type", "cuda"))
     figures = "".join(f"\n![{name}]({name})\n" for name in plots)
     (out_dir / "report.md").write_text("\n".join(header(env)) + table + "\n" + figures)
     return table

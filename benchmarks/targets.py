@@ -4,7 +4,7 @@ One declarative list: each target names a case and pass of a suite, a metric and
 threshold. `report.write` appends the table to report.md when a run measured any of
 the cases; `gpu_run.sh` prints it last. Re-check any results file with
 
-    python -m benchmarks.targets bench-out/<time>/results.json
+    python -m benchmarks.targets bench-out/<time>     # a run folder, or its results.json
 
 Metrics:
 - "speedup": the suite's speed-up column (op: over the best SDPA backend timed in the
@@ -25,7 +25,6 @@ lower-right causal bias: a backend that refuses it has no time, so it is no base
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -115,6 +114,7 @@ class Result:
     measured: Optional[float] = None
     against: str = ""
     noisy: bool = False
+    provider: str = ""  # of the row measured: the target's, or the auto row that ran its backend
 
 
 def _find(rows: list[dict], suite: str, case: str, pass_name: str, provider: str) -> Optional[dict]:
@@ -138,28 +138,28 @@ def _check(target: Target, rows: list[dict]) -> Result:
     if row is None:
         return Result(target, "not measured")
     if row["status"] != "ok":
-        return Result(target, row["status"])
+        return Result(target, row["status"], provider=row["provider"])
     noisy = bool(row.get("ratio_noisy"))
     if target.metric == "speedup":
         if row.get("speedup") is None:
-            return Result(target, "no baseline")
+            return Result(target, "no baseline", provider=row["provider"])
         measured, against = row["speedup"], row["baseline"]
     elif target.metric == "peak ratio":
         base = _by_name(rows).get((target.suite, target.case, target.pass_name, row.get("baseline")))
         if base is None or not row.get("peak_mib") or not base.get("peak_mib"):
-            return Result(target, "no peak memory")
+            return Result(target, "no peak memory", provider=row["provider"])
         measured, against = row["peak_mib"] / base["peak_mib"], base["provider"]
     elif target.metric == "us per call":
         measured, against, noisy = row["median_ms"] * 1e3, "", False
     elif target.metric.startswith("vs "):
         other = _by_name(rows).get((target.suite, target.metric[3:], target.pass_name, row["provider"]))
         if other is None or other["status"] != "ok":
-            return Result(target, "not measured")
+            return Result(target, "not measured", provider=row["provider"])
         measured, against, noisy = other["median_ms"] / row["median_ms"], "", False
     else:
         raise ValueError(f"unknown metric {target.metric!r}")
     passed = measured <= target.threshold if target.at_most else measured >= target.threshold
-    return Result(target, "PASS" if passed else "FAIL", measured, against, noisy)
+    return Result(target, "PASS" if passed else "FAIL", measured, against, noisy, row["provider"])
 
 
 def evaluate(rows: list[dict]) -> list[Result]:
@@ -170,15 +170,19 @@ def evaluate(rows: list[dict]) -> list[Result]:
 def table(results: list[Result]) -> str:
     issues = ", ".join(str(issue) for issue in sorted({result.target.issue for result in results}))
     lines = [f"### Targets (issues {issues})", "",
-             "| issue | case | pass | metric | measured | target | result |", "|---|---|---|---|---|---|---|"]
+             "| issue | case | pass | provider | metric | measured | target | result |",
+             "|---|---|---|---|---|---|---|---|"]
     for result in results:
         target = result.target
+        provider = target.provider
+        if result.provider and result.provider != target.provider:
+            provider += f" (its {result.provider} row)"
         sign = "<=" if target.at_most else ">="
         metric = target.metric + (f" ({result.against})" if result.against else "")
         unit = " us" if target.metric == "us per call" else "x"
         measured = "-" if result.measured is None else f"{result.measured:.2f}{unit}"
         status = result.status + (" (noisy)" if result.noisy else "")
-        lines.append(f"| {target.issue} | {target.case} | {target.pass_name} | {metric} | {measured} | "
+        lines.append(f"| {target.issue} | {target.case} | {target.pass_name} | {provider} | {metric} | {measured} | "
                      f"{sign} {target.threshold:.2f}{unit} | {status} |")
     passed = sum(result.status == "PASS" for result in results)
     measured = sum(result.measured is not None for result in results)
@@ -187,16 +191,20 @@ def table(results: list[Result]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from .report import annotate_ratios
+    from .report import annotate_ratios, read_results
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.targets", description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="a results.json written by python -m benchmarks")
+    parser.add_argument("results", type=Path, help="a run folder of python -m benchmarks, or its results.json")
     args = parser.parse_args(argv)
-    data = json.loads(args.results.read_text())
+    try:
+        data = read_results(args.results)
+    except ValueError as error:
+        parser.error(str(error))
     rows = data["results"]
     annotate_ratios(rows)
     env = data["environment"]
-    print(f"{env['device']}, commit {env['commit']}, {env['date']}\n")
+    print(f"{env.get('device', 'unknown device')}, commit {env.get('commit', 'unknown')}, {env.get('date', '')}"
+          + (f"\nincomplete run: {env['stopped']}" if env.get("stopped") else "") + "\n")
     print(table(evaluate(rows)))
 
 

@@ -199,7 +199,8 @@ class PerceiverAR(nn.Module):
             check_dims("key_padding_mask", padding, (2,), f"(B, L) = {tuple(tokens.shape)} bool")
             if padding.dtype != torch.bool or padding.shape != tokens.shape:
                 raise ValueError(f"key_padding_mask must be a bool tensor of the shape of {name} "
-                                 f"{tuple(tokens.shape)}, got {padding.dtype} {tuple(padding.shape)}")
+                                 f"{tuple(tokens.shape)} with True = padding, got {padding.dtype} "
+                                 f"{tuple(padding.shape)}")
             if (padding[:, 1:] & ~padding[:, :-1]).any():
                 raise ValueError("key_padding_mask must pad on the left: True only before a row's first real token")
         real = tokens if padding is None else tokens[~padding]

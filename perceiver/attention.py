@@ -18,7 +18,14 @@ from torch import nn
 
 import perceiver_kernels as pk
 
-from .checks import check_backend, check_channels, check_dims, check_dropout, check_positive_int
+from .checks import (check_backend, check_channels, check_dims, check_dropout, check_dtype, check_key_mask,
+                     check_positive_int, check_same_batch)
+
+# The two mask conventions of this package, named in every docstring and error that takes
+# a mask: CrossAttention's `mask` keeps perceiver-pytorch's (lucidrains'), everything
+# else takes the op's key_padding_mask.
+KEEP = "True = keep (perceiver-pytorch's convention)"
+PADDING = "True = padding (a key to ignore)"
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -42,7 +49,8 @@ class CrossAttention(nn.Module):
     are all masked gets to_out(0) (its bias) instead of an average of every value.
 
     Extras, all off by default: `value_dim_head` (Dv != Dqk), `qkv_bias`,
-    `key_padding_mask` (True = padding, the op's own convention), `backend`.
+    `key_padding_mask` (True = padding: the convention of the op, MultiHeadAttention
+    and PerceiverIO, opposite to `mask`), `backend`.
     `dropout` drops attention probabilities in training (through PyTorch SDPA).
     `scale` multiplies q k^T (default dim_head ** -0.5, as perceiver-pytorch) and may
     be changed after construction, as there.
@@ -88,17 +96,25 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         check_dims("x", x, (3,), "(B, Nq, query_dim)")
         check_channels("x", x, self.to_q.in_features)
+        check_dtype("x", x, self.to_q.weight)
         if context is None:
             context = x
         else:
             check_dims("context", context, (3,), "(B, Nk, context_dim)")
+            check_same_batch("x", x, "context", context)
+            check_dtype("context", context, self.to_kv.weight)
         check_channels("context", context, self.to_kv.in_features)
         if mask is not None and key_padding_mask is not None:
             raise ValueError("pass either mask (True = keep) or key_padding_mask (True = padding), not both")
+        batch, num_keys = context.shape[:2]
         if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor (B, Nk) with True = keep, got {mask.dtype}")
-            key_padding_mask = ~mask.reshape(mask.shape[0], -1)
+            # perceiver-pytorch flattens every dim after the batch ('b ... -> b (...)'): so does its drop-in.
+            if isinstance(mask, torch.Tensor) and mask.dim() > 2:
+                mask = mask.flatten(1)
+            check_key_mask("mask", mask, batch, num_keys, KEEP)
+            key_padding_mask = ~mask
+        elif key_padding_mask is not None:
+            check_key_mask("key_padding_mask", key_padding_mask, batch, num_keys, PADDING)
         q = split_heads(self.to_q(x), self.heads)
         k, v = self.to_kv(context).split([self.heads * self.dim_head, self.heads * self.value_dim_head], dim=-1)
         out = pk.cross_attention(q, split_heads(k, self.heads), split_heads(v, self.heads),
@@ -209,19 +225,27 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         """Cross-attention of queries (B, Nq, q_dim) to inputs (B, Nk, kv_dim), or self-attention.
 
-        key_padding_mask: bool (B, Nk), True = padding.
+        key_padding_mask: bool (B, Nk), True = padding (the opposite of CrossAttention's
+        `mask`, True = keep).
         """
         check_dims("queries", queries, (3,), "(B, Nq, q_dim)")
         check_channels("queries", queries, self.query.in_features)
+        check_dtype("queries", queries, self.query.weight)
         if self.cross_attention:
             if inputs is None:
                 raise ValueError("cross-attention needs inputs (B, Nk, kv_dim)")
             check_dims("inputs", inputs, (3,), "(B, Nk, kv_dim)")
             check_channels("inputs", inputs, self.key.in_features)
+            check_same_batch("queries", queries, "inputs", inputs)
+            check_dtype("inputs", inputs, self.key.weight)
+        elif inputs is not None:
+            raise ValueError("self-attention takes no inputs: keys and values come from the queries")
+        if key_padding_mask is not None:
+            keys_from = inputs if self.cross_attention else queries
+            check_key_mask("key_padding_mask", key_padding_mask, *keys_from.shape[:2], PADDING)
+        if self.cross_attention:
             keys, values = self.project_kv(inputs)
             return self.attend(queries, keys, values, key_padding_mask)
-        if inputs is not None:
-            raise ValueError("self-attention takes no inputs: keys and values come from the queries")
         normed = self.query_norm(queries)
         keys, values = self.project_kv(normed)
         return self.attend(queries, keys, values, key_padding_mask, normed_queries=normed)

@@ -31,7 +31,7 @@ class PerceiverLayer(nn.Module):
     Cross-attention layers (encoder, decoder) take inputs of width kv_dim; self-attention
     layers (processor) attend the queries to themselves. Arguments as in
     MultiHeadAttention; `dropout` applies to the MLP output, `attention_dropout` to the
-    attention probabilities.
+    attention probabilities. key_padding_mask: bool (B, Nk), True = padding.
     """
 
     def __init__(

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .checks import check_positive_int
+from .checks import check_dtype, check_positive_int
 from .layers import PerceiverLayer, self_attention_layer
 from .position import QueryProvider, TensorQueries, check_index
 
@@ -145,6 +145,7 @@ class PerceiverDecoder(nn.Module):
             raise ValueError(f"queries must have query_dim={query_dim} channels, got {provider.num_channels}")
         if latents.dim() != 3 or latents.shape[-1] != latent_dim:
             raise ValueError(f"latents must be (B, N, latent_dim={latent_dim}), got shape {tuple(latents.shape)}")
+        check_dtype("latents", latents, self.cross_attention.attention.key.weight)
         chunk_size = chunk_size if chunk_size is not None else self.chunk_size
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
@@ -177,8 +178,11 @@ class PerceiverIO(nn.Module):
 
     The input adapter maps raw inputs to (B, M, input_dim), or to a tuple
     (inputs, key_padding_mask); the output adapter maps decoder outputs to the task's
-    outputs. `queries` is the decoder's QueryProvider (or a tensor); None makes the
-    adapted inputs the queries (one output per input, as in optical flow).
+    outputs. Every key_padding_mask here, passed or from the adapter, is bool (B, M)
+    with True = padding (a key to ignore): the opposite of CrossAttention's `mask`
+    (True = keep, perceiver-pytorch's convention). `queries` is the decoder's
+    QueryProvider (or a tensor); None makes the adapted inputs the queries (one output
+    per input, as in optical flow).
     encode() and decode() can be used on their own, e.g. to decode a subset or in chunks.
     """
 
@@ -200,7 +204,7 @@ class PerceiverIO(nn.Module):
         self.output_adapter = output_adapter if output_adapter is not None else nn.Identity()
 
     def adapt(self, inputs, key_padding_mask: Optional[torch.Tensor] = None):
-        """Raw inputs -> (B, M, input_dim) and the combined key padding mask."""
+        """Raw inputs -> (B, M, input_dim) and the combined key padding mask (True = padding)."""
         adapted = self.input_adapter(inputs)
         if isinstance(adapted, tuple):
             adapted, adapter_mask = adapted

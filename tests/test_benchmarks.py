@@ -107,6 +107,145 @@ def test_cli_rejects_unknown_suites():
         cli.main(["--suite", "op,speed"])
 
 
+CEILINGS = {"matmul_tflops": 1.0, "matmul_dtype": "float32", "copy_gbps": 10.0}
+
+
+def _host_row(provider, median_ms, case="dispatch"):
+    return {"suite": "host", "pass": "host", "case": case, "provider": provider, "status": "ok",
+            "median_ms": median_ms, "samples_ms": [median_ms] * 3}
+
+
+@pytest.fixture
+def fake_suites(monkeypatch):
+    """Suites that measure nothing (two cases each) and the ceilings as constants: the
+    command line's own behaviour in a fraction of a second. `calls` lists the suites run;
+    `during` runs inside each case (after progress, before its rows are appended)."""
+    calls, during = [], []
+
+    def suite(name):
+        def run_suite(device, size, ceilings, progress, rows):
+            calls.append(name)
+            for case in ("a", "b"):
+                progress(f"{name} {case}")
+                for hook in during:
+                    hook(name, case)
+                rows.append(_host_row("sdpa", 2.0, f"{name} {case}"))
+                rows.append(_host_row("perceiver_kernels", 1.0, f"{name} {case}"))
+            return rows
+
+        return type("FakeSuite", (), {"cases": staticmethod(lambda device, size: ["a", "b"]),
+                                      "run_suite": staticmethod(run_suite)})
+
+    monkeypatch.setattr(cli, "SUITES", {name: suite(name) for name in ("one", "two")})
+    monkeypatch.setattr(harness, "ceilings", lambda device: CEILINGS)
+    return calls, during
+
+
+def test_an_out_that_cannot_be_written_fails_before_anything_is_measured(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(harness, "ceilings", lambda device: pytest.fail("measured before checking --out"))
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "host", "--out", str(blocker / "out")])
+    assert exit_info.value.code == 2
+    assert f"error: --out {str(blocker / 'out')!r} is not a writable folder" in capsys.readouterr().err
+
+
+def test_each_row_reaches_results_json_as_it_is_measured(tmp_path, fake_suites):
+    calls, during = fake_suites
+    seen = []
+
+    def read_file(name, case):
+        seen.append(report.read_results(tmp_path))  # the run folder, as compare and targets take it
+
+    during.append(read_file)
+    cli.main(["--suite", "one", "--out", str(tmp_path)])
+    first, second = seen
+    assert first["results"] == [] and first["environment"]["ceilings"] == CEILINGS
+    assert first["environment"]["stopped"] == report.UNFINISHED  # what a run killed outright leaves
+    assert [(row["case"], row["provider"]) for row in second["results"]] == [
+        ("one a", "sdpa"), ("one a", "perceiver_kernels")]
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert "stopped" not in final["environment"] and len(final["results"]) == 4
+    assert final["results"][1]["speedup"] == 2.0  # annotated in the final write
+
+
+def test_a_report_that_cannot_be_written_keeps_the_results_and_says_so_in_one_line(tmp_path, monkeypatch,
+                                                                                   fake_suites):
+    from benchmarks import plots
+
+    monkeypatch.setattr(plots, "write_plots", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "one", "--out", str(tmp_path)])
+    message = exit_info.value.code  # sys.exit(message): printed on stderr, exit status 1
+    assert isinstance(message, str) and "\n" not in message
+    assert message.endswith(f"failed (OSError: [Errno 28] No space left); the measurements are in "
+                            f"{tmp_path / 'results.json'}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["results"]) == 4 and "stopped" not in results["environment"]
+
+
+def test_results_go_to_a_named_fallback_when_the_out_folder_goes_away(tmp_path, monkeypatch, fake_suites):
+    calls, during = fake_suites
+    out, fallback = tmp_path / "out", tmp_path / "tmp"
+    fallback.mkdir()
+    monkeypatch.setattr(report.tempfile, "gettempdir", lambda: str(fallback))
+
+    def remove_out(name, case):
+        if case == "b":  # the rows of case a are written; those of case b cannot be
+            shutil.rmtree(out)
+            out.write_text("not a folder any more")
+
+    during.append(remove_out)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--suite", "one", "--out", str(out)])
+    (kept,) = fallback.glob("perceiver-benchmark-*-results.json")
+    assert exit_info.value.code.endswith(f"the measurements are in {kept}")
+    assert len(json.loads(kept.read_text())["results"]) == 4
+
+
+def test_ctrl_c_keeps_what_was_measured_as_sigterm_does(tmp_path, fake_suites):
+    calls, during = fake_suites
+
+    def interrupt(name, case):
+        if case == "b":
+            raise KeyboardInterrupt
+
+    during.append(interrupt)
+    cli.main(["--suite", "one", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["environment"]["stopped"].startswith("stopped by Ctrl-C during case 2 of 2")
+    assert [row["case"] for row in results["results"]] == ["one a", "one a"]
+
+
+def test_a_suite_named_twice_runs_once_and_the_help_names_every_suite(tmp_path, capsys, fake_suites):
+    calls, _ = fake_suites
+    cli.main(["--suite", "one,two,one", "--out", str(tmp_path)])
+    assert calls == ["one", "two"]
+    assert "/4, " in capsys.readouterr().err  # the progress counts each case once
+
+
+def test_the_usage_line_names_every_suite(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert f"[--suite {','.join(cli.SUITES)}]" in " ".join(usage.split())
+    assert set(cli.SUITES) == {"op", "scaling", "model", "host"}
+
+
+def test_progress_estimates_the_time_left_from_the_cases_done(capsys):
+    now = [100.0]
+    progress = cli.Progress(4, clock=lambda: now[0])
+    progress("first")
+    now[0] += 20.0
+    progress("second")  # one case done in 20 s: three to go
+    now[0] += 280.0
+    progress("third")  # two done in 300 s: two to go
+    text = " ".join(capsys.readouterr().err.split())
+    assert "1/4, time left known after the first case: first" in text
+    assert "2/4, about 60 s left: second" in text and "3/4, about 5 min left: third" in text
+
+
 def test_report_shows_failed_rows_and_missing_baselines():
     rows = [
         {"suite": "op", "case": "s", "pass": "forward", "provider": "sdpa-flash", "status": "unsupported: No kernel"},
@@ -324,6 +463,17 @@ def _op_row(case, pass_name, provider, median, peak=None, path=""):
             "median_ms": median, "peak_mib": peak, "path": path}
 
 
+def test_target_rows_of_each_kernel_backend_name_their_provider():
+    rows = [_op_row("IMG-261", "forward", provider, median)
+            for provider, median in (("sdpa-math", 3.0), ("perceiver_kernels[triton]", 2.0),
+                                     ("perceiver_kernels[cuda]", 0.5))]
+    report.annotate_ratios(rows)
+    lines = [line for line in targets.table(targets.evaluate(rows)).splitlines() if "| IMG-261 | forward |" in line]
+    assert lines == [
+        "| 16 | IMG-261 | forward | perceiver_kernels[triton] | speedup (sdpa-math) | 1.50x | >= 3.00x | FAIL |",
+        "| 16 | IMG-261 | forward | perceiver_kernels[cuda] | speedup (sdpa-math) | 6.00x | >= 3.00x | PASS |"]
+
+
 def test_targets_pass_fail_and_say_what_was_not_measured():
     rows = [
         _op_row("ENC-1", "forward", "sdpa-cudnn_attention", 1.0),
@@ -345,8 +495,12 @@ def test_targets_pass_fail_and_say_what_was_not_measured():
     assert peak.status == "FAIL" and peak.measured == pytest.approx(2768 / 1600)
     assert results[("ENC-2", "forward", "speedup")].status == "not measured"
     text = targets.table(targets.evaluate(rows))
-    assert "| 14 | ENC-1 | forward | speedup (sdpa-cudnn_attention) | 1.25x | >= 1.10x | PASS |" in text
-    assert "| 15 | DEC-1 | forward+backward | peak ratio (sdpa-cudnn_attention) | 1.73x | <= 1.00x | FAIL |" in text
+    assert ("| 14 | ENC-1 | forward | perceiver_kernels[triton] | speedup (sdpa-cudnn_attention) | 1.25x | >= 1.10x "
+            "| PASS |") in text
+    assert ("| 14 | ENC-3 | forward | perceiver_kernels[triton] (its perceiver_kernels row) "
+            "| speedup (sdpa-flash_attention) | 2.00x | >= 1.60x | PASS |") in text
+    assert ("| 15 | DEC-1 | forward+backward | perceiver_kernels[triton] | peak ratio (sdpa-cudnn_attention) | 1.73x "
+            "| <= 1.00x | FAIL |") in text
     assert "3 of 4 measured targets pass" in text
 
 
@@ -388,6 +542,15 @@ def test_gpu_run_plan_keeps_at_most_8_files_and_prints_the_targets_last(tmp_path
     assert "294 passed" in summary and "tests/test_triton_forward.py::test_plain[40x24]" in summary
     assert "tests/test_triton_forward.py::test_verbose[1]" in summary
     assert "| op | ENC-1 | forward | perceiver_kernels | 0.993 | sdpa-cudnn_attention | 0.504 | 0.51x |" in summary
+
+
+def test_the_output_folders_the_docs_name_are_ignored_by_git():
+    """gpu-out/ is what the README's gpu_run.sh commands write, bench-out/ and examples/out/
+    the defaults of the benchmark and the examples."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("gpu-out/summary.md", "bench-out/20261201-120000/results.json", "examples/out/digits/curve.png"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
@@ -470,6 +633,54 @@ def test_compare_counts_unflagged_ratios_outside_the_tolerance(tmp_path):
     assert outside == 0 and "1 of 1 counted ratios agree within 10% (1 flagged noisy in either run)." in table
     _, outside = compare.compare(a, run(tmp_path / "c.json", 1.25, 1.0), 0.10)
     assert outside == 1
+
+
+def _run_folder(folder, rows, **environment):
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"environment": environment, "results": rows}))
+    return folder
+
+
+def test_compare_takes_run_folders_and_names_the_rows_one_run_lacks(tmp_path, capsys):
+    full = [_timed_row("sdpa", 2.0, 1.99, 2.01, case=case) for case in ("c", "d", "e")] + [
+        _timed_row("perceiver_kernels", 1.0, 0.99, 1.01, case=case) for case in ("c", "d", "e")]
+    a = _run_folder(tmp_path / "A", full)
+    b_rows = [row for row in full if row["case"] != "e"] + [_timed_row("naive", 4.0, 3.99, 4.01)]
+    b_rows[-2] = {**b_rows[-2], "status": "out of memory"}  # ours on d
+    stopped = "stopped by signal SIGTERM during case 3 of 3: the rows are what it measured before"
+    b = _run_folder(tmp_path / "B", b_rows, stopped=stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(a), str(b)])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "| op | c | forward | perceiver_kernels | 2.00x | 2.00x | +0.0% | yes |" in out
+    assert f"Run B ({b}) is incomplete: {stopped}." in out
+    assert ("Rows of run A that run B lacks (2; run B did not finish):\n- op | e | forward | sdpa\n"
+            "- op | e | forward | perceiver_kernels") in out
+    assert "Rows of run B that run A lacks (1):\n- op | c | forward | naive" in out
+    assert ("Rows with a ratio in one run only (1):\n"
+            "- op | d | forward | perceiver_kernels (run A: 2.00x, run B: out of memory)") in out
+    table, _ = compare.compare(a / "results.json", b / "results.json", 0.10)  # the files themselves, as before
+    assert table == out.rstrip("\n").replace(f"({b})", f"({b / 'results.json'})")
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda tmp: tmp / "missing", "'{}' does not exist (give a run folder of python -m benchmarks or its "
+                                  "results.json)"),
+    (lambda tmp: tmp, "the folder '{}' has no results.json"),
+    (lambda tmp: (tmp / "x.json").write_text("{") and tmp / "x.json", "'{}' is not a readable results.json"),
+    (lambda tmp: (tmp / "x.json").write_text("[]") and tmp / "x.json", "'{}' is not a results.json of python -m"),
+])
+def test_compare_and_targets_refuse_what_is_not_a_run_in_one_line(tmp_path, capsys, make, reason):
+    bad = make(tmp_path)
+    good = _run_folder(tmp_path / "good", [_timed_row("sdpa", 2.0, 1.99, 2.01)])
+    for main, argv in ((compare.main, [str(good), str(bad)]), (targets.main, [str(bad)])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err
+        (line,) = [line for line in err.splitlines() if "error:" in line]
+        assert reason.format(bad) in line
 
 
 def test_host_suite_times_dispatch_per_call_and_checks_its_target(few_rounds):
@@ -557,8 +768,8 @@ def test_causal_targets_take_only_sdpa_backends_that_accept_the_mask_and_compare
     square = results[("AR-1k self causal", "forward", "vs AR-1k self")]
     assert square.status == "FAIL" and square.measured == pytest.approx(1 / 0.7)  # 0.7x the time: not <= 0.6x
     assert results[("AR-8k causal", "forward", "vs AR-8k")].status == "PASS"
-    assert "| 17 | AR-1k self causal | forward | vs AR-1k self | 1.43x | >= 1.67x | FAIL |" in targets.table(
-        targets.evaluate(rows))
+    assert ("| 17 | AR-1k self causal | forward | perceiver_kernels[triton] | vs AR-1k self | 1.43x | >= 1.67x "
+            "| FAIL |") in targets.table(targets.evaluate(rows))
 
 
 def test_plain_pytorch_perceiver_ar_gives_the_loss_and_gradients_of_perceiver_ar():

@@ -234,6 +234,62 @@ def test_bad_shapes_and_settings_name_the_argument():
         perceiver.self_attention_layer(16, num_heads=2)(x[..., :8])
 
 
+
+def test_mask_errors_name_the_argument_passed_and_its_convention():
+    attention = CrossAttention(16, 12, heads=2, dim_head=8)
+    x, context = torch.randn(2, 4, 16), torch.randn(2, 9, 12)
+    keep = torch.rand(2, 9) > 0.5
+    # perceiver-pytorch flattens every dim after the batch: so does its drop-in.
+    torch.testing.assert_close(attention(x, context, mask=keep[:, None]), attention(x, context, mask=keep))
+    with pytest.raises(ValueError, match=r"^mask must be a bool tensor of shape \(B=2, Nk=9\) with True = keep "
+                                         r".*got shape \(2, 8\)$"):
+        attention(x, context, mask=keep[:, :8])
+    with pytest.raises(TypeError, match=r"^mask .* True = keep .*got dtype torch.float32$"):
+        attention(x, context, mask=keep.float())
+    with pytest.raises(ValueError, match=r"^key_padding_mask .* True = padding .*got shape \(3, 9\)$"):
+        attention(x, context, key_padding_mask=torch.zeros(3, 9, dtype=torch.bool))
+    mha = perceiver.MultiHeadAttention(16, 12, num_heads=2)
+    with pytest.raises(ValueError, match=r"^key_padding_mask .*\(B=2, Nk=9\) with True = padding"):
+        mha(x, context, ~keep[:, :8])
+    model = PerceiverIO(PerceiverEncoder(12, 4, 16), PerceiverProcessor(16, num_layers_per_block=1, num_heads=2),
+                        PerceiverDecoder(16, 16, output_dim=3), queries=torch.randn(5, 16))
+    assert model(context, key_padding_mask=~keep).shape == (2, 5, 3)
+    with pytest.raises(TypeError, match=r"^key_padding_mask .* True = padding .*got dtype torch.int64$"):
+        model(context, key_padding_mask=(~keep).long())
+
+
+def test_a_batch_mismatch_names_the_arguments_with_their_shapes():
+    attention = CrossAttention(16, 12, heads=2, dim_head=8)
+    with pytest.raises(ValueError, match=r"^x and context must have the same batch size .* x of shape \(2, 4, 16\) "
+                                         r"and context of shape \(3, 9, 12\)$"):
+        attention(torch.randn(2, 4, 16), torch.randn(3, 9, 12))
+    with pytest.raises(ValueError, match=r"^queries and inputs .* queries of shape \(2, 4, 16\) and inputs of shape "
+                                         r"\(1, 9, 12\)$"):
+        perceiver.MultiHeadAttention(16, 12)(torch.randn(2, 4, 16), torch.randn(1, 9, 12))
+
+
+def test_an_input_dtype_other_than_the_weights_says_how_to_fix_it():
+    attention = CrossAttention(16, 12, heads=2, dim_head=8)
+    x, context = torch.randn(2, 4, 16), torch.randn(2, 9, 12)
+    fix = r"convert the module \(module.to\(torch.float64\)\) or the input \({}.to\(torch.float32\)\)"
+    with pytest.raises(TypeError, match=r"^x is torch.float64 but the module's weights are torch.float32: "
+                                        + fix.format("x")):
+        attention(x.double(), context.double())
+    with pytest.raises(TypeError, match="^context is torch.float64 .*" + fix.format("context")):
+        attention(x, context.double())
+    with pytest.raises(TypeError, match="^inputs is torch.float64 .*" + fix.format("inputs")):
+        PerceiverEncoder(12, 4, 16)(context.double())
+    with pytest.raises(TypeError, match="^latents is torch.float64 .*" + fix.format("latents")):
+        PerceiverDecoder(16, 16)(torch.randn(2, 3, 16).double(), torch.randn(2, 5, 16))
+    # Either fix works, and under autocast torch casts the inputs itself.
+    expected = attention(x, context)
+    torch.testing.assert_close(attention.double()(x.double(), context.double()).float(), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention.float()(x.half(), context).dtype == torch.bfloat16
+        with pytest.raises(TypeError, match="^x is torch.float64"):  # a dtype autocast leaves alone
+            attention(x.double(), context)
+
+
 BAD_SETTINGS = {
     # id: (constructor call, exception, message)
     "cross-heads-0": (lambda: CrossAttention(16, heads=0), ValueError, r"heads must be a positive int, got 0"),
