@@ -107,7 +107,7 @@ SUITE_TITLES = {
 }
 
 
-def _paired_speedup(row: dict, base: dict) -> tuple[float, float, float]:
+def paired_speedup(row: dict, base: dict) -> tuple[float, float, float]:
     """(speed-up, 95% interval) of `row` over `base`: round by round where both carry
     their samples (providers of a case are timed interleaved, so round i of each ran
     under the same load), else from the two medians and their intervals (older results)."""
@@ -140,7 +140,7 @@ def annotate_ratios(rows: list[dict]) -> None:
             row["speedup"] = row["speedup_low"] = row["speedup_high"] = 1.0
             row["ratio_noisy"] = False
             continue
-        speedup, low, high = _paired_speedup(row, base)
+        speedup, low, high = paired_speedup(row, base)
         row["speedup"] = speedup
         if not math.isnan(low):
             row["speedup_low"], row["speedup_high"] = low, high

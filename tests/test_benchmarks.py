@@ -321,7 +321,7 @@ def test_every_op_target_is_a_case_and_pass_a_full_gpu_run_measures():
     planned = {(shape.name, "forward+backward" if backward else "forward")
                for shape, backward in op_suite.cases(torch.device("cuda"), "full")}
     for target in targets.TARGETS:
-        if target.suite == "op":
+        if target.suite == "op" and target.case != targets.EVERY_CASE:
             assert (target.case, target.pass_name) in planned, target
             if target.metric.startswith("vs "):
                 assert (target.metric[3:], target.pass_name) in planned, target
@@ -463,15 +463,33 @@ def _op_row(case, pass_name, provider, median, peak=None, path=""):
             "median_ms": median, "peak_mib": peak, "path": path}
 
 
-def test_target_rows_of_each_kernel_backend_name_their_provider():
+def test_target_rows_name_the_provider_measured_and_the_baseline_of_their_speedup():
+    """The rewrites' targets read the untimed row, or the timed row that stands for it;
+    the wide heads' speed-ups over plain PyTorch read the naive row."""
     rows = [_op_row("IMG-261", "forward", provider, median)
-            for provider, median in (("sdpa-math", 3.0), ("perceiver_kernels[triton]", 2.0),
-                                     ("perceiver_kernels[cuda]", 0.5))]
+            for provider, median in (("sdpa-math", 3.0), ("naive", 2.5), ("perceiver_kernels[triton]", 2.0))]
     report.annotate_ratios(rows)
     lines = [line for line in targets.table(targets.evaluate(rows)).splitlines() if "| IMG-261 | forward |" in line]
+    standing_in = "perceiver_kernels[triton untimed] (its perceiver_kernels[triton] row)"
     assert lines == [
-        "| 16 | IMG-261 | forward | perceiver_kernels[triton] | speedup (sdpa-math) | 1.50x | >= 3.00x | FAIL |",
-        "| 16 | IMG-261 | forward | perceiver_kernels[cuda] | speedup (sdpa-math) | 6.00x | >= 3.00x | PASS |"]
+        f"| 25 | IMG-261 | forward | {standing_in} | speedup (naive) | 1.25x | >= 5.00x | FAIL |",
+        f"| 25 | IMG-261 | forward | {standing_in} | speedup (sdpa-math) | 1.50x | >= 9.00x | FAIL |"]
+    rows.append(_op_row("IMG-261", "forward", "perceiver_kernels[triton untimed]", 0.25))
+    report.annotate_ratios(rows)
+    lines = [line for line in targets.table(targets.evaluate(rows)).splitlines() if "| IMG-261 | forward |" in line]
+    assert lines[0] == ("| 25 | IMG-261 | forward | perceiver_kernels[triton untimed] | speedup (naive) | 10.00x | "
+                        ">= 5.00x | PASS |")
+
+
+def test_the_every_case_target_reports_the_worst_case_of_auto():
+    rows = [_op_row(case, "forward", provider, median) for case, provider, median in (
+        ("ENC-1", "sdpa-cudnn_attention", 1.0), ("ENC-1", "perceiver_kernels", 0.99),
+        ("DEC-1", "sdpa-cudnn_attention", 1.0), ("DEC-1", "perceiver_kernels", 1.05))]
+    report.annotate_ratios(rows)
+    (result,) = [r for r in targets.evaluate(rows) if r.target.case == targets.EVERY_CASE
+                 and r.target.pass_name == "forward"]
+    assert result.status == "FAIL" and result.measured == pytest.approx(1 / 1.05)
+    assert result.against.startswith("worst: DEC-1") and "2 cases" in result.against
 
 
 def test_targets_pass_fail_and_say_what_was_not_measured():
@@ -495,13 +513,13 @@ def test_targets_pass_fail_and_say_what_was_not_measured():
     assert peak.status == "FAIL" and peak.measured == pytest.approx(2768 / 1600)
     assert results[("ENC-2", "forward", "speedup")].status == "not measured"
     text = targets.table(targets.evaluate(rows))
-    assert ("| 14 | ENC-1 | forward | perceiver_kernels[triton] | speedup (sdpa-cudnn_attention) | 1.25x | >= 1.10x "
-            "| PASS |") in text
-    assert ("| 14 | ENC-3 | forward | perceiver_kernels[triton] (its perceiver_kernels row) "
+    assert ("| 24 | ENC-1 | forward | perceiver_kernels[triton untimed] (its perceiver_kernels[triton] row) | "
+            "speedup (sdpa-cudnn_attention) | 1.25x | >= 1.00x | PASS |") in text
+    assert ("| 24 | ENC-3 | forward | perceiver_kernels[triton untimed] (its perceiver_kernels row) "
             "| speedup (sdpa-flash_attention) | 2.00x | >= 1.60x | PASS |") in text
-    assert ("| 15 | DEC-1 | forward+backward | perceiver_kernels[triton] | peak ratio (sdpa-cudnn_attention) | 1.73x "
-            "| <= 1.00x | FAIL |") in text
-    assert "3 of 4 measured targets pass" in text
+    assert ("| 26 | DEC-1 | forward+backward | perceiver_kernels[triton untimed] (its perceiver_kernels[triton] row) "
+            "| peak ratio (sdpa-cudnn_attention) | 1.73x | <= 1.00x | FAIL |") in text
+    assert "4 of 6 measured targets pass" in text  # the four above and auto on every case (ENC-3: 2.0x)
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -538,7 +556,13 @@ def test_gpu_run_plan_keeps_at_most_8_files_and_prints_the_targets_last(tmp_path
     assert run.stdout.rstrip().endswith(summary.rstrip())
     from benchmarks import targets
 
-    assert summary.rstrip().endswith(f"0 of 14 measured targets pass ({len(targets.TARGETS)} targets in all).")
+    rows = json.loads((H200_RECORD / "results.json").read_text())["results"]
+    report.annotate_ratios(rows)
+    results = targets.evaluate(rows)
+    passed, measured = (sum(r.status == "PASS" for r in results), sum(r.measured is not None for r in results))
+    assert measured > 10
+    assert summary.rstrip().endswith(
+        f"{passed} of {measured} measured targets pass ({len(targets.TARGETS)} targets in all).")
     assert "294 passed" in summary and "tests/test_triton_forward.py::test_plain[40x24]" in summary
     assert "tests/test_triton_forward.py::test_verbose[1]" in summary
     assert "| op | ENC-1 | forward | perceiver_kernels | 0.993 | sdpa-cudnn_attention | 0.504 | 0.51x |" in summary
@@ -765,11 +789,6 @@ def test_causal_targets_take_only_sdpa_backends_that_accept_the_mask_and_compare
     results = {(r.target.case, r.target.pass_name, r.target.metric): r for r in targets.evaluate(rows)}
     speedup = results[("AR-8k causal", "forward", "speedup")]
     assert (speedup.status, speedup.measured, speedup.against) == ("PASS", 2.5, "sdpa-efficient_attention")
-    square = results[("AR-1k self causal", "forward", "vs AR-1k self")]
-    assert square.status == "FAIL" and square.measured == pytest.approx(1 / 0.7)  # 0.7x the time: not <= 0.6x
-    assert results[("AR-8k causal", "forward", "vs AR-8k")].status == "PASS"
-    assert ("| 17 | AR-1k self causal | forward | perceiver_kernels[triton] | vs AR-1k self | 1.43x | >= 1.67x "
-            "| FAIL |") in targets.table(targets.evaluate(rows))
 
 
 def test_plain_pytorch_perceiver_ar_gives_the_loss_and_gradients_of_perceiver_ar():
@@ -807,7 +826,6 @@ def test_perceiver_ar_flops_count_the_visible_attention_and_every_dense_layer():
 
 def test_model_suite_times_perceiver_ar_training_against_plain_pytorch_and_generation_against_no_cache(
         few_rounds, monkeypatch):
-    assert targets.AR_CPU_CASE == model_suite.ar_case(model_suite.AR_CPU)  # the target names the default case
     monkeypatch.setattr(model_suite, "AR_CPU", TINY_AR)
     rows = model_suite.perceiver_ar_rows(torch.device("cpu"), "quick", lambda message: None)
     report.annotate_ratios(rows)
@@ -883,8 +901,7 @@ def test_model_suite_times_optical_flow_against_hf_with_the_chunked_decode(few_r
     found = {result.target.metric: result for result in targets.evaluate(at_gpu_case)
              if result.target.case == targets.FLOW_CASE}
     assert found["speedup"].measured == rows[0]["speedup"] and found["speedup"].status in ("PASS", "FAIL")
-    assert found["speedup"].target.threshold == 3.0 and found["speedup"].against == "hf_transformers"
-    assert (found["peak ratio"].status, found["peak ratio"].measured) == ("PASS", 0.25)
+    assert found["speedup"].target.threshold == 5.0 and found["speedup"].against == "hf_transformers"
 
 
 def test_ab_run_plan_times_the_untimed_rewrites_and_prints_their_counters_last(tmp_path):
