@@ -290,3 +290,30 @@ def test_causal_is_checked_and_every_kernel_backend_serves_it():
         for implementation in (backend.forward, backend.backward):
             assert implementation.capabilities.causal, name
             assert not implementation.capabilities.refusals(problem, name), name
+
+
+@pytest.mark.parametrize("user_setting", [True, False])
+def test_the_flash_first_route_leaves_cudnn_out_of_the_call_only(monkeypatch, user_setting):
+    """The torch backend's flash route switches SDPA's cuDNN off around its call (two flag
+    calls: the sdpa_kernel context cost 11 us a call) and back to the user's setting."""
+    from perceiver_kernels import policy
+    from perceiver_kernels.torch import sdpa
+
+    monkeypatch.setattr(policy, "torch_route", lambda problem: policy.FLASH_FIRST)
+    seen = []
+    real = sdpa.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", spy)
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(user_setting)
+    try:
+        inputs = make_inputs(Case(), "cpu")
+        out = pk.cross_attention(inputs["q"], inputs["k"], inputs["v"], backend="torch")
+        assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled() == user_setting
+        assert_matches_reference(out, inputs)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)

@@ -26,16 +26,34 @@ from ..reference import causal_hidden
 CAUSAL_MASK_CELLS = 2**26
 
 
+class _WithoutCudnn:
+    """SDPA's cuDNN backend switched off for a block and back to what it was: two flag
+    calls, half a microsecond, where the sdpa_kernel context costs about 11 us a call (on
+    the project's 2-core CPU machine, torch 2.13), more than a small SDPA call itself.
+    Dynamo traces sdpa_kernel, not the flags, so compiled code keeps the context."""
+
+    def __enter__(self):
+        self.enabled = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+    def __exit__(self, *exception):
+        torch.backends.cuda.enable_cudnn_sdp(self.enabled)
+
+
+def _cudnn_left_out():
+    # cuDNN left out rather than flash put first: sdpa_kernel(..., set_priority=True) left
+    # its order in place after the context on the H200 (torch 2.11), and every later SDPA
+    # call of the process took flash (run2: ENC-1 0.88 ms instead of 0.44).
+    if torch.compiler.is_compiling():
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return _WithoutCudnn()
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                    scale: float, dropout_p: float, causal: bool, flash_first: bool) -> torch.Tensor:
     """Attention through SDPA (k and v with zeroed padding rows); `flash_first`: cuDNN
     left out, so that SDPA takes flash where it would have taken cuDNN."""
-    # cuDNN left out rather than flash put first: sdpa_kernel(..., set_priority=True) left
-    # its order in place after the context on the H200 (torch 2.11), and every later SDPA
-    # call of the process took flash (run2: ENC-1 0.88 ms instead of 0.44).
-    backends = (sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-                if flash_first else contextlib.nullcontext())
-    with backends:
+    with _cudnn_left_out() if flash_first else contextlib.nullcontext():
         if causal:
             return _causal(q, k, v, key_padding_mask, scale, dropout_p)
         hidden = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
