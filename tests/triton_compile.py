@@ -29,6 +29,7 @@ exits with MISSING_INTERNALS_EXIT and the tests skip with the reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -105,9 +106,10 @@ SUITES = {
     "wide": Suite(("bfloat16", "float32"), WIDE_HEAD_DIMS, causal=(False, True)),
     # Every config autotuning would try on the anchor, for Hopper.
     "tuned": Suite(("bfloat16",), ((64, 64),), archs=(90,), tuned=True),
-    # The rewrites no GPU has timed yet, where they serve (the timed kernels elsewhere:
-    # their launches are the table's and compile once).
-    "untimed": Suite(DTYPES, HEAD_DIMS + WIDE_HEAD_DIMS, causal=(False, True), variant="untimed"),
+    # The rewrites no GPU has timed yet, where they serve (compile_units leaves out the
+    # timed kernels' launches); bf16 stands for 16 bits.
+    "untimed": Suite(("bfloat16", "float32"), ((32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
+                     + WIDE_HEAD_DIMS, causal=(False, True), variant="untimed"),
 }
 
 
@@ -122,23 +124,27 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
-def record_launches(case: CompileCase, allow_tf32: bool = False, arch: int | None = None) -> list[tuple]:
+def record_launches(case: CompileCase, allow_tf32: bool = False, arch: int | None = None,
+                    split_timed_encode: bool = True) -> list[tuple]:
     """(kernel, args, kwargs) of every launch of one forward and one backward call.
 
     The launches take the configs the launchers choose for a GPU of compute capability
-    `arch` (its shared memory included), or for the interpreter when arch is None.
+    `arch` (its shared memory included), or for the interpreter when arch is None. A
+    timed ENCODE case is forced to split (so the split and merge kernels are compiled
+    whatever the tiles) unless `split_timed_encode` is False.
     """
     from perceiver_kernels.triton import backward, configs, forward, variants
     from tests.kernel_runners import kernel_call
 
     dtype = getattr(torch, case.dtype)
     batch, heads = 1, 2
+    # Values do not matter (nothing runs), only shapes, dtypes and strides: empty tensors.
     inputs = dict(
-        q=torch.randn(batch, heads, case.num_queries, case.head_dim_qk, dtype=dtype),
-        k=torch.randn(batch, heads, case.num_keys, case.head_dim_qk, dtype=dtype),
-        v=torch.randn(batch, heads, case.num_keys, case.head_dim_v, dtype=dtype),
+        q=torch.empty(batch, heads, case.num_queries, case.head_dim_qk, dtype=dtype),
+        k=torch.empty(batch, heads, case.num_keys, case.head_dim_qk, dtype=dtype),
+        v=torch.empty(batch, heads, case.num_keys, case.head_dim_v, dtype=dtype),
         key_padding_mask=torch.zeros(batch, case.num_keys, dtype=torch.bool) if case.masked else None,
-        residual=torch.randn(batch, heads, case.num_queries, case.head_dim_v, dtype=dtype) if case.residual else None,
+        residual=torch.empty(batch, heads, case.num_queries, case.head_dim_v, dtype=dtype) if case.residual else None,
         scale=None, causal=case.causal,
     )
     call = kernel_call(inputs, allow_tf32)
@@ -160,12 +166,9 @@ def record_launches(case: CompileCase, allow_tf32: bool = False, arch: int | Non
             configs.device_facts = lambda device: facts
         clear_caches()
         with variants.running(case.variant):
-            # The timed ENCODE forces a split, so the split and merge kernels are compiled
-            # whatever the tiles; rewrites take their own plans.
-            timed_split = case.num_keys > case.num_queries and case.variant == variants.TIMED
+            timed_split = split_timed_encode and case.num_keys > case.num_queries and case.variant == variants.TIMED
             out, lse = forward.run_forward(call, num_splits=3 if timed_split else None)
-            out, lse = torch.randn_like(out), torch.randn_like(lse)
-            backward.run_backward(call.without_residual(), torch.randn_like(out), out, lse)
+            backward.run_backward(call.without_residual(), torch.empty_like(out), out, lse)
     finally:
         for module, name, original in originals + settings:
             setattr(module, name, original)
@@ -285,17 +288,28 @@ class CompileUnit:
     suites: list[str]
 
 
+def _key(kernel, args, launch: dict, arch: int) -> tuple:
+    return kernel.__name__, arch, tuple(sorted(launch.items())), tuple(_specialization(a) for a in args)
+
+
 def compile_units(suites: dict[str, Suite]) -> list[CompileUnit]:
-    """The distinct compiles of every suite's launches, in a fixed order."""
+    """The distinct compiles of every suite's launches, in a fixed order. An untimed suite
+    keeps only the rewrites' launches: those the same case makes with the switch on
+    "timed" (where no rewrite serves it) are the timed suites' to check."""
     units: dict[tuple, CompileUnit] = {}
     for suite_name, suite in suites.items():
         for case in suite.cases():
             for arch in suite.archs:
+                timed = set()
+                if case.variant != "timed":
+                    timed = {_key(kernel, args, kwargs, arch) for kernel, args, kwargs in record_launches(
+                        dataclasses.replace(case, variant="timed"), arch=arch, split_timed_encode=False)}
                 for kernel, args, kwargs in record_launches(case, arch=arch):
+                    if _key(kernel, args, kwargs, arch) in timed:
+                        continue
                     for config in _configs_to_try(kernel, args, kwargs, arch, suite.tuned):
                         launch = {**kwargs, **config}
-                        key = (kernel.__name__, arch, tuple(sorted(launch.items())),
-                               tuple(_specialization(a) for a in args))
+                        key = _key(kernel, args, launch, arch)
                         unit = units.setdefault(key, CompileUnit(kernel, args, launch, arch, config, [], []))
                         if case.label not in unit.problems:
                             unit.problems.append(case.label)
