@@ -609,11 +609,14 @@ pytest_fault_isolation.CHECKS.append(lambda: "simulated illegal memory access" i
 
 
 def _run_pytest(folder, *args):
-    # Without the installed plugins a pytest process starts in well under a second.
+    # Without the installed plugins a pytest process starts in well under a second. The
+    # variables of an xdist worker running this test must not make the inner run think it
+    # is one.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "-p", "benchmarks.pytest_fault_isolation", *args, str(folder)],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+                          env={**env, "PYTHONPATH": str(REPO), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
 
 
 def test_a_fault_ends_only_its_worker_and_the_tests_after_it_still_pass(tmp_path):
