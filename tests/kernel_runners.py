@@ -120,6 +120,7 @@ class ForwardRunner:
     # head dim chunk by chunk, once per slice).
     wide_head_dims: tuple[tuple[int, int], ...] = ()
     wide_head_problem: Optional[tuple[int, int]] = None
+    wide_head_problem_fp32: Optional[tuple[int, int]] = None  # the same in float32, where that is slower
     causal: bool = False  # runs cross_attention's causal=True (inputs["causal"])
 
     def marks(self) -> list:
@@ -185,6 +186,12 @@ TRITON_INTERPRETER = ForwardRunner(
     paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS, causal=True,
     wide_head_dims=TRITON_WIDE_HEAD_DIMS,
     wide_head_problem=(70, 100),  # 3 query tiles and 4 key blocks, the last ones partial
+    # Exact fp32 takes 16-row tiles, and every one walks the head dims in chunks per slice:
+    # 2 tiles and 3 key blocks, the last ones partial (a d1024 case took 132 s at 70 x 100).
+    wide_head_problem_fp32=(20, 40),
+    # Larger float32 cases of the grid run in float16 (the slowest of the backward: a
+    # minute each at 300 x 700; the GPU runner keeps them in float32).
+    max_fp32_cells=64 * 700,
 )
 TRITON_GPU = ForwardRunner(
     name="triton-gpu", device="cuda", run=_triton_forward, dtypes=DTYPES, paths=TRITON_PATHS, gpu=True,
@@ -200,6 +207,7 @@ TRITON_INTERPRETER_UNTIMED = ForwardRunner(
     name="triton-interpreter-untimed", device="cpu", run=_triton_untimed_forward, dtypes=TRITON_INTERPRETER.dtypes,
     paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS, causal=True,
     wide_head_dims=TRITON_WIDE_HEAD_DIMS, wide_head_problem=TRITON_INTERPRETER.wide_head_problem,
+    wide_head_problem_fp32=TRITON_INTERPRETER.wide_head_problem_fp32, max_fp32_cells=TRITON_INTERPRETER.max_fp32_cells,
 )
 TRITON_GPU_UNTIMED = ForwardRunner(
     name="triton-gpu-untimed", device="cuda", run=_triton_untimed_forward, dtypes=DTYPES, paths=TRITON_PATHS,

@@ -87,8 +87,8 @@ def _head_dims(runner):
 @pytest.mark.parametrize("runner,dims,dtype", _per_runner(_head_dims))
 def test_head_dims_of_the_implementation(runner, dims, dtype):
     nq, nk = (40, 70) if dtype == torch.float32 and runner.max_fp32_cells else (150, 300)
-    if max(dims) > WIDE and runner.wide_head_problem:
-        nq, nk = runner.wide_head_problem
+    if max(dims) > WIDE:
+        nq, nk = _wide_problem(runner, dtype)
     inputs = make_inputs(Case(num_queries=nq, num_keys=nk, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
                               mask=True), runner.device)
     for path, (out, lse) in run_every_path(runner, inputs):
@@ -177,6 +177,8 @@ WIDE_RUNNERS = [r for r in FORWARD_RUNNERS if r.wide_head_dims]
 
 def _wide_problem(runner, dtype) -> tuple[int, int]:
     """(Nq, Nk) of a wide case: the runner's, fewer where its fp32 kernel is slow."""
+    if dtype == torch.float32 and runner.wide_head_problem_fp32:
+        return runner.wide_head_problem_fp32
     num_queries, num_keys = runner.wide_head_problem or (150, 300)
     if dtype == torch.float32 and runner.max_fp32_cells and num_queries * num_keys > runner.max_fp32_cells:
         return 40, 150
