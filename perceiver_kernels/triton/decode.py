@@ -28,6 +28,15 @@ from .kernels.common import LOG2E
 MAX_KEYS = 256
 
 
+# Query tiles, (rows, warps), in order of preference; the first whose shared memory
+# fits runs. 128 rows on 8 warps: two warpgroups of 64 rows (wgmma's minimum) in one
+# program per SM. 64 rows on 4 warps: where shared memory holds two programs per SM,
+# they run independently (one's softmax beside the other's products), at the cost of
+# a copy of K/V each. Untimed: a GPU run decides the order (an A/B sets this tuple and
+# clears forward.plan_forward's cache).
+TILE_CANDIDATES = ((128, 8), (64, 4))
+
+
 @dataclass(frozen=True)
 class Tiles:
     """A launch config of the decode kernel: query rows per tile, the resident key block,
@@ -40,24 +49,23 @@ class Tiles:
     programs_per_sm: int
 
 
-def _fits_registers(problem: Problem, keys: int, block_dqk: int, block_dv: int) -> bool:
-    """Whether one resident block of `keys` keys leaves the score tile room in registers
-    on sm_90, by rules that ptxas (triton 3.6, the GPUs', and 3.9, CI's) confirmed
-    without spills (tests/triton_compile.py, suites "untimed" and "decode"):
+def _fits_registers(problem: Problem, keys: int, block_dv: int) -> bool:
+    """Whether one resident block of `keys` keys leaves the score tile room in registers,
+    by rules ptxas confirmed without spills on sm_90 in triton 3.6 (the GPUs') and 3.9
+    (CI's) (tests/triton_compile.py, suites "untimed" and "decode").
 
-    - 16 bits on wgmma (64 query rows per warpgroup, K and V read from shared memory):
-      a thread holds keys/2 fp32 scores and keys/4 of P beside Dv/2 of the
-      accumulator; 3/4 (keys + BLOCK_DV) <= 240 compiled at 239-255 registers (256 keys
-      at Dv 64, 128 at 128, 64 at 256) and spilled just past it (256 keys at Dv 128,
-      128 at 256). TF32 holds P in fp32: keys count twice.
-    - exact fp32, dots on CUDA cores, which hold K and V in registers (triton 3.9):
-      at most 64 keys and keys x (Dqk + Dv) <= 8192 (64 keys of 64/64 channels,
-      209 registers with 8 warps; 128 keys of 32/32 spilled).
+    With 64 query rows per warpgroup and K, V read by wgmma from shared memory, a
+    thread holds keys/2 fp32 scores and keys/4 of P beside Dv/2 of the accumulator:
+    3/4 (keys + BLOCK_DV) <= 240 compiled (256 keys at Dv 64, 128 at 128, 64 at 256)
+    and spilled just past it (256 keys at Dv 128, 128 at 256). At 256 keys a head dim
+    that is no multiple of 16 spilled (40/40, 64/24, 40/64; 48/48 did not). CAUSAL
+    compares each score with its row's reach (with a mask, through its slot's key
+    index, kept per column): 256 keys spilled 32-96 bytes and 128 keys at Dv 128 with
+    a mask 8 bytes (3.6), so it counts keys/2 more.
     """
-    if problem.exact_fp32:
-        return keys <= 64 and keys * (block_dqk + block_dv) <= 8192
-    score_keys = 2 * keys if problem.dtype == torch.float32 else keys
-    return 3 * (score_keys + block_dv) <= 4 * 240
+    cost = 3 * (keys + block_dv) / 4 + (keys / 2 if problem.causal else 0)
+    aligned = problem.head_dim_qk % 16 == 0 and problem.head_dim_v % 16 == 0
+    return cost <= 240 and (keys < 256 or aligned)
 
 
 def _shared_memory_bytes(problem: Problem, block_m: int, stages: int, keys: int, block_dqk: int,
@@ -72,35 +80,41 @@ def choose_tiles(problem: Problem, block_dqk: int, block_dv: int, arch: str,
                  shared_memory_limit: Optional[int]) -> Optional[Tiles]:
     """The tiles of a problem on an architecture, or None where the kernel does not run it.
 
-    Only sm_90 (and the interpreter, which follows its choices with small tiles): wgmma
-    reads the resident K and V from shared memory, stored once per head. On sm_80
-    mma.sync takes both operands from registers, so resident keys take the registers
-    the scores need (ptxas: 255 registers at 128 keys of 64/64 channels, spills in 3.9
-    at 256) and are stored to shared memory again for every tile; other architectures
-    are not compiled here. All keys in one block (the single-pass softmax), of up to
-    MAX_KEYS keys where registers allow (_fits_registers); tiles of 128 query rows on
-    8 warps (two warpgroups), or 64 on 4 where shared memory needs it; 2 query tiles
-    in flight.
+    16-bit inputs on sm_90 (and the interpreter, which follows its choices with small
+    tiles), all keys in one block of up to MAX_KEYS where registers allow
+    (_fits_registers), query tiles from TILE_CANDIDATES, 2 query tiles in flight:
+
+    - sm_90 alone: wgmma reads the resident K and V from shared memory, stored once per
+      head. sm_80's mma.sync takes both operands from registers, so there the resident
+      keys take the registers the scores need (255 registers at 128 keys of 64/64
+      channels, spills in 3.9 at 256) and are stored to shared memory again for every
+      tile; other architectures are not compiled here.
+    - float32 (exact or TF32) takes the timed kernels: exact fp32 dots run on CUDA
+      cores, where Triton stores K and V to shared memory again for every tile (1-3
+      stores in the tile loop) and 64 keys of 32/32 or 64/64 channels spilled in one
+      Triton or the other; the contract and compile checks do not run TF32.
     """
+    if problem.dtype == torch.float32:
+        return None
     if arch != machine.INTERPRETER and not 90 <= machine.capability(arch) < 100:
         return None
     keys = max(16, next_power_of_2(problem.num_keys))
-    if not _fits_registers(problem, keys, block_dqk, block_dv):
+    if not _fits_registers(problem, keys, block_dv):
         return None
-    if problem.exact_fp32:
-        tiles = Tiles(16, keys, 8, 2, 1)
+    for block_m, warps in TILE_CANDIDATES:
+        needed = _shared_memory_bytes(problem, block_m, 2, keys, block_dqk, block_dv)
+        if shared_memory_limit is None or needed <= shared_memory_limit:
+            break
     else:
-        fitting = [(block_m, warps) for block_m, warps in ((128, 8), (64, 4))
-                   if shared_memory_limit is None
-                   or _shared_memory_bytes(problem, block_m, 2, keys, block_dqk, block_dv) <= shared_memory_limit]
-        if not fitting:
-            return None
-        tiles = Tiles(fitting[0][0], keys, fitting[0][1], 2, 1)
+        return None
     if arch == machine.INTERPRETER:
-        # The same blocks with small tiles: more of them per program, so the tests
-        # walk several and cross heads.
-        return Tiles(16 if problem.exact_fp32 else 32, tiles.block_n, 4, 2, 1)
-    return tiles
+        # The same block with small tiles: more of them per program, so the tests walk
+        # several and cross heads.
+        return Tiles(32, keys, 4, 2, 1)
+    # Two programs per SM where shared memory holds two: the second is resident where
+    # registers allow (short blocks, narrow heads), else it is a second wave over the
+    # same tiles.
+    return Tiles(block_m, keys, warps, 2, min(2, shared_memory_limit // needed))
 
 
 @dataclass(frozen=True)
@@ -115,12 +129,13 @@ class PersistentDecode:
     def describe(self, problem: Problem) -> str:
         tiles = self.tiles
         per_program = self.total_tiles / self.programs
+        streamed = "Q, the residual and O" if problem.has_residual else "Q and O"
         return (f"persistent DECODE: {self.programs} programs over {self.total_tiles} query tiles of "
                 f"{tiles.block_m} rows ({per_program:.1f} per program, contiguous, head by head); each head's "
                 f"{problem.num_keys} keys resident in one {tiles.block_n}-key block (K/V loaded once per head and "
                 f"program), single-pass exact softmax; "
-                f"{tiles.num_stages} query tiles in flight; Q, O and the residual through TMA tensor descriptors "
-                f"where strides and alignment allow, pointers otherwise")
+                f"{tiles.num_stages} query tiles in flight; {streamed} through TMA tensor descriptors where strides "
+                f"and alignment allow, pointers otherwise")
 
     def launch(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch(self, call)
@@ -134,8 +149,8 @@ class PersistentDecode:
 
 def plan(problem: Problem, num_splits: Optional[int]) -> Optional[PersistentDecode]:
     """The plan of a problem, or None where the kernel does not serve it: a forced split
-    count above 1, dropout, wide heads, empty dimensions, keys that do not fit one
-    resident block, a GPU other than sm_90 (choose_tiles)."""
+    count above 1, dropout, wide heads, empty dimensions, and (choose_tiles) float32,
+    a GPU other than sm_90, keys that do not fit one resident block."""
     if num_splits not in (None, 1) or problem.dropout or tiling.is_wide(problem):
         return None
     if not (1 <= problem.num_keys <= MAX_KEYS and problem.num_queries >= 1 and problem.batch * problem.heads >= 1):
@@ -153,9 +168,9 @@ def plan(problem: Problem, num_splits: Optional[int]) -> Optional[PersistentDeco
     constexprs = dict(
         HAS_MASK=problem.has_mask, HAS_RESIDUAL=problem.has_residual, CAUSAL=problem.causal,
         MASK_SLOTS=problem.has_mask or problem.num_keys < tiles.block_n,
-        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, DOT_PRECISION="ieee" if problem.exact_fp32 else "tf32",
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
-        num_warps=tiles.num_warps,
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return PersistentDecode(constexprs, tiles, programs, total_tiles)
 

@@ -24,7 +24,7 @@ once, as loop-invariant dot operands (on Hopper, wgmma reads them from shared me
 where they are stored once per head), and walks that head's tiles of the range:
 load Q (TMA through a host tensor descriptor, or pointers), the dots, the softmax,
 write O (descriptor or pointers) and lse. The tile loop is software-pipelined
-(NUM_STAGES query tiles in flight).
+(the launch's num_stages query tiles in flight).
 
 Key padding: the kept keys of a head are gathered into the first slots
 (kept_key_slots), so padding costs nothing beyond the slots past the kept count,
@@ -78,10 +78,10 @@ def decode_fwd_kernel(
     batch_heads, heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
     HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_SLOTS: tl.constexpr, DESCRIPTORS: tl.constexpr,
-    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Persistent DECODE forward; writes out and lse (B, H, Nq).
+    """Persistent DECODE forward of 16-bit inputs; writes out and lse (B, H, Nq).
 
     DESCRIPTORS: Q, RES and OUT are host tensor descriptors of their (B, H, Nq, D)
     views with blocks (1, 1, BLOCK_M, BLOCK_D) (TMA on Hopper: rows past Nq and
@@ -123,7 +123,7 @@ def decode_fwd_kernel(
         # disable_licm: hoisting the per-score index and mask arithmetic out of the loop
         # would hold it in registers across tiles, which the score tile needs (ptxas:
         # 249 -> 227 registers at 256 keys, head dim 64, sm_90).
-        for tile in tl.range(tile_start, tile_end, num_stages=NUM_STAGES, disable_licm=True):
+        for tile in tl.range(tile_start, tile_end, disable_licm=True):
             row_start = tile * BLOCK_M
             rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
             row_ok = rows < num_queries
@@ -133,7 +133,7 @@ def decode_fwd_kernel(
                 q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk,
                               BLOCK_DQK)
 
-            t = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale_log2
+            t = tl.dot(q, k_t) * qk_scale_log2
             if MASK_SLOTS:
                 # Compared here, not hoisted with slot_ok: a mask held across tiles
                 # would take registers the score tile needs.
@@ -144,7 +144,7 @@ def decode_fwd_kernel(
             m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
             p = tl.math.exp2(t - m_ref[:, None])
             l_i = tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = tl.dot(p.to(v.dtype), v)
 
             has_keys = l_i > 0.0
             out = acc * (1.0 / tl.where(has_keys, l_i, 1.0))[:, None]
