@@ -338,17 +338,17 @@ def test_decode_programs_walk_query_tiles_across_heads(runner, dtype, num_keys, 
     walks a contiguous range of tiles that crosses a head boundary (30 tiles of 32 rows
     in the interpreter over 4 programs, 5 to a head; on a GPU about 25 tiles of 128 rows
     per program), reloading K/V at the boundary; all keys in one block (256 exactly, or
-    200 with slots past them masked), a key padding mask (batch 0 all padding; causal
-    runs without one, which it would not serve at 256 keys: test_causal has it with
-    fewer keys), a residual, the transposed layout, Q/residual/O through tensor
-    descriptors, or through pointers when Q's memory is not 16-byte aligned."""
+    200 with slots past them masked; causally half as many, as the planner serves), a
+    key padding mask (batch 0 all padding), a residual, the transposed layout,
+    Q/residual/O through tensor descriptors, or through pointers when Q's memory is not
+    16-byte aligned."""
     from perceiver_kernels.triton import decode, forward, variants
     from tests.kernel_runners import kernel_call
 
     num_queries = 150 if runner.device == "cpu" else 70_000
+    num_keys = num_keys // 2 if causal else num_keys
     inputs = make_inputs(Case(batch=2, heads=3, num_queries=num_queries, num_keys=num_keys, head_dim_qk=32,
-                              head_dim_v=48, dtype=dtype, mask=not causal, residual=True, transposed=True),
-                         runner.device)
+                              head_dim_v=48, dtype=dtype, mask=True, residual=True, transposed=True), runner.device)
     inputs["causal"] = causal
     if not descriptors:
         inputs["q"] = _off_alignment(inputs["q"])
