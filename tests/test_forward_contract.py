@@ -314,3 +314,53 @@ def test_wide_heads_offsets_beyond_int32(runner):
     out, _ = runner.run(dict(q=q, k=k, v=v, key_padding_mask=mask, residual=None, scale=dim ** -0.5))
     tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
     assert_matches_reference(out, tail, epsilon=runner.epsilon)
+
+
+# ---- The untimed persistent DECODE forward (perceiver_kernels/triton/decode.py) ----
+
+UNTIMED_RUNNERS = [r for r in FORWARD_RUNNERS if r.name.endswith("-untimed")]
+
+
+def _off_alignment(x: torch.Tensor) -> torch.Tensor:
+    """x's values and strides in memory that starts one element past 16-byte alignment
+    (tensor descriptors refuse it)."""
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    shifted = storage.as_strided(x.shape, x.stride(), storage_offset=1)
+    shifted.copy_(x)
+    return shifted
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS
+                                          for p in _every_path(r, (torch.float16, torch.bfloat16))])
+@pytest.mark.parametrize("num_keys", [256, 200])
+@pytest.mark.parametrize("descriptors", [True, False], ids=["descriptors", "pointers"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_decode_programs_walk_query_tiles_across_heads(runner, dtype, num_keys, descriptors, causal, monkeypatch):
+    """The persistent DECODE forward with more query tiles than programs: each program
+    walks a contiguous range of tiles that crosses a head boundary (30 tiles of 32 rows
+    in the interpreter over 4 programs, 5 to a head; on a GPU about 25 tiles of 128 rows
+    per program), reloading K/V at the boundary; all keys in one block (256 exactly, or
+    200 with slots past them masked; causally half as many, as the planner serves), a
+    key padding mask (batch 0 all padding), a residual, the transposed layout,
+    Q/residual/O through tensor descriptors, or through pointers when Q's memory is not
+    16-byte aligned."""
+    from perceiver_kernels.triton import decode, forward, variants
+    from tests.kernel_runners import kernel_call
+
+    num_queries = 150 if runner.device == "cpu" else 70_000
+    num_keys = num_keys // 2 if causal else num_keys
+    inputs = make_inputs(Case(batch=2, heads=3, num_queries=num_queries, num_keys=num_keys, head_dim_qk=32,
+                              head_dim_v=48, dtype=dtype, mask=True, residual=True, transposed=True), runner.device)
+    inputs["causal"] = causal
+    if not descriptors:
+        inputs["q"] = _off_alignment(inputs["q"])
+    with variants.running(variants.UNTIMED):
+        plan = forward.plan_forward(kernel_call(inputs).problem)
+    assert isinstance(plan, decode.PersistentDecode), plan.describe(kernel_call(inputs).problem)
+    assert plan.total_tiles > 2 * plan.programs, "each program walks several query tiles"
+    made = []
+    real_descriptor = decode._descriptor
+    monkeypatch.setattr(decode, "_descriptor", lambda *args: made.append(args) or real_descriptor(*args))
+    out, lse = runner.run(inputs)
+    assert len(made) == (3 if descriptors else 0), "Q, residual and O through descriptors exactly when aligned"
+    assert_matches_reference(out, inputs, lse, runner.epsilon)

@@ -206,3 +206,53 @@ def test_the_compile_check_reports_what_the_interpreter_accepts(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (error,) = json.loads(result.stdout.splitlines()[-1])
     assert error and "constexpr" in error
+
+
+# The untimed persistent DECODE forward (kernels/decode_fwd.py), compiled by the
+# "untimed" suite (128 keys, causal or not, every dtype and head dim) and the "decode"
+# suite (64 and 256 keys, with and without mask and residual, causal or not).
+DECODE = "decode_fwd_kernel"
+
+
+@pytest.fixture(scope="module")
+def decode_builds(all_builds):
+    return [r for r in all_builds if r["kernel"] == DECODE]
+
+
+def test_untimed_decode_compiles_for_sm90_in_16_bits_without_spills(decode_builds):
+    """decode.choose_tiles runs it on sm_90 in 16 bits only (sm_80's mma.sync would hold
+    the resident keys in registers; float32 takes the timed kernels), where every launch
+    compiles within shared memory, spills nothing and stores K and V to shared memory
+    outside the tile loop (dot_loop_stores)."""
+    assert decode_builds
+    assert not failures(decode_builds), "\n".join(failures(decode_builds))
+    assert {r["arch"] for r in decode_builds} == {90}
+    assert not any(of_case(r, "float32") for r in decode_builds)
+    for r in decode_builds:
+        assert r["stack_bytes"] == 0, f"{label(r)} spills {r['stack_bytes']} bytes ({r['registers']} registers)"
+        assert r["shared_bytes"] <= SHARED_MEMORY_LIMIT[90], f"{label(r)}: {r['shared_bytes']} bytes"
+        assert r["dot_loop_stores"] == 0, f"{label(r)} stores dot operands to shared memory inside the tile loop"
+
+
+def test_untimed_decode_uses_wgmma_and_tma_and_serves_its_key_blocks(decode_builds):
+    """Both dots on wgmma; Q, residual and O through TMA (the check's tensors are
+    aligned); one resident block of 64 keys at every narrow head dim, 128 keys up to
+    Dv 128, 256 keys up to Dv 64 where both head dims are multiples of 16; causally
+    half as many keys per block (64 at Dv 128, 128 at Dv 64)."""
+    for r in decode_builds:
+        assert r["wgmma"], f"{label(r)} has no wgmma"
+        assert r["tma"], f"{label(r)} has no TMA"
+
+    def served(prefix: str) -> bool:
+        return any(of_case(r, prefix) for r in decode_builds)
+
+    for dtype in ("float16", "bfloat16"):
+        for dqk, dv in HEAD_DIMS + ((40, 24),):
+            assert served(f"{dtype} {dqk}/{dv} decode 4096x64+mask+residual+untimed"), (dtype, dqk, dv)
+        for dqk, dv in ((16, 16), (32, 32), (64, 64), (48, 48)):
+            for extras in ("+mask+residual+untimed", "+untimed"):
+                assert served(f"{dtype} {dqk}/{dv} decode 4096x256{extras}"), (dtype, dqk, dv, extras)
+        for dqk, dv in ((64, 64), (128, 128)):
+            assert served(f"{dtype} {dqk}/{dv} decode 4096x128+mask+residual+untimed"), (dtype, dqk, dv)
+            assert served(f"{dtype} {dqk}/{dv} decode 4096x64+mask+residual+causal+untimed"), (dtype, dqk, dv)
+        assert served(f"{dtype} 64/64 decode 4096x128+mask+residual+causal+untimed")

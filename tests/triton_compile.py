@@ -61,13 +61,14 @@ class CompileCase:
     residual: bool = True
     causal: bool = False
     variant: str = "timed"  # of perceiver_kernels/triton/variants.py
+    backward: bool = True  # record the backward's launches too
 
     @property
     def label(self) -> str:
         shape = "encode" if self.num_keys > self.num_queries else "decode"
         extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
                           "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else ""))
-        return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape}{extras}"
+        return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape} {self.num_queries}x{self.num_keys}{extras}"
 
 
 HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
@@ -90,11 +91,14 @@ class Suite:
     tuned: bool = False
     flags: tuple[tuple[bool, bool], ...] = ((True, True),)  # (masked, residual)
     variant: str = "timed"
+    shapes: tuple[tuple[int, int], ...] = ((128, 4096), (4096, 128))  # (Nq, Nk): ENCODE and DECODE
+    backward: bool = True
 
     def cases(self) -> list["CompileCase"]:
-        return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant)
+        return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant,
+                            self.backward)
                 for dtype in self.dtypes for dqk, dv in self.head_dims for masked, residual in self.flags
-                for num_queries, num_keys in ((128, 4096), (4096, 128)) for causal in self.causal]
+                for num_queries, num_keys in self.shapes for causal in self.causal]
 
 
 SUITES = {
@@ -110,6 +114,13 @@ SUITES = {
     # timed kernels' launches); bf16 stands for 16 bits.
     "untimed": Suite(("bfloat16", "float32"), ((32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
                      + WIDE_HEAD_DIMS, causal=(False, True), variant="untimed"),
+    # The persistent DECODE forward (untimed, 16 bits) at the key counts its single key
+    # block serves beyond the untimed suite's 128: 256 keys, and 64 (a block narrower
+    # than the head dims), with and without mask and residual, causal or not; forward
+    # launches only, on sm_90 (the untimed suite shows it declines sm_80 and float32).
+    "decode": Suite(("bfloat16",), HEAD_DIMS + ((40, 24), (48, 48)), causal=(False, True), archs=(90,),
+                    flags=((True, True), (False, False)), variant="untimed", shapes=((4096, 64), (4096, 256)),
+                    backward=False),
 }
 
 
@@ -168,7 +179,8 @@ def record_launches(case: CompileCase, allow_tf32: bool = False, arch: int | Non
         with variants.running(case.variant):
             timed_split = split_timed_encode and case.num_keys > case.num_queries and case.variant == variants.TIMED
             out, lse = forward.run_forward(call, num_splits=3 if timed_split else None)
-            backward.run_backward(call.without_residual(), torch.empty_like(out), out, lse)
+            if case.backward:
+                backward.run_backward(call.without_residual(), torch.empty_like(out), out, lse)
     finally:
         for module, name, original in originals + settings:
             setattr(module, name, original)
@@ -257,6 +269,10 @@ class CompileRecord:
     wgmma: int | None = None  # Hopper warpgroup matrix instructions in the PTX
     tma: int | None = None  # tensor-memory-accelerator copies (cp.async.bulk.tensor) in the PTX
     warp_specialized: bool | None = None  # the TTGIR holds ttg.warp_specialize
+    # Register tensors stored to shared memory (ttg.local_alloc of a value) inside the
+    # innermost loops that hold dots: 0 when loop-invariant dot operands (the DECODE
+    # kernel's K and V) are stored once, outside the loop that uses them.
+    dot_loop_stores: int | None = None
 
 
 def _specialization(value) -> tuple:
@@ -340,7 +356,29 @@ def compile_unit(unit: CompileUnit) -> CompileRecord:
         record.wgmma = compiled.asm["ptx"].count("wgmma.mma_async")
         record.tma = compiled.asm["ptx"].count("cp.async.bulk.tensor")
         record.warp_specialized = "ttg.warp_specialize" in compiled.asm.get("ttgir", "")
+        record.dot_loop_stores = dot_loop_stores(compiled.asm.get("ttgir", ""))
     return record
+
+
+def dot_loop_stores(ttgir: str) -> int:
+    """ttg.local_alloc ops with an operand (a register tensor stored to shared memory)
+    inside the innermost scf.for loops that hold a dot, read from the TTGIR's nesting
+    (each op on its own line, a region's body indented deeper than its opening line)."""
+    lines = ttgir.splitlines()
+    stores = 0
+    for start, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = []
+        for inner in lines[start + 1:]:
+            if inner.strip() and len(inner) - len(inner.lstrip()) <= indent:
+                break
+            body.append(inner)
+        innermost = not any("scf.for" in inner for inner in body)
+        if innermost and any("tt.dot " in inner or "warp_group_dot " in inner for inner in body):
+            stores += sum("ttg.local_alloc %" in inner for inner in body)
+    return stores
 
 
 def compile_launch(kernel, args, kwargs, arch: int, case: CompileCase) -> CompileRecord:
