@@ -25,7 +25,7 @@ import torch
 from .. import machine
 from ..kernel_launch import next_power_of_2
 from ..problem import Problem
-from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide
+from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide, encode_fwd
 
 AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "0") == "1"
 
@@ -43,11 +43,14 @@ FORWARD_WIDE_SPLIT = "attention_fwd_wide_split_kernel"
 BACKWARD_WIDE_DELTA = "attention_bwd_wide_delta_kernel"
 BACKWARD_WIDE_DKDV = "attention_bwd_wide_dkdv_kernel"
 BACKWARD_WIDE_DQ = "attention_bwd_wide_dq_kernel"
-FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT)
+# Untimed (variants.py): the ENCODE forward holding all the latents of a head
+# (kernels/encode_fwd.py, launched by triton/encode.py; its merge is MERGE).
+ENCODE_FORWARD = "encode_fwd_kernel"
+FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, ENCODE_FORWARD)
 BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 # The kernels whose programs' rows come from the plan, not from the config.
-SPLITS = (FORWARD_SPLIT, FORWARD_WIDE_SPLIT)
+SPLITS = (FORWARD_SPLIT, FORWARD_WIDE_SPLIT, ENCODE_FORWARD)
 # Where each kernel lives. Looked up at launch (kernel()), not bound at import, so that
 # tests/triton_compile.py can put recorders in the kernels' place.
 MODULES = {
@@ -56,6 +59,7 @@ MODULES = {
     BACKWARD_DELTA: attention_bwd, BACKWARD_DKDV: attention_bwd, BACKWARD_DQ: attention_bwd,
     BACKWARD_WIDE_DELTA: attention_bwd_wide, BACKWARD_WIDE_DKDV: attention_bwd_wide,
     BACKWARD_WIDE_DQ: attention_bwd_wide,
+    ENCODE_FORWARD: encode_fwd,
 }
 # The meta-parameter each kernel walks its summed dimension with.
 INNER_BLOCK = {**{kernel: "BLOCK_N" for kernel in FORWARDS}, **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}
@@ -139,6 +143,8 @@ PREFERENCES: dict[str, tuple[LaunchConfig, ...]] = {
     FORWARD_WIDE_SPLIT: (_c(32, 8, 2), _c(16, 8, 1)),
     BACKWARD_WIDE_DKDV: (_c(16, 8, 1),),
     BACKWARD_WIDE_DQ: (_c(16, 8, 2), _c(16, 8, 1)),
+    # Its rows come from the plan (triton/encode.py: all the latents, up to what fits).
+    ENCODE_FORWARD: (_c(64, 8, 3), _c(64, 8, 2), _c(64, 4, 3), _c(64, 4, 2), _c(32, 8, 2), _c(32, 4, 2), *_SMALL),
 }
 # The interpreter runs in numpy: configs only change its speed and how many blocks a
 # test walks, so it takes small query tiles (more programs, more edges tested).
@@ -236,6 +242,13 @@ def device_facts(device: torch.device) -> tuple[str, Optional[int]]:
     architecture = machine.architecture(device.type, device.index)
     limit = machine.shared_memory_per_block(device.type, device.index)
     return architecture, limit or None
+
+
+def first_fit(shape: ShapeClass, device: torch.device) -> Optional[LaunchConfig]:
+    """The first config of PREFERENCES that fits a shape class on a device, or None (a
+    launcher that can take fewer rows per program then tries those)."""
+    arch, limit = device_facts(device)
+    return next((config for config in PREFERENCES[shape.kernel] if fits(config, shape, limit, arch)), None)
 
 
 @functools.lru_cache(maxsize=4096)
