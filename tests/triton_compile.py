@@ -64,11 +64,15 @@ class CompileCase:
     @property
     def label(self) -> str:
         shape = "encode" if self.num_keys > self.num_queries else "decode"
+        if (self.num_queries, self.num_keys) not in SHAPES:
+            shape += f" {self.num_queries}x{self.num_keys}"
         extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
                           "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else ""))
         return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape}{extras}"
 
 
+# (Nq, Nk) of the cases: ENCODE and DECODE.
+SHAPES = ((128, 4096), (4096, 128))
 HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 # The wide kernels (above 256): rows not 16-byte aligned (261, the most registers), Dv in
 # ten forward slices (32/1280), both wide and aligned (512/512), a narrow Dv (1280/24).
@@ -89,11 +93,12 @@ class Suite:
     tuned: bool = False
     flags: tuple[tuple[bool, bool], ...] = ((True, True),)  # (masked, residual)
     variant: str = "timed"
+    shapes: tuple[tuple[int, int], ...] = SHAPES
 
     def cases(self) -> list["CompileCase"]:
         return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant)
                 for dtype in self.dtypes for dqk, dv in self.head_dims for masked, residual in self.flags
-                for num_queries, num_keys in ((128, 4096), (4096, 128)) for causal in self.causal]
+                for num_queries, num_keys in self.shapes for causal in self.causal]
 
 
 SUITES = {
@@ -108,6 +113,15 @@ SUITES = {
     # The rewrites no GPU has timed yet, where they serve (the timed kernels elsewhere:
     # their launches are the table's and compile once).
     "untimed": Suite(DTYPES, HEAD_DIMS + WIDE_HEAD_DIMS, causal=(False, True), variant="untimed"),
+    # The untimed ENCODE kernel (triton/encode.py) where the untimed cases do not reach
+    # it (their exact fp32 and wide-head programs already take all the rows they can):
+    # 256 latents in one program, split (this machine counts 4 SMs, so 2 heads of one
+    # program each take splits), with a mask (two key loops) and without (one loop,
+    # warp-specialized on sm_90); 1,024 latents in four programs per head, unsplit.
+    "encode": Suite(("bfloat16",), ((64, 64), (128, 128), (256, 256)), causal=(False, True),
+                    flags=((True, True), (False, False)), variant="untimed", shapes=((256, 8192),)),
+    "encode-unsplit": Suite(("bfloat16",), ((64, 64),), causal=(False, True), flags=((True, True), (False, False)),
+                            variant="untimed", shapes=((1024, 8192),)),
 }
 
 
@@ -254,6 +268,7 @@ class CompileRecord:
     wgmma: int | None = None  # Hopper warpgroup matrix instructions in the PTX
     tma: int | None = None  # tensor-memory-accelerator copies (cp.async.bulk.tensor) in the PTX
     warp_specialized: bool | None = None  # the TTGIR holds ttg.warp_specialize
+    grid_dependency: int | None = None  # griddepcontrol instructions (programmatic dependent launch) in the PTX
 
 
 def _specialization(value) -> tuple:
@@ -326,6 +341,7 @@ def compile_unit(unit: CompileUnit) -> CompileRecord:
         record.wgmma = compiled.asm["ptx"].count("wgmma.mma_async")
         record.tma = compiled.asm["ptx"].count("cp.async.bulk.tensor")
         record.warp_specialized = "ttg.warp_specialize" in compiled.asm.get("ttgir", "")
+        record.grid_dependency = compiled.asm["ptx"].count("griddepcontrol")
     return record
 
 

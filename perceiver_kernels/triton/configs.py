@@ -212,6 +212,8 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
       stage in the backward and from Dqk + Dv of 256;
     - the wide dQ kernel in 16 bits: 2 stages on sm_90 and 1 before (ptxas held the
       other to 128 registers and spilled 8 bytes);
+    - the ENCODE kernel before Hopper, head dims above 128: key tiles of at most 32
+      (32 rows over 64 keys spilled 8 bytes on sm_80, 32 and 64 rows over 32 none);
     - shared memory within the device's limit (None: no limit, the interpreter).
     """
     backward = shape.kernel in BACKWARDS
@@ -227,6 +229,9 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
     if shape.wide_head and not wide and (
             config.inner > (32 if backward else 64) or rows > 64 or config.num_stages > (1 if backward else 2)
             or (backward and config.num_warps < 8)):
+        return False
+    if (shape.kernel == ENCODE_FORWARD and shape.wide_head and arch != "interpreter"
+            and machine.capability(arch) < 90 and config.inner > 32):
         return False
     longest_exact = 16 if wide and arch != "interpreter" else 32
     if shape.exact_fp32 and (config.num_warps < 8 or (not backward and config.inner > longest_exact) or (

@@ -39,17 +39,20 @@ MAX_ROWS_EXACT_FP32 = {64: 64, 128: 32, 256: 32}
 # The warp-specialized key loop (Hopper, Triton 3.6): on or off for the whole process,
 # read once at import, so that a GPU run can time both.
 WARP_SPECIALIZE = os.environ.get("PERCEIVER_KERNELS_ENCODE_WS", "1") == "1"
-# Its configs per (rows, BLOCK_DV): 4 warps per consumer group (see
-# _warp_specialized_config); key tiles and stages from the compile check (no spills).
-WARP_SPECIALIZED_CONFIGS = {
-    (256, 16): configs.LaunchConfig(64, 4, 3), (256, 32): configs.LaunchConfig(64, 4, 3),
-    (256, 64): configs.LaunchConfig(64, 4, 3), (128, 128): configs.LaunchConfig(64, 4, 2),
-    (64, 256): configs.LaunchConfig(64, 4, 2),
-}
-# What a split costs beyond its keys, in keys' worth of memory time per query row: its
-# fp32 partial (rows x Dv x 4 bytes, about 2 keys of 16-bit K and V per row when
-# Dqk = Dv) written, then read back by the merge.
-SPLIT_COST_KEYS_PER_ROW = 4
+# Its configs per BLOCK_DV, from the compile check (Triton 3.6 and 3.9, sm_90): 64-key
+# tiles (128 spilled at 256 rows), 3 stages up to 64 channels (256 rows: 115 KB of
+# shared memory), 2 at 128 (164 KB). At 256 channels the specialized loop needs 295 KB
+# of shared memory even at 64 rows: none.
+WARP_SPECIALIZED_CONFIGS = {16: configs.LaunchConfig(64, 4, 3), 32: configs.LaunchConfig(64, 4, 3),
+                            64: configs.LaunchConfig(64, 4, 3), 128: configs.LaunchConfig(64, 4, 2)}
+# Fewer rows than one warpgroup's wgmma tile: no specialization.
+WARP_SPECIALIZED_MIN_ROWS = 64
+# What a split costs beyond its keys, in keys' worth of time per query row: its fp32
+# partial (rows x Dv x 4 bytes: as many bytes as one key of 16-bit K and V per row when
+# Dqk = Dv) written at the end of the program, and read back by the merge (spread over
+# all SMs, about as long again: ENC-3's 33 partials per head are 17 MB, ~5 us, about
+# one key per row of a program's time).
+SPLIT_COST_KEYS_PER_ROW = 2
 
 
 def rows_per_program(problem: Problem, block_dqk: int, block_dv: int, architecture: str) -> int:
@@ -107,16 +110,17 @@ def _warp_specialized_config(problem: Problem, architecture: str, rows: int, blo
     Triton 3.6 specializes the loop on Hopper (a TMA producer warpgroup, the rows split
     between two consumer warpgroups) only with device-side descriptors for Q, K and V
     and num_warps=4 (each consumer group then gets 4 warps; 8 compiled without
-    specialization). It runs on tensor cores (16 bits, TF32), without a mask (see the
-    kernel), and in the interpreter too, where tl.range ignores the flag but the
-    single-loop key walk it needs is tested. PERCEIVER_KERNELS_ENCODE_WS=0 turns it off
-    (the GPU run times both).
+    specialization). It runs in 16 bits (wgmma), without a mask (see the kernel), with
+    at least WARP_SPECIALIZED_MIN_ROWS rows, and in the interpreter too, where tl.range
+    ignores the flag but the single-loop key walk it needs is tested.
+    PERCEIVER_KERNELS_ENCODE_WS=0 turns it off (the GPU run times both).
     """
-    if not WARP_SPECIALIZE or problem.has_mask or problem.exact_fp32:
+    if (not WARP_SPECIALIZE or problem.has_mask or problem.dtype not in (torch.float16, torch.bfloat16)
+            or rows < WARP_SPECIALIZED_MIN_ROWS):
         return None
     if architecture != machine.INTERPRETER and machine.capability(architecture) != 90:
         return None
-    return WARP_SPECIALIZED_CONFIGS.get((rows, block_dv))
+    return WARP_SPECIALIZED_CONFIGS.get(block_dv)
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class EncodeForward:
     def describe(self, problem: Problem) -> str:
         heads = problem.batch * problem.heads
         if self.groups == 1:
-            holding = f"all {problem.num_queries} queries of a head in one {self.rows}-row program"
+            queries = "the query" if problem.num_queries == 1 else f"all {problem.num_queries} queries"
+            holding = f"{queries} of a head in one {self.rows}-row program"
         else:
             holding = (f"the {problem.num_queries} queries of a head in {self.groups} adjacent {self.rows}-row "
                        "programs walking the same keys (each K/V tile read from memory once, then from L2)")
@@ -157,8 +162,9 @@ class EncodeForward:
         tma = ("K/V through tensor descriptors (TMA) where strides allow (16-byte aligned rows, contiguous "
                f"channels), pointers otherwise; {self.config.inner}-key tiles in {self.config.num_stages} stages, "
                f"{self.config.num_warps} warps")
-        ws = ("; the whole-tile key loop warp-specialized (TMA producer, softmax/MMA consumers) when descriptors run"
-              if descriptors["WARP_SPECIALIZE"] else "")
+        ws = (f"; where descriptors run, one warp-specialized key loop ({descriptors['BLOCK_N']}-key tiles in "
+              f"{descriptors['num_stages']} stages: a TMA producer warpgroup, two consumer warpgroups of "
+              f"{self.rows // 2} rows)" if descriptors["WARP_SPECIALIZE"] else "")
         return f"untimed ENCODE kernel: {holding}; {keys}; {tma}{ws}"
 
     def launch(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,8 +199,8 @@ def plan(problem: Problem, num_splits: Optional[int] = None) -> Optional[EncodeF
     constexprs = dict(
         tiling.constexprs(problem), HAS_RESIDUAL=problem.has_residual, CAUSAL=problem.causal,
         NEGATIVE_SCALE=problem.scale < 0, BLOCK_M=rows, BLOCK_N=config.inner, num_warps=config.num_warps,
-        num_stages=config.num_stages, PARTIALS=num_splits > 1, LAUNCH_DEPENDENTS=hopper and num_splits > 1, WARP_SPECIALIZE=False,
-        WHOLE_TILES=False,
+        num_stages=config.num_stages, PARTIALS=num_splits > 1, LAUNCH_DEPENDENTS=hopper and num_splits > 1,
+        WARP_SPECIALIZE=False, WHOLE_TILES=False,
     )
     pointers = dict(constexprs, KV_DESCRIPTORS=False)
     # Descriptors are TMA on Hopper; before it Triton lowers them to plain loads, so
@@ -216,14 +222,15 @@ def plan(problem: Problem, num_splits: Optional[int] = None) -> Optional[EncodeF
 
 
 def descriptors_allowed(*tensors: torch.Tensor) -> bool:
-    """Whether tensor descriptors (TMA) can read these (B, H, N, D) tensors: contiguous
-    channels, a 16-byte aligned base and 16-byte multiples for the strides of every
-    dimension that has more than one index (the CUDA driver's rules)."""
+    """Whether tensor descriptors (TMA) can read these (B, H, N, D) tensors (the CUDA
+    driver's rules): contiguous channels, rows a multiple of 16 bytes apart (the
+    descriptor's stride), and every (batch, head) base 16-byte aligned (the batch and
+    head strides count where that dimension has more than one index)."""
     for tensor in tensors:
         size = tensor.element_size()
-        if tensor.stride(3) != 1 or tensor.data_ptr() % 16:
+        if tensor.stride(3) != 1 or tensor.data_ptr() % 16 or tensor.stride(2) * size % 16:
             return False
-        if any(tensor.shape[dim] > 1 and tensor.stride(dim) * size % 16 for dim in range(3)):
+        if any(tensor.shape[dim] > 1 and tensor.stride(dim) * size % 16 for dim in range(2)):
             return False
     return True
 

@@ -22,21 +22,25 @@ normalised fp32 partial and base-2 lse (B*H, S, Nq, .) for merge_splits_kernel.
 The key walk of a program, within its split [key_start, key_end):
 - the kept range [lo, hi) of the mask is read from the mask bytes first
   (kept_key_span): tiles outside it are skipped whole;
-- whole tiles inside it that every row sees entirely (no hole in the kept range, no
-  causal diagonal) run without any per-key check: the scores' scale is applied to the
-  row max and folded into the exponent's subtraction (one FMA per score), and this
-  loop is the one warp specialization may split into a TMA producer and softmax/MMA
-  consumers (Hopper, Triton >= 3.5: `tl.range(..., warp_specialize=True)`);
-- the rest (the tile straddling the end, holes, the causal diagonal) checks every key
+- whole tiles (inside a kept range without holes, before the causal diagonal of the
+  group's first row) run without any per-key check: the scale is applied to the row
+  max and folded into the exponent's subtraction (one FMA per score);
+- the rest (the tile straddling the end, holes, the causal diagonal) check every key
   (mask bytes, split end) and every (row, key) on the diagonal.
+WARP_SPECIALIZE (Hopper, 16 bits, no mask) walks all the tiles in one loop that
+Triton splits into a TMA producer warpgroup and two consumer warpgroups of BLOCK_M / 2
+rows each, so the softmax of one tile overlaps the matrix products of the next; Triton
+3.6 specializes only a kernel with a single loop of dots, so there every tile is whole
+(WHOLE_TILES: not causal, every split a multiple of BLOCK_N keys) or every tile is
+checked.
 
-K and V come through tensor descriptors (TMA on Hopper, built per program with
-tl.make_tensor_descriptor: rows of the key range, out-of-bounds rows and channels
-read as 0) where their strides allow, through masked pointer loads otherwise; the
-same kernel, chosen by KV_DESCRIPTORS. A descriptor loads whole tiles, so in the
-checked tiles V rows of keys that are not used are zeroed before P @ V: a padding key
-may hold NaN, and 0 * NaN is NaN. (Their scores are replaced by -inf before the max,
-so NaN in K cannot leak either.)
+Q, K and V come through tensor descriptors (TMA on Hopper, built per program with
+tl.make_tensor_descriptor: out-of-bounds rows and channels read as 0) where their
+strides allow, through masked pointer loads otherwise; the same kernel, chosen by
+KV_DESCRIPTORS. A descriptor loads whole tiles, so in checked tiles under a mask the
+V rows of unused keys are zeroed before P @ V: a padding key may hold NaN, and
+0 * NaN is NaN. (Scores of unused keys are replaced by -inf before the max, so NaN in
+K cannot leak.)
 
 Offsets are int64 (B*H*Nk*D can exceed 2^31); any Nq, Nk, head dim (padded to a power
 of two inside) and strides.
