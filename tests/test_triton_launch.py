@@ -132,7 +132,7 @@ def test_encode_plan_holds_all_latents_and_fills_whole_waves(fake_gpu):
     assert ar64k.constexprs[1]["WARP_SPECIALIZE"] and not ar64k.constexprs[1]["WHOLE_TILES"]
     text = enc3.describe(gpu_problem(1, 8, 256, 400_000))
     for words in ("all 256 queries of a head in one 256-row program", "33 splits", "264 programs on 132 SMs",
-                  "programmatic dependent launch", "tensor descriptors (TMA)", "warp-specialized"):
+                  "programmatic dependent launch", "Q, K and V through tensor descriptors (TMA)", "warp-specialized"):
         assert words in text, text
     assert "adjacent 256-row programs" in enc2.describe(gpu_problem(1, 16, 2048, 182_528))
 
@@ -146,7 +146,9 @@ def test_encode_plan_where_warp_specialization_does_not_run(fake_gpu):
     exact = _encode_plan(gpu_problem(1, 8, 256, 400_000, torch.float32))
     wide = _encode_plan(gpu_problem(1, 8, 256, 400_000, dims=(256, 256)))
     for plan in (masked, exact, wide):
-        assert not plan.constexprs[1]["WARP_SPECIALIZE"] and plan.constexprs[1]["KV_DESCRIPTORS"]
+        assert not plan.constexprs[1]["WARP_SPECIALIZE"]
+    assert masked.constexprs[1]["KV_DESCRIPTORS"] and wide.constexprs[1]["KV_DESCRIPTORS"]
+    assert not exact.constexprs[1]["KV_DESCRIPTORS"]  # CUDA-core dots: pointers
     assert exact.rows == 64 and exact.groups == 4 and wide.rows == 64
     fake_gpu("sm_80", 108, 166_912)
     a100 = _encode_plan(gpu_problem(8, 8, 256, 50_176))
@@ -160,6 +162,7 @@ def test_encode_plan_declines_what_it_does_not_serve_and_honours_forced_splits(f
     assert _encode_plan(gpu_problem(1, 8, 4096, 400_000)) is None      # more latents than ENCODE's
     assert _encode_plan(gpu_problem(1, 8, 256, 800)) is None           # Nk < 4 Nq: not ENCODE
     assert _encode_plan(gpu_problem(1, 8, 256, 50_176, dims=(512, 512))) is None  # wide heads
+    assert _encode_plan(gpu_problem(1, 8, 256, 50_176, torch.float32)._replace(tf32=True)) is None
     for forced in (1, 3):
         assert _encode_plan(gpu_problem(8, 8, 256, 50_176), forced).num_splits == forced
 

@@ -8,9 +8,21 @@ K/V tile is read from memory once per split. A head with more queries (Perceiver
 1,024 latents, ENC-2's 2,048) runs as query groups in adjacent programs that walk the
 same keys together, so all but the first read of each tile hit L2.
 
-The split count is chosen in waves of the GPU's SMs (split_count); the merge is the
-timed merge_splits_kernel, launched with programmatic dependent launch on sm_90+.
-Registered in forward.UNTIMED: it runs only with the variants switch on "untimed".
+The split count is chosen in waves of the GPU's SMs (split_count). The merge is the
+timed merge_splits_kernel, a kernel of its own rather than fused into the last split
+program of each head (an atomic counter per head electing it): a fused merge reads a
+head's S partials on one SM, and ENC-3's 33 partials of 64 KB per head are 2.1 MB,
+20-35 us at one SM's share of L2 bandwidth (60-100 GB/s), added to the end of the last
+wave; merge_splits_kernel spreads the 17 MB over every SM (about 5 us) and, launched
+with programmatic dependent launch on sm_90+ (the split kernel lets it launch once
+all its programs have started; it waits on griddepcontrol for their completion),
+costs no launch gap. It needs no zeroed counters either (a persistent buffer would be
+shared by concurrent streams and baked into captured CUDA graphs), and it is
+deterministic: one program combines each row's partials in split order.
+
+Declined (the timed kernels run them): not ENCODE, more than MAX_QUERIES queries,
+heads over 256 channels, dropout, TF32. Registered in forward.UNTIMED: it runs only
+with the variants switch on "untimed".
 """
 
 from __future__ import annotations
@@ -158,9 +170,10 @@ class EncodeForward:
             merge = "merge_splits_kernel" + (" launched with programmatic dependent launch"
                                              if self.dependent_launch else "")
             keys = f"{self.num_splits} splits of {self.keys_per_split} keys per head, {waves}, then {merge}"
-        pointers, descriptors = self.constexprs
-        tma = ("K/V through tensor descriptors (TMA) where strides allow (16-byte aligned rows, contiguous "
-               f"channels), pointers otherwise; {self.config.inner}-key tiles in {self.config.num_stages} stages, "
+        _, descriptors = self.constexprs
+        loads = ("Q, K and V through tensor descriptors (TMA) where strides allow (16-byte aligned rows, contiguous "
+                 "channels), pointers otherwise" if descriptors["KV_DESCRIPTORS"] else "Q, K and V through pointers")
+        tma = (f"{loads}; {self.config.inner}-key tiles in {self.config.num_stages} stages, "
                f"{self.config.num_warps} warps")
         ws = (f"; where descriptors run, one warp-specialized key loop ({descriptors['BLOCK_N']}-key tiles in "
               f"{descriptors['num_stages']} stages: a TMA producer warpgroup, two consumer warpgroups of "
@@ -174,8 +187,10 @@ class EncodeForward:
 def plan(problem: Problem, num_splits: Optional[int] = None) -> Optional[EncodeForward]:
     """The plan of an ENCODE problem (num_splits forces the split count: tests), or None
     where this kernel does not serve it."""
+    # TF32 declined: its fp32 operands double the tiles' shared memory and registers
+    # (256 rows spilled at head dim 64, 64 rows at 256 on sm_90), and no GPU run times it.
     if (not problem.encode or problem.num_queries > MAX_QUERIES or tiling.is_wide(problem) or problem.dropout
-            or problem.num_queries == 0 or problem.num_keys == 0):
+            or problem.num_queries == 0 or problem.num_keys == 0 or problem.tf32):
         return None
     block_dqk, block_dv = tiling.head_dim_blocks(problem)
     chosen = _rows_and_config(problem, block_dqk, block_dv, problem.num_keys)
@@ -204,8 +219,11 @@ def plan(problem: Problem, num_splits: Optional[int] = None) -> Optional[EncodeF
     )
     pointers = dict(constexprs, KV_DESCRIPTORS=False)
     # Descriptors are TMA on Hopper; before it Triton lowers them to plain loads, so
-    # pointers serve there (and the interpreter runs both paths).
-    descriptors = dict(constexprs, KV_DESCRIPTORS=hopper or architecture == machine.INTERPRETER)
+    # pointers serve there (the interpreter runs both paths). Exact fp32 dots run on
+    # CUDA cores from registers: tiles that TMA lands in shared memory only add a copy
+    # (64 rows spilled 432 bytes on sm_90 through descriptors, none through pointers).
+    tensor_cores = not problem.exact_fp32
+    descriptors = dict(constexprs, KV_DESCRIPTORS=tensor_cores and (hopper or architecture == machine.INTERPRETER))
     specialized = _warp_specialized_config(problem, architecture, rows, block_dv)
     if specialized is not None:
         whole = not problem.causal and problem.num_keys % specialized.inner == 0 and (
