@@ -319,8 +319,9 @@ def test_wide_heads_offsets_beyond_int32(runner):
 UNTIMED_RUNNERS = [r for r in FORWARD_RUNNERS if r.name.endswith("-untimed")]
 
 
-def _untimed_half(runner):
-    yield runner.param(torch.float16)
+def _sixteen_bits(runner):
+    """The runner's 16-bit dtypes: float16, and bfloat16 on a GPU."""
+    yield from _every_path(runner, (torch.float16, torch.bfloat16))
 
 
 def suffix_masked_inputs(device, num_queries: int, num_keys: int, kept: tuple[int, ...], dtype=torch.float16,
@@ -346,7 +347,7 @@ def _nan_padding(inputs: dict) -> tuple[dict, dict]:
     return poisoned, inputs
 
 
-@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _untimed_half(r)])
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _sixteen_bits(r)])
 @pytest.mark.parametrize("num_queries", [256, 200])
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
 def test_encode_all_latents_in_one_program_with_suffix_masks(runner, dtype, num_queries, num_splits):
@@ -359,7 +360,7 @@ def test_encode_all_latents_in_one_program_with_suffix_masks(runner, dtype, num_
     assert_matches_reference(out, clean, lse, runner.epsilon)
 
 
-@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _untimed_half(r)])
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _sixteen_bits(r)])
 @pytest.mark.parametrize("num_keys", [1024, 1100])
 def test_encode_without_mask_in_several_splits(runner, dtype, num_keys):
     """The single key loop that Hopper warp-specializes (16 bits, no mask): splits of
@@ -401,3 +402,18 @@ def test_encode_causal_with_as_few_keys_as_encode_takes(runner, dtype, masked):
     for num_splits in (None, 3):
         out, lse = runner.run(inputs, num_splits=num_splits)
         assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS if r.gpu for p in _sixteen_bits(r)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("num_queries", [256, 1024])
+def test_encode_at_perceiver_scale(runner, dtype, masked, num_queries):
+    """Default plans on the GPU: splits in waves of its SMs (merged after programmatic
+    dependent launch), TMA, the warp-specialized loop without a mask; 1,024 latents in
+    four programs per head; suffix masks with NaN in the padding and a row without keys."""
+    inputs = suffix_masked_inputs(runner.device, num_queries, 60_000, (60_000, 41_234, 0), dtype)
+    inputs, clean = _nan_padding(inputs)
+    if not masked:
+        inputs, clean = dict(clean, key_padding_mask=None), dict(clean, key_padding_mask=None)
+    out, lse = runner.run(inputs)
+    assert_matches_reference(out, clean, lse, runner.epsilon)
