@@ -329,6 +329,9 @@ def test_wide_heads_offsets_beyond_int32(runner):
 
 # ---- The untimed persistent DECODE forward (perceiver_kernels/triton/decode.py) ----
 
+
+# ---- The untimed ENCODE kernel (triton/encode.py): shapes the grid does not reach ----
+
 UNTIMED_RUNNERS = [r for r in FORWARD_RUNNERS if r.name.endswith("-untimed")]
 
 
@@ -375,3 +378,103 @@ def test_decode_programs_walk_query_tiles_across_heads(runner, dtype, num_keys, 
     out, lse = runner.run(inputs)
     assert len(made) == (3 if descriptors else 0), "Q, residual and O through descriptors exactly when aligned"
     assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+def _sixteen_bits(runner):
+    """The runner's 16-bit dtypes: float16, and bfloat16 on a GPU."""
+    yield from _every_path(runner, (torch.float16, torch.bfloat16))
+
+
+def suffix_masked_inputs(device, num_queries: int, num_keys: int, kept: tuple[int, ...], dtype=torch.float16,
+                         causal: bool = False) -> dict:
+    """Inputs with one batch element per entry of `kept`, whose first `kept` keys are
+    kept and the rest padding (variable-length inputs); 0 leaves its rows without keys.
+    Padding keys hold NaN, which must not leak."""
+    inputs = make_inputs(Case(batch=len(kept), heads=2, num_queries=num_queries, num_keys=num_keys, head_dim_qk=32,
+                              head_dim_v=48, dtype=dtype, mask=True, residual=True, transposed=True), device)
+    mask = inputs["key_padding_mask"]
+    mask[:] = True
+    for batch, length in enumerate(kept):
+        mask[batch, :length] = False
+    inputs["causal"] = causal
+    return inputs
+
+
+def _nan_padding(inputs: dict) -> tuple[dict, dict]:
+    padding = inputs["key_padding_mask"][:, None, :].expand(-1, inputs["k"].shape[1], -1)
+    poisoned = dict(inputs, k=inputs["k"].clone(), v=inputs["v"].clone())
+    poisoned["k"][padding] = float("nan")
+    poisoned["v"][padding] = float("nan")
+    return poisoned, inputs
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _sixteen_bits(r)])
+@pytest.mark.parametrize("num_queries", [256, 200])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_encode_all_latents_in_one_program_with_suffix_masks(runner, dtype, num_queries, num_splits):
+    """256 latents (one program holds them all) and 200 (56 rows of the program past
+    the queries) over 2,500 keys: lengths ending inside a split, on a split boundary,
+    all keys, none (rows without keys); whole splits of padding; NaN in padding."""
+    inputs, clean = _nan_padding(suffix_masked_inputs(runner.device, num_queries, 2500, (1100, 500, 2500, 0),
+                                                      dtype))
+    out, lse = runner.run(inputs, num_splits=num_splits)
+    assert_matches_reference(out, clean, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _sixteen_bits(r)])
+@pytest.mark.parametrize("num_keys", [1024, 1100])
+def test_encode_without_mask_in_several_splits(runner, dtype, num_keys):
+    """The single key loop that Hopper warp-specializes (16 bits, no mask): splits of
+    whole tiles (1024 keys) and a last tile cut short (1100), unsplit and in several
+    splits, with a negative scale (the kernel negates q)."""
+    inputs = make_inputs(Case(batch=1, heads=2, num_queries=256, num_keys=num_keys, head_dim_qk=32, head_dim_v=32,
+                              dtype=dtype, residual=True), runner.device)
+    for num_splits, scale in ((None, None), (1, -0.3), (3, -0.3)):
+        inputs["scale"] = scale
+        out, lse = runner.run(inputs, num_splits=num_splits)
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _every_path(r)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_encode_more_latents_than_one_program_holds(runner, dtype, masked):
+    """300 latents: a head's queries in two programs walking the same keys (exact fp32:
+    five), with a mask or without, causal or not, in several splits."""
+    inputs = make_inputs(Case(batch=2, heads=1, num_queries=300, num_keys=1200, head_dim_qk=40, head_dim_v=24,
+                              dtype=dtype, mask=masked, residual=True, transposed=True), runner.device)
+    for causal, num_splits in ((False, None), (True, 3)):
+        inputs["causal"] = causal
+        out, lse = runner.run(inputs, num_splits=num_splits)
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _every_path(r)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_encode_causal_with_as_few_keys_as_encode_takes(runner, dtype, masked):
+    """Causal with Nk = 4 Nq (the closest to square that ENCODE serves): the diagonal
+    runs through the last quarter of the keys, splits past a row's reach stay empty for
+    it, and under a suffix mask rows see fewer keys still (0: none). 256 latents in
+    16 bits (one program), 70 in exact fp32."""
+    num_queries = 70 if dtype == torch.float32 else 256
+    inputs = suffix_masked_inputs(runner.device, num_queries, 4 * num_queries,
+                                  (4 * num_queries, 3 * num_queries + 10, 0), dtype, causal=True)
+    if not masked:
+        inputs["key_padding_mask"] = None
+    for num_splits in (None, 3):
+        out, lse = runner.run(inputs, num_splits=num_splits)
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS if r.gpu for p in _sixteen_bits(r)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("num_queries", [256, 1024])
+def test_encode_at_perceiver_scale(runner, dtype, masked, num_queries):
+    """Default plans on the GPU: splits in waves of its SMs (merged after programmatic
+    dependent launch), TMA, the warp-specialized loop without a mask; 1,024 latents in
+    four programs per head; suffix masks with NaN in the padding and a row without keys."""
+    inputs = suffix_masked_inputs(runner.device, num_queries, 60_000, (60_000, 41_234, 0), dtype)
+    inputs, clean = _nan_padding(inputs)
+    if not masked:
+        inputs, clean = dict(clean, key_padding_mask=None), dict(clean, key_padding_mask=None)
+    out, lse = runner.run(inputs)
+    assert_matches_reference(out, clean, lse, runner.epsilon)

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import HAS_GPU
-from tests.triton_compile import DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT, SHARED_MEMORY_LIMIT, WIDE_HEAD_DIMS
+from tests.triton_compile import (DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT, SHARED_MEMORY_LIMIT, SUITES,
+                                  WIDE_HEAD_DIMS)
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernel tests compile every kernel for real")
 
@@ -256,3 +257,57 @@ def test_untimed_decode_uses_wgmma_and_tma_and_serves_its_key_blocks(decode_buil
             assert served(f"{dtype} {dqk}/{dv} decode 4096x128+mask+residual+untimed"), (dtype, dqk, dv)
             assert served(f"{dtype} {dqk}/{dv} decode 4096x64+mask+residual+causal+untimed"), (dtype, dqk, dv)
         assert served(f"{dtype} 64/64 decode 4096x128+mask+residual+causal+untimed")
+
+
+# The untimed ENCODE kernel (triton/encode.py): its launches in the untimed suite (128
+# latents, every dtype and head dim) and the encode suites (256 latents in one program,
+# 1,024 in four; with a mask and without).
+ENCODE_SUITES = ("untimed", "encode", "encode-unsplit")
+
+
+@pytest.fixture(scope="module")
+def encode_builds(all_builds):
+    return [r for r in all_builds if r["kernel"] == "encode_fwd_kernel" and set(r["suites"]) & set(ENCODE_SUITES)]
+
+
+def test_untimed_encode_compiles_for_sm80_and_sm90_without_spills(encode_builds):
+    assert not failures(encode_builds), "\n".join(failures(encode_builds))
+    spills = [f"{label(r)}: {r['stack_bytes']} bytes" for r in encode_builds if r["stack_bytes"]]
+    assert not spills, "\n".join(spills)
+    too_big = [label(r) for r in encode_builds if r["shared_bytes"] > SHARED_MEMORY_LIMIT[r["arch"]]]
+    assert not too_big, "\n".join(too_big)
+    untimed = SUITES["untimed"]
+    for dtype in untimed.dtypes:
+        for dqk, dv in (dims for dims in untimed.head_dims if max(dims) <= 256):
+            for arch in SHARED_MEMORY_LIMIT:
+                assert any(of_case(r, f"{dtype} {dqk}/{dv} encode") and r["arch"] == arch for r in encode_builds), \
+                    (dtype, dqk, dv, arch)
+
+
+def test_untimed_encode_on_hopper_uses_wgmma_tma_and_warp_specialization(encode_builds):
+    """sm_90: 16-bit dots on wgmma, K/V (and Q) through TMA (the check's tensors are
+    contiguous), all 256 latents in one program at head dim 64, and the key loop
+    warp-specialized exactly where the planner asks for it: 16 bits without a mask,
+    head dims up to 128. Before Hopper: pointers, mma.sync."""
+    hopper = [r for r in encode_builds if r["arch"] == 90]
+    sixteen_bits = [r for r in hopper if of_case(r, "float16") or of_case(r, "bfloat16")]
+    assert sixteen_bits and all(r["wgmma"] and r["tma"] for r in sixteen_bits), \
+        [label(r) for r in sixteen_bits if not (r["wgmma"] and r["tma"])]
+    assert any(r["config"]["BLOCK_M"] == 256 for r in sixteen_bits if of_case(r, "bfloat16 64/64 encode 256x8192"))
+    for r in sixteen_bits:
+        dims = [int(d) for d in r["problems"][0].split()[1].split("/")]
+        expected = "+mask" not in r["problems"][0] and max(dims) <= 128
+        assert r["warp_specialized"] == expected, label(r)
+    assert any(r["warp_specialized"] and "+causal" in r["problems"][0] for r in sixteen_bits)
+    assert not any(r["tma"] or r["wgmma"] or r["warp_specialized"] for r in encode_builds if r["arch"] == 80)
+
+
+def test_untimed_encode_merge_waits_for_the_split_kernel_on_hopper(all_builds):
+    """The merge after the ENCODE kernel's splits is launched with programmatic
+    dependent launch on sm_90 (it waits on griddepcontrol) and not before."""
+    merges = [r for r in all_builds if r["kernel"] == "merge_splits_kernel" and set(r["suites"]) & {"encode"}]
+    assert not failures(merges), "\n".join(failures(merges))
+    assert any(r["arch"] == 90 and r["grid_dependency"] for r in merges)
+    assert not any(r["arch"] == 80 and r["grid_dependency"] for r in merges)
+    splits = [r for r in all_builds if r["kernel"] == "encode_fwd_kernel" and "encode" in r["suites"]]
+    assert any(r["arch"] == 90 and r["grid_dependency"] for r in splits)

@@ -96,3 +96,86 @@ def test_tf32_is_used_only_when_allowed():
     fast, _ = _triton_forward(inputs, num_splits=3, allow_tf32=True)
     assert_matches_reference(exact, inputs)
     assert not torch.equal(exact, fast)
+
+
+def _encode_plan(problem: Problem, num_splits=None):
+    from perceiver_kernels.triton import encode
+
+    return encode.plan(problem, num_splits)
+
+
+def test_encode_plan_holds_all_latents_and_fills_whole_waves(fake_gpu):
+    """The untimed ENCODE kernel on an H100/H200 (132 SMs): 256 latents in one program,
+    splits counted in waves (ENC-1: 64 heads x 2 = 128 programs, one wave; ENC-3: 8
+    heads x 33 = 264, two full waves), no split where the programs fill the GPU alone
+    (ENC-2: 16 heads x 8 query groups; ENC-1 d128: 64 heads x 2 groups of 128 rows)."""
+    fake_gpu("sm_90", 132)
+    enc1 = _encode_plan(gpu_problem(8, 8, 256, 50_176))
+    enc3 = _encode_plan(gpu_problem(1, 8, 256, 400_000))
+    enc2 = _encode_plan(gpu_problem(1, 16, 2048, 182_528))
+    enc1_d128 = _encode_plan(gpu_problem(8, 8, 256, 50_176, dims=(128, 128)))
+    ar64k = _encode_plan(gpu_problem(1, 8, 1024, 65_536)._replace(causal=True))
+    assert (enc1.rows, enc1.groups, enc1.num_splits) == (256, 1, 2)
+    assert (enc3.rows, enc3.groups, enc3.num_splits) == (256, 1, 33) and 8 * enc3.num_splits == 2 * 132
+    assert (enc2.rows, enc2.groups, enc2.num_splits) == (256, 8, 1)
+    assert (enc1_d128.rows, enc1_d128.groups, enc1_d128.num_splits) == (128, 2, 1)
+    assert (ar64k.groups, ar64k.num_splits) == (4, 4)
+    for plan in (enc1, enc3):
+        assert plan.keys_per_split % 128 == 0 and plan.keys_per_split * plan.num_splits >= 50_176
+        assert plan.dependent_launch and plan.constexprs[0]["LAUNCH_DEPENDENTS"]
+    # Unmasked 16 bits on Hopper: the warp-specialized loop where descriptors run, whole
+    # tiles where every split is (50,176 keys, 25,088 per split, are multiples of 64);
+    # causal tiles are checked.
+    pointers, descriptors = enc1.constexprs
+    assert descriptors["WARP_SPECIALIZE"] and descriptors["WHOLE_TILES"] and descriptors["num_warps"] == 4
+    assert not pointers["WARP_SPECIALIZE"] and not pointers["KV_DESCRIPTORS"]
+    assert ar64k.constexprs[1]["WARP_SPECIALIZE"] and not ar64k.constexprs[1]["WHOLE_TILES"]
+    text = enc3.describe(gpu_problem(1, 8, 256, 400_000))
+    for words in ("all 256 queries of a head in one 256-row program", "33 splits", "264 programs on 132 SMs",
+                  "programmatic dependent launch", "Q, K and V through tensor descriptors (TMA)", "warp-specialized"):
+        assert words in text, text
+    assert "adjacent 256-row programs" in enc2.describe(gpu_problem(1, 16, 2048, 182_528))
+
+
+def test_encode_plan_where_warp_specialization_does_not_run(fake_gpu):
+    """A mask (padding keys' V would need zeroing off the TMA path), exact fp32 (CUDA
+    cores, 64-row programs), heads of 256 channels (too much shared memory), and an
+    A100 (no TMA: pointers, 128 rows at most)."""
+    fake_gpu("sm_90", 132)
+    masked = _encode_plan(gpu_problem(8, 8, 256, 50_176)._replace(has_mask=True))
+    exact = _encode_plan(gpu_problem(1, 8, 256, 400_000, torch.float32))
+    wide = _encode_plan(gpu_problem(1, 8, 256, 400_000, dims=(256, 256)))
+    for plan in (masked, exact, wide):
+        assert not plan.constexprs[1]["WARP_SPECIALIZE"]
+    assert masked.constexprs[1]["KV_DESCRIPTORS"] and wide.constexprs[1]["KV_DESCRIPTORS"]
+    assert not exact.constexprs[1]["KV_DESCRIPTORS"]  # CUDA-core dots: pointers
+    assert exact.rows == 64 and exact.groups == 4 and wide.rows == 64
+    fake_gpu("sm_80", 108, 166_912)
+    a100 = _encode_plan(gpu_problem(8, 8, 256, 50_176))
+    assert a100.rows == 128 and not a100.dependent_launch
+    assert not any(c["KV_DESCRIPTORS"] or c["WARP_SPECIALIZE"] for c in a100.constexprs)
+
+
+def test_encode_plan_declines_what_it_does_not_serve_and_honours_forced_splits(fake_gpu):
+    fake_gpu("sm_90", 132)
+    assert _encode_plan(gpu_problem(8, 8, 50_176, 256)) is None        # DECODE
+    assert _encode_plan(gpu_problem(1, 8, 4096, 400_000)) is None      # more latents than ENCODE's
+    assert _encode_plan(gpu_problem(1, 8, 256, 800)) is None           # Nk < 4 Nq: not ENCODE
+    assert _encode_plan(gpu_problem(1, 8, 256, 50_176, dims=(512, 512))) is None  # wide heads
+    assert _encode_plan(gpu_problem(1, 8, 256, 50_176, torch.float32)._replace(tf32=True)) is None
+    for forced in (1, 3):
+        assert _encode_plan(gpu_problem(8, 8, 256, 50_176), forced).num_splits == forced
+
+
+def test_descriptors_need_aligned_rows_and_contiguous_channels():
+    from perceiver_kernels.triton.encode import descriptors_allowed
+
+    contiguous = torch.zeros(2, 3, 100, 64, dtype=torch.bfloat16)
+    transposed_40 = torch.zeros(2, 100, 3, 40, dtype=torch.float16).transpose(1, 2)   # rows of 3 x 80 bytes
+    transposed_100 = torch.zeros(2, 100, 3, 100, dtype=torch.float16).transpose(1, 2)  # 200-byte head stride
+    every_other = torch.zeros(2, 3, 100, 128, dtype=torch.float16)[..., ::2]
+    assert descriptors_allowed(contiguous, transposed_40)
+    assert not descriptors_allowed(contiguous, transposed_100)
+    assert not descriptors_allowed(every_other)
+    assert descriptors_allowed(torch.zeros(1, 1, 100, 8, dtype=torch.float16)[:, :, 1:])  # 16-byte rows, offset base
+    assert not descriptors_allowed(torch.zeros(1, 1, 100, 8, dtype=torch.float16)[:, :, :, 1:])

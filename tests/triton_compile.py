@@ -71,6 +71,8 @@ class CompileCase:
         return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape} {self.num_queries}x{self.num_keys}{extras}"
 
 
+# (Nq, Nk) of the cases: ENCODE and DECODE.
+SHAPES = ((128, 4096), (4096, 128))
 HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 # The wide kernels (above 256): rows not 16-byte aligned (261, the most registers), Dv in
 # ten forward slices (32/1280), both wide and aligned (512/512), a narrow Dv (1280/24).
@@ -91,7 +93,7 @@ class Suite:
     tuned: bool = False
     flags: tuple[tuple[bool, bool], ...] = ((True, True),)  # (masked, residual)
     variant: str = "timed"
-    shapes: tuple[tuple[int, int], ...] = ((128, 4096), (4096, 128))  # (Nq, Nk): ENCODE and DECODE
+    shapes: tuple[tuple[int, int], ...] = SHAPES
     backward: bool = True
 
     def cases(self) -> list["CompileCase"]:
@@ -121,6 +123,15 @@ SUITES = {
     "decode": Suite(("bfloat16",), HEAD_DIMS + ((40, 24), (48, 48)), causal=(False, True), archs=(90,),
                     flags=((True, True), (False, False)), variant="untimed", shapes=((4096, 64), (4096, 256)),
                     backward=False),
+    # The untimed ENCODE kernel (triton/encode.py) where the untimed cases do not reach
+    # it (their exact fp32 and wide-head programs already take all the rows they can):
+    # 256 latents in one program, split (this machine counts 4 SMs, so 2 heads of one
+    # program each take splits), with a mask (two key loops) and without (one loop,
+    # warp-specialized on sm_90); 1,024 latents in four programs per head, unsplit.
+    "encode": Suite(("bfloat16",), ((64, 64), (128, 128), (256, 256)), causal=(False, True),
+                    flags=((True, True), (False, False)), variant="untimed", shapes=((256, 8192),)),
+    "encode-unsplit": Suite(("bfloat16",), ((64, 64),), causal=(False, True), flags=((True, True), (False, False)),
+                            variant="untimed", shapes=((1024, 8192),)),
 }
 
 
@@ -273,6 +284,7 @@ class CompileRecord:
     # innermost loops that hold dots: 0 when loop-invariant dot operands (the DECODE
     # kernel's K and V) are stored once, outside the loop that uses them.
     dot_loop_stores: int | None = None
+    grid_dependency: int | None = None  # griddepcontrol instructions (programmatic dependent launch) in the PTX
 
 
 def _specialization(value) -> tuple:
@@ -357,6 +369,7 @@ def compile_unit(unit: CompileUnit) -> CompileRecord:
         record.tma = compiled.asm["ptx"].count("cp.async.bulk.tensor")
         record.warp_specialized = "ttg.warp_specialize" in compiled.asm.get("ttgir", "")
         record.dot_loop_stores = dot_loop_stores(compiled.asm.get("ttgir", ""))
+        record.grid_dependency = compiled.asm["ptx"].count("griddepcontrol")
     return record
 
 

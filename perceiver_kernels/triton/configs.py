@@ -25,7 +25,7 @@ import torch
 from .. import machine
 from ..kernel_launch import next_power_of_2
 from ..problem import Problem
-from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide, decode_fwd
+from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide, decode_fwd, encode_fwd
 
 AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "0") == "1"
 
@@ -43,13 +43,16 @@ FORWARD_WIDE_SPLIT = "attention_fwd_wide_split_kernel"
 BACKWARD_WIDE_DELTA = "attention_bwd_wide_delta_kernel"
 BACKWARD_WIDE_DKDV = "attention_bwd_wide_dkdv_kernel"
 BACKWARD_WIDE_DQ = "attention_bwd_wide_dq_kernel"
-# Untimed rewrites (variants.py): the persistent DECODE forward (triton/decode.py).
+# Untimed rewrites (variants.py): the persistent DECODE forward (triton/decode.py), and
+# the ENCODE forward holding all the latents of a head (kernels/encode_fwd.py, launched by
+# triton/encode.py; its merge is MERGE).
 DECODE_FORWARD = "decode_fwd_kernel"
-FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT)
+ENCODE_FORWARD = "encode_fwd_kernel"
+FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, ENCODE_FORWARD)
 BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 # The kernels whose programs' rows come from the plan, not from the config.
-SPLITS = (FORWARD_SPLIT, FORWARD_WIDE_SPLIT)
+SPLITS = (FORWARD_SPLIT, FORWARD_WIDE_SPLIT, ENCODE_FORWARD)
 # Where each kernel lives. Looked up at launch (kernel()), not bound at import, so that
 # tests/triton_compile.py can put recorders in the kernels' place.
 MODULES = {
@@ -59,6 +62,7 @@ MODULES = {
     BACKWARD_WIDE_DELTA: attention_bwd_wide, BACKWARD_WIDE_DKDV: attention_bwd_wide,
     BACKWARD_WIDE_DQ: attention_bwd_wide,
     DECODE_FORWARD: decode_fwd,
+    ENCODE_FORWARD: encode_fwd,
 }
 # The meta-parameter each kernel walks its summed dimension with.
 INNER_BLOCK = {**{kernel: "BLOCK_N" for kernel in FORWARDS}, **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}
@@ -142,6 +146,8 @@ PREFERENCES: dict[str, tuple[LaunchConfig, ...]] = {
     FORWARD_WIDE_SPLIT: (_c(32, 8, 2), _c(16, 8, 1)),
     BACKWARD_WIDE_DKDV: (_c(16, 8, 1),),
     BACKWARD_WIDE_DQ: (_c(16, 8, 2), _c(16, 8, 1)),
+    # Its rows come from the plan (triton/encode.py: all the latents, up to what fits).
+    ENCODE_FORWARD: (_c(64, 8, 3), _c(64, 8, 2), _c(64, 4, 3), _c(64, 4, 2), _c(32, 8, 2), _c(32, 4, 2), *_SMALL),
 }
 # The interpreter runs in numpy: configs only change its speed and how many blocks a
 # test walks, so it takes small query tiles (more programs, more edges tested).
@@ -209,6 +215,8 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
       stage in the backward and from Dqk + Dv of 256;
     - the wide dQ kernel in 16 bits: 2 stages on sm_90 and 1 before (ptxas held the
       other to 128 registers and spilled 8 bytes);
+    - the ENCODE kernel before Hopper, head dims above 128: key tiles of at most 32
+      (32 rows over 64 keys spilled 8 bytes on sm_80, 32 and 64 rows over 32 none);
     - shared memory within the device's limit (None: no limit, the interpreter).
     """
     backward = shape.kernel in BACKWARDS
@@ -225,6 +233,9 @@ def fits(config: LaunchConfig, shape: ShapeClass, shared_memory_limit: Optional[
             config.inner > (32 if backward else 64) or rows > 64 or config.num_stages > (1 if backward else 2)
             or (backward and config.num_warps < 8)):
         return False
+    if (shape.kernel == ENCODE_FORWARD and shape.wide_head and arch != "interpreter"
+            and machine.capability(arch) < 90 and config.inner > 32):
+        return False
     longest_exact = 16 if wide and arch != "interpreter" else 32
     if shape.exact_fp32 and (config.num_warps < 8 or (not backward and config.inner > longest_exact) or (
             config.num_stages > 1 and (backward or shape.block_dqk + shape.block_dv >= 256))):
@@ -239,6 +250,13 @@ def device_facts(device: torch.device) -> tuple[str, Optional[int]]:
     architecture = machine.architecture(device.type, device.index)
     limit = machine.shared_memory_per_block(device.type, device.index)
     return architecture, limit or None
+
+
+def first_fit(shape: ShapeClass, device: torch.device) -> Optional[LaunchConfig]:
+    """The first config of PREFERENCES that fits a shape class on a device, or None (a
+    launcher that can take fewer rows per program then tries those)."""
+    arch, limit = device_facts(device)
+    return next((config for config in PREFERENCES[shape.kernel] if fits(config, shape, limit, arch)), None)
 
 
 @functools.lru_cache(maxsize=4096)

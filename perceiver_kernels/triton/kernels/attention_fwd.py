@@ -35,6 +35,7 @@ inside) work, with any strides.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .common import LN2, kept_key_range, load_rows, program_coordinates, usable_keys
 
@@ -250,13 +251,20 @@ def merge_splits_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     heads, num_queries, head_dim_v, num_splits,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    WAIT_FOR_PRIMARY: tl.constexpr = False,
 ):
     """Combines the S partials of each row: out = sum_s 2^(lse_s - LSE) o_s, + residual.
 
     One program per (query tile, slice of BLOCK_DV channels, batch*head): narrow heads
     have one slice (BLOCK_DV >= Dv); wide ones several, so that the fp32 row stays in
     registers, and the slice at channel 0 writes lse.
+
+    WAIT_FOR_PRIMARY (sm_90+, launched with launch_pdl=True after a kernel that lets
+    its dependents launch early): the programs may start while the split kernel still
+    runs, and wait here until its partials are complete and visible.
     """
+    if WAIT_FOR_PRIMARY:
+        gdc_wait()
     num_slices = tl.cdiv(head_dim_v, BLOCK_DV)
     block, _, bh, b, h = program_coordinates(tl.cdiv(num_queries, BLOCK_M) * num_slices, 1, heads)
     tile = block // num_slices

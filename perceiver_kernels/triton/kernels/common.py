@@ -97,13 +97,16 @@ def usable_keys(pad_ptr, keys, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
-    """[lo, hi) within [key_start, key_end): from the first to the last key that is not padding.
+def kept_key_span(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
+    """(lo, hi, kept) within [key_start, key_end): the first key that is not padding, one
+    past the last, and how many keys are kept in between.
 
-    Read from the mask bytes alone, before any K/V: the tiles outside the range are
+    Read from the mask bytes alone, before any K/V: the tiles outside [lo, hi) are
     skipped whole. A mask that pads the tail of each row (variable-length inputs, the
-    common case) then costs only the keys it keeps; holes inside the range are still
-    masked tile by tile. Empty (lo >= hi) when every key is padding.
+    common case) then costs only the keys it keeps, and with kept == hi - lo (no holes)
+    every tile inside the range is known to be whole without reading its mask bytes
+    again; holes are masked tile by tile. Empty (lo >= hi, kept = 0) when every key is
+    padding.
     """
     if HAS_MASK:
         offs = tl.arange(0, MASK_SCAN_BLOCK)
@@ -112,14 +115,24 @@ def kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK: tl.const
         # only the byte offsets below need int64).
         lo = tl.full([], 0, tl.int32) + key_end
         hi = tl.full([], 0, tl.int32) + key_start
+        kept = tl.full([], 0, tl.int32)
         for scan_start in range(key_start, key_end, MASK_SCAN_BLOCK):
             keys = scan_start + offs
-            kept = keys < key_end
-            kept = kept & (tl.load(pad_ptr + keys.to(tl.int64) * stride_pad_n, mask=kept, other=1) == 0)
-            lo = tl.minimum(lo, tl.min(tl.where(kept, keys, key_end), 0))
-            hi = tl.maximum(hi, tl.max(tl.where(kept, keys + 1, key_start), 0))
-        return lo, hi
-    return key_start, key_end
+            is_kept = keys < key_end
+            is_kept = is_kept & (tl.load(pad_ptr + keys.to(tl.int64) * stride_pad_n, mask=is_kept, other=1) == 0)
+            lo = tl.minimum(lo, tl.min(tl.where(is_kept, keys, key_end), 0))
+            hi = tl.maximum(hi, tl.max(tl.where(is_kept, keys + 1, key_start), 0))
+            kept += tl.sum(is_kept.to(tl.int32), 0)
+        return lo, hi, kept
+    return key_start, key_end, key_end - key_start
+
+
+@triton.jit
+def kept_key_range(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK: tl.constexpr):
+    """[lo, hi) of kept_key_span: from the first to the last key that is not padding
+    (the count it also takes is dropped, and compiled away, here)."""
+    lo, hi, _ = kept_key_span(pad_ptr, key_start, key_end, stride_pad_n, HAS_MASK)
+    return lo, hi
 
 
 @triton.jit
