@@ -25,7 +25,7 @@ import torch
 from .. import machine
 from ..kernel_launch import next_power_of_2
 from ..problem import Problem
-from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide
+from .kernels import attention_bwd, attention_bwd_resident, attention_bwd_wide, attention_fwd, attention_fwd_wide
 
 AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "0") == "1"
 
@@ -43,6 +43,12 @@ FORWARD_WIDE_SPLIT = "attention_fwd_wide_split_kernel"
 BACKWARD_WIDE_DELTA = "attention_bwd_wide_delta_kernel"
 BACKWARD_WIDE_DKDV = "attention_bwd_wide_dkdv_kernel"
 BACKWARD_WIDE_DQ = "attention_bwd_wide_dq_kernel"
+# The ENCODE/DECODE backward in five products with the short side resident, and the sum
+# of its partials (kernels/attention_bwd_resident.py; an untimed rewrite, fixed launch
+# configs in triton/resident_backward.py).
+BACKWARD_ENCODE = "attention_bwd_encode_kernel"
+BACKWARD_DECODE = "attention_bwd_decode_kernel"
+SUM_CHUNKS = "sum_chunks_kernel"
 FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT)
 BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
@@ -56,6 +62,8 @@ MODULES = {
     BACKWARD_DELTA: attention_bwd, BACKWARD_DKDV: attention_bwd, BACKWARD_DQ: attention_bwd,
     BACKWARD_WIDE_DELTA: attention_bwd_wide, BACKWARD_WIDE_DKDV: attention_bwd_wide,
     BACKWARD_WIDE_DQ: attention_bwd_wide,
+    BACKWARD_ENCODE: attention_bwd_resident, BACKWARD_DECODE: attention_bwd_resident,
+    SUM_CHUNKS: attention_bwd_resident,
 }
 # The meta-parameter each kernel walks its summed dimension with.
 INNER_BLOCK = {**{kernel: "BLOCK_N" for kernel in FORWARDS}, **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}
