@@ -59,11 +59,13 @@ REGISTER_BUDGET = {"hopper": 192, "ampere": 112}
 EXACT_FP32_BUDGET = 512
 NUM_STAGES = 2
 EXACT_FP32_NUM_STAGES = 1
-# Programs per head are chosen to fill the GPU's SMs (one program each: a program's
-# accumulators take most of an SM's registers) in as few waves as the blocks allow,
-# counting each program's fixed cost (loading the resident side, writing and summing
-# its fp32 partial) as streamed rows, this many per resident row, and at most MAX_CHUNKS.
+# Programs per head: the fewest whose makespan, with every SM running one program at a
+# time (a program's accumulators take most of an SM's registers), is within
+# MAKESPAN_TOLERANCE of the shortest, each program's fixed cost (loading the resident
+# side, writing and summing its fp32 partial) counted as streamed rows, this many per
+# resident row. Fewer programs, fewer partials: their memory adds to the backward's.
 FIXED_COST_PER_RESIDENT_ROW = 2
+MAKESPAN_TOLERANCE = 1.03
 MAX_CHUNKS = 64
 # The sum of partials: rows per program.
 SUM_ROWS = 64
@@ -170,8 +172,8 @@ def _tensor_core_registers(kernel: str, tile_rows: int, streamed_rows: int, bloc
 def _programs_per_head(problem: Problem, blocks: int, tile_rows: int, streamed_rows: int,
                        num_chunks: Optional[int]) -> int:
     """How many programs share a head's streamed blocks: forced (tests: every one
-    honoured, programs past the last block write zero partials), or the count that
-    finishes soonest when every SM runs one program at a time (ties: fewer partials)."""
+    honoured, programs past the last block write zero partials), or as MAKESPAN_TOLERANCE
+    says."""
     if num_chunks is not None:
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
@@ -183,7 +185,9 @@ def _programs_per_head(problem: Problem, blocks: int, tile_rows: int, streamed_r
     def makespan(chunks: int) -> int:
         return cdiv(batch_heads * chunks, slots) * (cdiv(blocks, chunks) + fixed)
 
-    return min(range(1, min(MAX_CHUNKS, blocks) + 1), key=lambda chunks: (makespan(chunks), chunks))
+    candidates = range(1, min(MAX_CHUNKS, blocks) + 1)
+    shortest = min(makespan(chunks) for chunks in candidates)
+    return next(chunks for chunks in candidates if makespan(chunks) <= MAKESPAN_TOLERANCE * shortest)
 
 
 def _launch(plan: ResidentBackward, call: Call, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
