@@ -66,7 +66,8 @@ class CompileCase:
         shape = "encode" if self.num_keys > self.num_queries else "decode"
         extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
                           "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else ""))
-        return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape}{extras}"
+        sizes = "" if (self.num_queries, self.num_keys) in SHAPES else f" {self.num_queries}x{self.num_keys}"
+        return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape}{extras}{sizes}"
 
 
 HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
@@ -75,6 +76,11 @@ HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (512, 512), (1280, 24))
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = (80, 90)
+# (Nq, Nk) of a suite's cases: ENCODE and DECODE with 128 latents.
+SHAPES = ((128, 4096), (4096, 128))
+# The untimed ENCODE/DECODE backward keeps all of the short side resident: the
+# benchmark's 256 latents (one tile of 256 rows) and 64 (a tile of 64 rows, 4 warps).
+RESIDENT_SHAPES = ((256, 4096), (4096, 256), (64, 4096), (4096, 64))
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,12 @@ class Suite:
     tuned: bool = False
     flags: tuple[tuple[bool, bool], ...] = ((True, True),)  # (masked, residual)
     variant: str = "timed"
+    shapes: tuple[tuple[int, int], ...] = SHAPES
 
     def cases(self) -> list["CompileCase"]:
         return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant)
                 for dtype in self.dtypes for dqk, dv in self.head_dims for masked, residual in self.flags
-                for num_queries, num_keys in ((128, 4096), (4096, 128)) for causal in self.causal]
+                for num_queries, num_keys in self.shapes for causal in self.causal]
 
 
 SUITES = {
@@ -108,6 +115,10 @@ SUITES = {
     # The rewrites no GPU has timed yet, where they serve (the timed kernels elsewhere:
     # their launches are the table's and compile once).
     "untimed": Suite(DTYPES, HEAD_DIMS + WIDE_HEAD_DIMS, causal=(False, True), variant="untimed"),
+    # The untimed ENCODE/DECODE backward's other resident tiles (the "untimed" suite's
+    # 128 latents give its 128-row tile).
+    "untimed-resident": Suite(("bfloat16", "float32"), HEAD_DIMS, causal=(False, True), variant="untimed",
+                              shapes=RESIDENT_SHAPES),
 }
 
 
@@ -254,6 +265,9 @@ class CompileRecord:
     wgmma: int | None = None  # Hopper warpgroup matrix instructions in the PTX
     tma: int | None = None  # tensor-memory-accelerator copies (cp.async.bulk.tensor) in the PTX
     warp_specialized: bool | None = None  # the TTGIR holds ttg.warp_specialize
+    # Products left as tt.dot in the TTGIR: on sm_90, those that did not become wgmma
+    # (ttng.warp_group_dot) but mma.sync or FMA.
+    dots_off_wgmma: int | None = None
 
 
 def _specialization(value) -> tuple:
@@ -313,7 +327,8 @@ def compile_unit(unit: CompileUnit) -> CompileRecord:
     driver.set_active(_CompileOnlyDriver(unit.arch))
     record = CompileRecord(unit.problems, unit.suites, jit_function.__name__, unit.arch,
                            {key: value for key, value in unit.kwargs.items()
-                            if key in ("BLOCK_M", "BLOCK_N", "BLOCK_INNER", "num_warps", "num_stages")})
+                            if key in ("BLOCK_M", "BLOCK_N", "BLOCK_INNER", "BLOCK_RESIDENT", "num_warps",
+                                       "num_stages")})
     try:
         compiled = jit_function.warmup(*unit.args, grid=(1,), **unit.kwargs)
     except Exception as error:  # noqa: BLE001 (every compile failure is a finding)
@@ -326,6 +341,7 @@ def compile_unit(unit: CompileUnit) -> CompileRecord:
         record.wgmma = compiled.asm["ptx"].count("wgmma.mma_async")
         record.tma = compiled.asm["ptx"].count("cp.async.bulk.tensor")
         record.warp_specialized = "ttg.warp_specialize" in compiled.asm.get("ttgir", "")
+        record.dots_off_wgmma = compiled.asm.get("ttgir", "").count(" tt.dot ")
     return record
 
 

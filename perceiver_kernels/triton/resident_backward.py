@@ -14,8 +14,9 @@ per head). `plan_encode` and `plan_decode` return None, leaving the two-kernel b
 to run, for square and general shapes (self-attention over latents, Perceiver AR),
 heads over 256 channels, fp32 with TF32 allowed (the compile check's suites compile
 exact fp32 only), and tiles that would not fit the target's registers (_tiles): on
-sm_90 DECODE over more than 128 keys at head dim 128, ENCODE and DECODE in exact fp32
-past 64 resident rows at head dim 64 (32 at 128).
+sm_90 DECODE over more than 128 keys at head dim 128; exact fp32 past 64 resident rows
+(32 at head dim 128); before Hopper, past 128 resident rows or outside head-dim blocks
+of 32-128.
 """
 
 from __future__ import annotations
@@ -41,21 +42,41 @@ from .kernels.common import LOG2E
 # under 8 warps compiled so, spilling, on sm_90). Exact fp32 dots run on CUDA cores:
 # any tile from 16 rows, 8 warps.
 MAX_RESIDENT_ROWS = 256
-# The streamed side in blocks of BLOCK_INNER rows, the longest of these whose registers
+# The streamed side in blocks of BLOCK_INNER rows, the longest of these whose tiles
 # fit (_tiles): the products whose rows would be the block are formed transposed, so no
 # block length costs a product its wgmma.
 STREAMED_ROWS = (64, 32, 16)
 EXACT_FP32_STREAMED_ROWS = (32, 16)
-# Registers per thread of the fp32 tiles a program keeps (its accumulators, the two
-# score tiles, the transposed product of a block), by estimate, within which ptxas
-# (Triton 3.6) compiled every sampled tile without spilling: bf16 and head dims 32, 64
-# and 128, resident tiles of 64-256 rows, blocks of 16-64 rows. sm_90 (wgmma reads its
-# operands from shared memory): 192 fitted (ENCODE 128 rows x 64-key blocks at head
-# dim 128: 241 registers), 200-256 spilled but one; sm_80 (mma.sync holds them in
-# registers): 112 fitted (DECODE 64 x 32 at 64: 255 registers), 128 and above spilled.
-# Exact fp32 (operands in registers on either): rows x block x (Dqk + Dv) per thread
-# within 512 (DECODE 64 x 16 at 64: 216 registers; 1024 spilled).
-REGISTER_BUDGET = {"hopper": 192, "ampere": 112}
+
+
+@dataclass(frozen=True)
+class TargetLimits:
+    """What fits one target's registers, from ptxas (Triton 3.6) on every launch of the
+    compile check's untimed suites (tests/triton_compile.py) and a sweep of resident
+    tiles of 64-256 rows, blocks of 16-64 and head dims 16-256 in bf16 and exact fp32.
+
+    The estimate counts fp32 elements per thread: the resident side's accumulators (dQ
+    for ENCODE; dK and dV for DECODE), three per score (S and dP in fp32, P and dS in
+    16 bits, the visibility mask) and the transposed product of a block (dK^T and dV^T
+    for ENCODE, dQ^T for DECODE)."""
+
+    registers: int          # the estimate's bound
+    resident_rows: int      # the tallest resident tile
+    head_dim_blocks: tuple[int, int]  # the narrowest and the widest head-dim block
+
+
+# sm_90 (wgmma reads its operands from shared memory): every sampled tile within 192
+# compiled without spilling (ENC-1's 256 rows x 32-key blocks at head dim 64: 176, 237
+# registers; DEC-1's 256 x 16: 180, 227), those above spilled but two (DECODE 256 x 64
+# at head dim 32: 264, 254 registers). Before it, mma.sync holds operands in registers:
+# 96, 128 rows and head-dim blocks of 32-128 (DECODE 128 x 16 at 64: 92, 230 registers;
+# 256-row tiles spilled from 66, a 256-channel block at 76, DECODE 128 x 32 at 16 at 66).
+HOPPER = TargetLimits(registers=192, resident_rows=256, head_dim_blocks=(16, 256))
+BEFORE_HOPPER = TargetLimits(registers=96, resident_rows=128, head_dim_blocks=(32, 128))
+# Exact fp32 (FMA, operands in registers on any target): resident tiles of at most 64
+# rows, rows x block x (Dqk + Dv) per thread within 512 (DECODE 64 x 16 at head dim 64:
+# 216 registers; 128-row tiles spilled at 512, 1024 spilled).
+EXACT_FP32_RESIDENT_ROWS = 64
 EXACT_FP32_BUDGET = 512
 NUM_STAGES = 2
 EXACT_FP32_NUM_STAGES = 1
@@ -138,35 +159,48 @@ def _tiles(problem: Problem, kernel: str, resident: int) -> Optional[tuple[int, 
     The interpreter takes Hopper's tiles (what the tests run is what the H200 runs)."""
     block_dqk, block_dv = tiling.head_dim_blocks(problem)
     architecture, shared_memory = configs.device_facts(problem.device)
+    hopper = architecture == machine.INTERPRETER or machine.capability(architecture) >= 90
+    limits = HOPPER if hopper else BEFORE_HOPPER
     if problem.exact_fp32:
-        tile_rows, warps, stages, candidates = max(16, next_power_of_2(resident)), 8, EXACT_FP32_NUM_STAGES, \
-            EXACT_FP32_STREAMED_ROWS
+        tile_rows, warps, stages = max(16, next_power_of_2(resident)), 8, EXACT_FP32_NUM_STAGES
+        if tile_rows > EXACT_FP32_RESIDENT_ROWS:
+            return None
+        candidates = EXACT_FP32_STREAMED_ROWS
     else:
         tile_rows = max(64, next_power_of_2(resident))
         warps, stages, candidates = (4 if tile_rows == 64 else 8), NUM_STAGES, STREAMED_ROWS
-    hopper = architecture == machine.INTERPRETER or machine.capability(architecture) >= 90
+        narrowest, widest = limits.head_dim_blocks
+        blocks_fit = narrowest <= min(block_dqk, block_dv) and max(block_dqk, block_dv) <= widest
+        if tile_rows > limits.resident_rows or not blocks_fit:
+            return None
+    threads = 32 * warps
     for streamed_rows in candidates:
-        threads = 32 * warps
         if problem.exact_fp32:
             fits = tile_rows * streamed_rows * (block_dqk + block_dv) / threads <= EXACT_FP32_BUDGET
         else:
             fits = _tensor_core_registers(kernel, tile_rows, streamed_rows, block_dqk, block_dv) / threads <= \
-                REGISTER_BUDGET["hopper" if hopper else "ampere"]
-        shared = problem.dtype.itemsize * (tile_rows * (block_dqk + block_dv) + stages * streamed_rows * (
-            block_dqk + block_dv) + 2 * tile_rows * streamed_rows)
-        if fits and (not shared_memory or shared <= shared_memory):
+                limits.registers
+        if fits and (not shared_memory or _shared_memory(problem, tile_rows, streamed_rows, stages) <= shared_memory):
             return tile_rows, streamed_rows, warps, stages
     return None
 
 
 def _tensor_core_registers(kernel: str, tile_rows: int, streamed_rows: int, block_dqk: int, block_dv: int) -> int:
-    """fp32 elements a program holds on tensor cores: the resident side's accumulators (dQ
-    for ENCODE, dK and dV for DECODE), the two score tiles (S and dP) and the transposed
-    products of a block (dK^T and dV^T for ENCODE, dQ^T for DECODE)."""
-    scores = 2 * tile_rows * streamed_rows
+    """TargetLimits' estimate: fp32 elements a program holds on tensor cores."""
+    scores = 3 * tile_rows * streamed_rows
     if kernel == configs.BACKWARD_ENCODE:
         return tile_rows * block_dqk + scores + streamed_rows * (block_dqk + block_dv)
     return tile_rows * (block_dqk + block_dv) + scores + streamed_rows * block_dqk
+
+
+def _shared_memory(problem: Problem, tile_rows: int, streamed_rows: int, stages: int) -> int:
+    """Bytes of shared memory a launch takes, as sm_90 compiles showed: the resident
+    operands, `stages` buffers of the streamed ones, P and dS for the transposed
+    products, and the layout change of a transposed block before it is stored."""
+    block_dqk, block_dv = tiling.head_dim_blocks(problem)
+    elements = (tile_rows * (block_dqk + block_dv) + stages * streamed_rows * (block_dqk + block_dv)
+                + 2 * tile_rows * streamed_rows + streamed_rows * max(block_dqk, block_dv))
+    return elements * problem.dtype.itemsize
 
 
 def _programs_per_head(problem: Problem, blocks: int, tile_rows: int, streamed_rows: int,
