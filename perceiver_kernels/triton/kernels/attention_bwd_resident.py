@@ -48,9 +48,23 @@ from .common import (kept_key_range, key_rows_gradients, load_rows, program_coor
 @triton.jit
 def _store_key_rows(DK, DV, dk, dv, keys, num_keys, stride_dkn, stride_dkd, stride_dvn, stride_dvd, head_dim_qk,
                     head_dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dK and dV of the rows `keys` (those below num_keys), in their tensors' dtype."""
     written = keys < num_keys
     store_rows(DK, dk, keys, written, stride_dkn, stride_dkd, head_dim_qk, BLOCK_DQK)
     store_rows(DV, dv, keys, written, stride_dvn, stride_dvd, head_dim_v, BLOCK_DV)
+
+
+@triton.jit
+def _store_zero_key_blocks(DK, DV, block_start, block_end, num_keys, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                           head_dim_qk, head_dim_v, BLOCK_INNER: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                           BLOCK_DV: tl.constexpr):
+    """dK = dV = 0 for the key blocks from block_start to block_end (keys all padding)."""
+    zero_dk = tl.zeros([BLOCK_INNER, BLOCK_DQK], dtype=tl.float32)
+    zero_dv = tl.zeros([BLOCK_INNER, BLOCK_DV], dtype=tl.float32)
+    for start in range(block_start, block_end, BLOCK_INNER):
+        keys = (start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
+        _store_key_rows(DK, DV, zero_dk, zero_dv, keys, num_keys, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                        head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
 
 
 @triton.jit
@@ -89,16 +103,10 @@ def attention_bwd_encode_kernel(
 
     dk_ptr = DK + b * stride_dkb + h * stride_dkh
     dv_ptr = DV + b * stride_dvb + h * stride_dvh
-    zero_dk = tl.zeros([BLOCK_INNER, BLOCK_DQK], dtype=tl.float32)
-    zero_dv = tl.zeros([BLOCK_INNER, BLOCK_DV], dtype=tl.float32)
-    for block_start in range(key_start, first, BLOCK_INNER):
-        keys = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
-        _store_key_rows(dk_ptr, dv_ptr, zero_dk, zero_dv, keys, num_keys, stride_dkn, stride_dkd, stride_dvn,
-                        stride_dvd, head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
-    for block_start in range(last, key_end, BLOCK_INNER):
-        keys = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
-        _store_key_rows(dk_ptr, dv_ptr, zero_dk, zero_dv, keys, num_keys, stride_dkn, stride_dkd, stride_dvn,
-                        stride_dvd, head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
+    _store_zero_key_blocks(dk_ptr, dv_ptr, key_start, first, num_keys, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                           head_dim_qk, head_dim_v, BLOCK_INNER, BLOCK_DQK, BLOCK_DV)
+    _store_zero_key_blocks(dk_ptr, dv_ptr, last, key_end, num_keys, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                           head_dim_qk, head_dim_v, BLOCK_INNER, BLOCK_DQK, BLOCK_DV)
 
     rows = tl.arange(0, BLOCK_RESIDENT).to(tl.int64)
     row_ok = rows < num_queries
