@@ -7,7 +7,8 @@ two-kernel backward for the asymmetric shapes.
   one fp32 partial per program.
 - DECODE (up to 256 keys under more queries than keys), the mirror image: all of a
   head's keys resident, a range of query tiles per program; dQ complete per tile, dK/dV
-  one fp32 partial per program.
+  one fp32 partial per program; Delta formed in the kernel from O (no Delta pass, no
+  Delta buffer growing with the queries).
 
 A head's partials are summed in chunk order by sum_chunks_kernel (none with one program
 per head). `plan_encode` and `plan_decode` return None, leaving the two-kernel backward
@@ -57,8 +58,8 @@ class TargetLimits:
 
     The estimate counts fp32 elements per thread: the resident side's accumulators (dQ
     for ENCODE; dK and dV for DECODE), three per score (S and dP in fp32, P and dS in
-    16 bits, the visibility mask) and the transposed product of a block (dK^T and dV^T
-    for ENCODE, dQ^T for DECODE)."""
+    16 bits, the visibility mask) and what a block adds (ENCODE: dK^T and dV^T; DECODE:
+    dQ^T and the tile of O its Delta comes from)."""
 
     registers: int          # the estimate's bound
     resident_rows: int      # the tallest resident tile
@@ -67,9 +68,9 @@ class TargetLimits:
 
 # sm_90 (wgmma reads its operands from shared memory): every sampled tile within 192
 # compiled without spilling (ENC-1's 256 rows x 32-key blocks at head dim 64: 176, 237
-# registers; DEC-1's 256 x 16: 180, 227), those above spilled but two (DECODE 256 x 64
-# at head dim 32: 264, 254 registers). Before it, mma.sync holds operands in registers:
-# 96, 128 rows and head-dim blocks of 32-128 (DECODE 128 x 16 at 64: 92, 230 registers;
+# registers; DEC-1's 256 x 16: 184, 240), those above spilled but a few (DECODE 128 x 32
+# at head dim 128: 208, 253 registers). Before it, mma.sync holds operands in registers:
+# 96, 128 rows and head-dim blocks of 32-128 (DECODE 128 x 16 at 64: 96, 230 registers;
 # 256-row tiles spilled from 66, a 256-channel block at 76, DECODE 128 x 32 at 16 at 66).
 HOPPER = TargetLimits(registers=192, resident_rows=256, head_dim_blocks=(16, 256))
 BEFORE_HOPPER = TargetLimits(registers=96, resident_rows=128, head_dim_blocks=(32, 128))
@@ -94,14 +95,14 @@ SUM_ROWS = 64
 
 @dataclass(frozen=True)
 class ResidentBackward:
-    """Delta, then one kernel with the short side resident, then (chunks > 1) the sum of
-    its partials."""
+    """(ENCODE) Delta, then one kernel with the short side resident, then (chunks > 1)
+    the sum of its partials."""
 
     kernel: str               # configs.BACKWARD_ENCODE or configs.BACKWARD_DECODE
     chunks: int               # programs per head: partials of the summed side
     per_chunk: int            # streamed rows per program (a multiple of the streamed block)
     constexprs: dict          # the kernel's, tiles and launch config included
-    delta: tuple[str, int, int]
+    delta: Optional[tuple[str, int, int]]  # ENCODE's Delta kernel; DECODE's kernel forms Delta from O
 
     @property
     def encode(self) -> bool:
@@ -112,10 +113,11 @@ class ResidentBackward:
                                                ("keys", "query", "dQ", "dK/dV"))
         sums = (f"{self.chunks} partials of {summed} per head summed in a fixed order" if self.chunks > 1 else
                 f"{summed} written once")
+        delta = "" if self.encode else ", Delta from O and dO in the kernel"
         return (f"{'ENCODE' if self.encode else 'DECODE'} backward in five products: all {resident} of a head "
                 f"resident (a tile of {self.constexprs['BLOCK_RESIDENT']} rows), "
                 f"{self.chunks} program{'s' if self.chunks > 1 else ''} per head over "
-                f"{self.constexprs['BLOCK_INNER']}-{streamed} blocks; {written} written once per block, {sums}")
+                f"{self.constexprs['BLOCK_INNER']}-{streamed} blocks; {written} written once per block, {sums}{delta}")
 
     def launch(self, call: Call, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,7 +152,8 @@ def _plan(problem: Problem, kernel: str, resident: int, streamed: int, num_chunk
     chunks = _programs_per_head(problem, blocks, tile_rows, streamed_rows, num_chunks)
     constexprs = dict(tiling.constexprs(problem), CAUSAL=problem.causal, BLOCK_INNER=streamed_rows,
                       BLOCK_RESIDENT=tile_rows, num_warps=warps, num_stages=stages)
-    return ResidentBackward(kernel, chunks, cdiv(blocks, chunks) * streamed_rows, constexprs, plan_delta(problem))
+    delta = plan_delta(problem) if kernel == configs.BACKWARD_ENCODE else None
+    return ResidentBackward(kernel, chunks, cdiv(blocks, chunks) * streamed_rows, constexprs, delta)
 
 
 def _tiles(problem: Problem, kernel: str, resident: int) -> Optional[tuple[int, int, int, int]]:
@@ -190,7 +193,7 @@ def _tensor_core_registers(kernel: str, tile_rows: int, streamed_rows: int, bloc
     scores = 3 * tile_rows * streamed_rows
     if kernel == configs.BACKWARD_ENCODE:
         return tile_rows * block_dqk + scores + streamed_rows * (block_dqk + block_dv)
-    return tile_rows * (block_dqk + block_dv) + scores + streamed_rows * block_dqk
+    return tile_rows * (block_dqk + block_dv) + scores + streamed_rows * (block_dqk + block_dv)
 
 
 def _shared_memory(problem: Problem, tile_rows: int, streamed_rows: int, stages: int) -> int:
@@ -237,17 +240,19 @@ def _launch(plan: ResidentBackward, call: Call, dout: torch.Tensor, out: torch.T
         parts = tuple(g.unsqueeze(0) for g in summed)
     else:
         parts = tuple(torch.empty((plan.chunks, *g.shape), dtype=torch.float32, device=g.device) for g in summed)
-    if plan.encode:
-        targets = (parts[0], dk, dv)
-        target_strides = (*parts[0].stride(), *dk.stride(), *dv.stride())
-    else:
-        targets = (dq, *parts)
-        target_strides = (*dq.stride(), *parts[0].stride(), *parts[1].stride())
     with on_device(q):
-        delta = compute_delta(problem, plan.delta, out, dout)
+        # ENCODE reads Delta (B*H x Nq); DECODE reads O itself, beside dO.
+        if plan.encode:
+            row_sums, row_sum_strides = compute_delta(problem, plan.delta, out, dout), ()
+            targets = (parts[0], dk, dv)
+            target_strides = (*parts[0].stride(), *dk.stride(), *dv.stride())
+        else:
+            row_sums, row_sum_strides = out, out.stride()
+            targets = (dq, *parts)
+            target_strides = (*dq.stride(), *parts[0].stride(), *parts[1].stride())
         configs.kernel(plan.kernel)[(plan.chunks * batch_heads,)](
-            q, k, v, pad, dout, lse, delta, *targets,
-            *q.stride(), *k.stride(), *v.stride(), *pad_strides, *dout.stride(), *target_strides,
+            q, k, v, pad, dout, lse, row_sums, *targets,
+            *q.stride(), *k.stride(), *v.stride(), *pad_strides, *dout.stride(), *row_sum_strides, *target_strides,
             problem.heads, problem.num_queries, problem.num_keys, problem.head_dim_qk, problem.head_dim_v,
             problem.scale, problem.scale * LOG2E, plan.chunks, plan.per_chunk, **plan.constexprs,
         )

@@ -1,7 +1,8 @@
 """The ENCODE and DECODE backward in five matrix products, with the short side resident.
 
 With P_ij = exp(s_ij - lse_i) recomputed from the forward's log-sum-exp, dO the upstream
-gradient and Delta_i = dO_i . O_i (attention_bwd_delta_kernel; O without residual):
+gradient and Delta_i = dO_i . O_i (O the attention output without residual; ENCODE
+reads it from attention_bwd_delta_kernel, DECODE forms it from the tiles of O and dO):
 
     S  = Q K^T                      dP = dO V^T
     dV = P^T dO                     dS = P * (dP - Delta)
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .common import (kept_key_range, key_rows_gradients, load_rows, program_coordinates, query_rows_gradients,
-                     row_stats, store_rows, usable_keys)
+                     row_lse, row_stats, store_rows, usable_keys)
 
 
 @triton.jit
@@ -136,12 +137,13 @@ def attention_bwd_encode_kernel(
 
 @triton.jit
 def attention_bwd_decode_kernel(
-    Q, K, V, PAD, DO, LSE, DELTA, DQ, DK, DV,
+    Q, K, V, PAD, DO, LSE, OUT, DQ, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_pn,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkc, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvc, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -156,8 +158,10 @@ def attention_bwd_decode_kernel(
     Keys on the rows: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO and dK += dS^T Q have the
     BLOCK_RESIDENT resident rows as theirs; dQ, whose rows would be the query tile, is
     formed transposed (dQ^T = K^T dS^T: rows are channels). queries_per_chunk is a
-    multiple of BLOCK_INNER. Tiles whose rows see no key (all keys padding; causally,
-    the first Nq - Nk rows) store dQ = 0 without loading Q or dO."""
+    multiple of BLOCK_INNER. Delta comes from the tile's rows of O and dO, which the
+    program reads anyway (DECODE's rows are many: a separate pass would read dO twice).
+    Tiles whose rows see no key (all keys padding; causally, the first Nq - Nk rows)
+    store dQ = 0 without loading Q, dO or O."""
     chunk, _, bh, b, h = program_coordinates(num_chunks, 1, heads)
     pad_ptr = PAD + b * stride_pb
     keys = tl.arange(0, BLOCK_RESIDENT).to(tl.int64)
@@ -183,12 +187,15 @@ def attention_bwd_decode_kernel(
 
     q_ptr = Q + b * stride_qb + h * stride_qh
     do_ptr = DO + b * stride_dob + h * stride_doh
+    o_ptr = OUT + b * stride_ob + h * stride_oh
     for block_start in range(first, row_end, BLOCK_INNER):
         rows = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         row_ok = rows < row_end
         q = load_rows(q_ptr, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
         do = load_rows(do_ptr, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
-        lse, delta = row_stats(LSE + bh * num_queries, DELTA + bh * num_queries, rows, row_ok)
+        out = load_rows(o_ptr, rows, row_ok, stride_om, stride_od, head_dim_v, BLOCK_DV)
+        delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+        lse = row_lse(LSE + bh * num_queries, rows, row_ok)
         ds_t, dk, dv = key_rows_gradients(k, v, keys, key_ok, q, do, rows, lse, delta, dk, dv, causal_offset,
                                           qk_scale_log2, CAUSAL, DOT_PRECISION)
         dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)

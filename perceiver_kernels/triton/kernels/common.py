@@ -205,9 +205,13 @@ def store_rows(ptr, value, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.
 
 
 @triton.jit
-def row_stats(lse_ptr, delta_ptr, rows, row_ok):
-    """lse in base 2 with +inf for rows without keys (so their P is 0), and Delta."""
+def row_lse(lse_ptr, rows, row_ok):
+    """lse in base 2 with +inf for rows without keys (so their P is 0)."""
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf")) * LOG2E_CONSTEXPR
-    lse = tl.where(lse == float("-inf"), INF, lse)
-    delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-    return lse, delta
+    return tl.where(lse == float("-inf"), INF, lse)
+
+
+@triton.jit
+def row_stats(lse_ptr, delta_ptr, rows, row_ok):
+    """row_lse, and Delta."""
+    return row_lse(lse_ptr, rows, row_ok), tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
