@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from tests.attention_cases import EPSILON, Case, make_inputs, max_error
+from tests.attention_cases import EPSILON, Case, make_inputs, max_error, nan_padding_inputs
 from tests.kernel_runners import BACKWARD_RUNNERS
 from tests.test_forward_contract import HEAD_DIMS, NUM_KEYS, NUM_QUERIES
 
@@ -112,6 +112,96 @@ def test_gradients_causal(runner, num_queries, num_keys, num_chunks):
     inputs["causal"] = True
     dout = torch.randn_like(inputs["residual"])
     assert_gradients_match(runner.gradients(inputs, dout, num_chunks), inputs, dout, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in BACKWARD_RUNNERS])
+@pytest.mark.parametrize("num_queries,num_keys,dtype", [(20, 300, torch.float32), (300, 20, torch.float16)])
+def test_gradients_do_not_depend_on_what_padding_keys_hold(runner, num_queries, num_keys, dtype):
+    """NaN in the padding keys' k and v gives the same gradients, bit for bit, as zeros
+    there: no padding key is read into a product (0 * NaN = NaN)."""
+    inputs, clean = nan_padding_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_v=24, dtype=dtype,
+                                            residual=True), runner.device)
+    dout = torch.randn_like(inputs["residual"])
+    for num_chunks in (1, 3):
+        grads, expected = runner.gradients(inputs, dout, num_chunks), runner.gradients(clean, dout, num_chunks)
+        for name in "qkv":
+            assert not grads[name].isnan().any() and torch.equal(grads[name], expected[name]), name
+
+
+# ---- The untimed ENCODE/DECODE backward (triton/resident_backward.py) ----
+# The grid gives it up to 64 resident rows (129 keys for DECODE in 16 bits). These reach
+# the benchmark's 256 resident rows with several programs per head, and what the
+# contract's cases run in exact fp32, where it declines past 64 resident rows (its
+# tiles would spill): variable-length masks over many queries and causal DECODE.
+
+UNTIMED_RUNNERS = [r for r in BACKWARD_RUNNERS if r.variant == "untimed"]
+
+
+def _resident_plan(inputs: dict, num_chunks):
+    """The untimed backward plan of the inputs, which must be the resident backward's."""
+    from perceiver_kernels.triton import backward, resident_backward, variants
+    from tests.kernel_runners import kernel_call
+
+    with variants.running(variants.UNTIMED):
+        plan = backward.plan_backward(kernel_call({**inputs, "residual": None}).problem, num_chunks)
+    assert isinstance(plan, resident_backward.ResidentBackward), plan.describe()
+    return plan
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in UNTIMED_RUNNERS])
+@pytest.mark.parametrize("num_queries,num_keys,dims", [(256, 1500, (64, 64)), (1500, 256, (40, 24))],
+                         ids=["encode", "decode"])
+@pytest.mark.parametrize("num_chunks", [None, 3])
+def test_untimed_backward_with_256_resident_rows(runner, num_queries, num_keys, dims, num_chunks):
+    """All 256 queries (ENC-1, ENC-3) or keys (DEC-1) resident, the other side shared by
+    several programs per head (by default: 2 heads over the interpreter's 4 SMs), a
+    padding suffix in batch 1 (the ENCODE programs skip it) beside batch 0's padding only."""
+    inputs = make_inputs(Case(batch=2, heads=1, num_queries=num_queries, num_keys=num_keys, head_dim_qk=dims[0],
+                              head_dim_v=dims[1], dtype=torch.float16, mask=True, residual=True), runner.device)
+    inputs["key_padding_mask"][1, num_keys * 4 // 5:] = True
+    plan = _resident_plan(inputs, num_chunks)
+    assert plan.constexprs["BLOCK_RESIDENT"] == 256 and plan.chunks > 1
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(runner.gradients(inputs, dout, num_chunks), inputs, dout, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in UNTIMED_RUNNERS])
+@pytest.mark.parametrize("num_queries,num_keys", [(100, 700), (600, 200)], ids=["encode", "decode"])
+@pytest.mark.parametrize("num_chunks", [1, 4])
+def test_untimed_backward_with_variable_length_masks_in_16_bits(runner, num_queries, num_keys, num_chunks):
+    from tests.test_forward_contract import variable_length_inputs
+
+    inputs = variable_length_inputs(runner.device, dtype=torch.float16, num_queries=num_queries, num_keys=num_keys)
+    _resident_plan(inputs, num_chunks)
+    dout = torch.randn_like(inputs["residual"])
+    assert_gradients_match(runner.gradients(inputs, dout, num_chunks), inputs, dout, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in UNTIMED_RUNNERS])
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_untimed_backward_causal_decode_in_16_bits(runner, num_chunks):
+    """The first Nq - Nk = 171 rows see no key: their tiles store dQ = 0 unread."""
+    inputs = make_inputs(Case(num_queries=300, num_keys=129, head_dim_qk=32, head_dim_v=48, dtype=torch.float16,
+                              mask=True, residual=True), runner.device)
+    inputs["causal"] = True
+    _resident_plan(inputs, num_chunks)
+    dout = torch.randn_like(inputs["residual"])
+    grads = runner.gradients(inputs, dout, num_chunks)
+    assert_gradients_match(grads, inputs, dout, runner.epsilon)
+    assert torch.count_nonzero(grads["q"][:, :, :171]) == 0
+
+
+@pytest.mark.parametrize("runner", [r.param() for r in UNTIMED_RUNNERS])
+@pytest.mark.parametrize("num_queries,num_keys", [(200, 1100), (1100, 200)], ids=["encode", "decode"])
+@pytest.mark.parametrize("num_chunks", [None, 3])
+def test_untimed_backward_is_deterministic(runner, num_queries, num_keys, num_chunks):
+    """Two runs give the same bits: partials summed in a fixed order, no atomics."""
+    inputs = make_inputs(Case(heads=1, num_queries=num_queries, num_keys=num_keys, head_dim_qk=64, head_dim_v=64,
+                              dtype=torch.float16, mask=True, residual=True), runner.device)
+    assert _resident_plan(inputs, num_chunks).chunks > 1  # by default: 2 heads over the interpreter's 4 SMs
+    dout = torch.randn_like(inputs["residual"])
+    first, second = runner.gradients(inputs, dout, num_chunks), runner.gradients(inputs, dout, num_chunks)
+    assert all(torch.equal(first[name], second[name]) for name in "qkv")
 
 
 # ---- Wide heads (above 256 channels): the wide two-kernel backward ----

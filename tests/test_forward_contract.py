@@ -134,17 +134,22 @@ def test_splits_made_entirely_of_padding(runner, num_splits):
     assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
-def variable_length_inputs(device, dtype=torch.float16, num_queries=20) -> dict:
+def variable_length_inputs(device, dtype=torch.float16, num_queries=20, num_keys=700) -> dict:
     """Masks as variable-length inputs make them: padding at the tail (batch 0), at both
-    ends (batch 1), holes between kept keys (batch 2), a single kept key (batch 3)."""
-    inputs = make_inputs(Case(batch=4, num_queries=num_queries, num_keys=700, head_dim_qk=32, head_dim_v=48,
+    ends (batch 1), holes between kept keys (batch 2), a single kept key (batch 3); at
+    the same fractions of any number of keys."""
+    inputs = make_inputs(Case(batch=4, num_queries=num_queries, num_keys=num_keys, head_dim_qk=32, head_dim_v=48,
                               mask=True, residual=True, dtype=dtype), device)
+
+    def at(key):  # the key at the place of `key` among 700
+        return key * num_keys // 700
+
     mask = inputs["key_padding_mask"]
     mask[:] = True
-    mask[0, :100] = False
-    mask[1, 300:600] = False
-    mask[2, 150:650:3] = False
-    mask[3, 433] = False
+    mask[0, :at(100)] = False
+    mask[1, at(300):at(600)] = False
+    mask[2, at(150):at(650):3] = False
+    mask[3, at(433)] = False
     return inputs
 
 

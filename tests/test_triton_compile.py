@@ -160,6 +160,45 @@ def test_wide_head_launches_do_not_spill_and_the_forward_uses_wgmma_on_hopper(wi
             assert r["wgmma"], f"{label(r)} has no wgmma"
 
 
+# The untimed ENCODE/DECODE backward in five products (kernels/attention_bwd_resident.py).
+RESIDENT_BACKWARD = {"attention_bwd_encode_kernel", "attention_bwd_decode_kernel"}
+
+
+@pytest.fixture(scope="module")
+def resident_backward_builds(all_builds):
+    return [r for r in all_builds if r["kernel"] in RESIDENT_BACKWARD | {"sum_chunks_kernel"}]
+
+
+def test_untimed_resident_backward_compiles_for_sm80_and_sm90_without_spills(resident_backward_builds):
+    """Every launch the planner makes (triton/resident_backward.py: tiles by a register
+    estimate, declined where none fits) compiles for both targets within shared memory
+    and without spilling, its resident tiles of 64 (4 warps), 128 and (sm_90) 256 rows
+    all reached, in 16 bits and in exact fp32."""
+    builds = resident_backward_builds
+    assert not failures(builds), "\n".join(failures(builds))
+    for kernel in RESIDENT_BACKWARD:
+        for arch in SHARED_MEMORY_LIMIT:
+            built = [r for r in builds if r["kernel"] == kernel and r["arch"] == arch]
+            tiles = {r["config"]["BLOCK_RESIDENT"] for r in built if not of_case(r, "float32")}
+            assert tiles == ({64, 128, 256} if arch == 90 else {64, 128}), (kernel, arch, tiles)
+            assert any(of_case(r, "float32") for r in built) and any("+causal" in r["problems"][0] for r in built)
+    for r in builds:
+        assert r["stack_bytes"] == 0, f"{label(r)} spills {r['stack_bytes']} bytes ({r['registers']} registers)"
+        assert r["shared_bytes"] <= SHARED_MEMORY_LIMIT[r["arch"]], f"{label(r)}: {r['shared_bytes']} bytes"
+
+
+def test_untimed_resident_backward_runs_its_five_products_on_wgmma_on_hopper(resident_backward_builds):
+    """sm_90, 16 bits: every product is a warpgroup MMA where both head-dim blocks have
+    64 channels or more. The product formed transposed (rows: the head dim) has fewer
+    rows than wgmma takes below that and runs on mma.sync; the others stay on wgmma."""
+    for r in resident_backward_builds:
+        if r["arch"] != 90 or of_case(r, "float32") or r["kernel"] not in RESIDENT_BACKWARD:
+            continue
+        dims = [int(d) for d in r["problems"][0].split()[1].split("/")]
+        assert r["wgmma"], f"{label(r)} has no wgmma"
+        assert r["dots_off_wgmma"] <= (0 if min(dims) >= 64 else 2), f"{label(r)}: {r['dots_off_wgmma']} off wgmma"
+
+
 def test_every_tuned_config_of_the_anchor_compiles_and_one_per_kernel_does_not_spill(tuned_anchor_builds):
     assert not failures(tuned_anchor_builds), "\n".join(failures(tuned_anchor_builds))
     configs = {r["kernel"]: set() for r in tuned_anchor_builds}

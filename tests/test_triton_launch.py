@@ -179,3 +179,33 @@ def test_descriptors_need_aligned_rows_and_contiguous_channels():
     assert not descriptors_allowed(every_other)
     assert descriptors_allowed(torch.zeros(1, 1, 100, 8, dtype=torch.float16)[:, :, 1:])  # 16-byte rows, offset base
     assert not descriptors_allowed(torch.zeros(1, 1, 100, 8, dtype=torch.float16)[:, :, :, 1:])
+
+
+def test_untimed_backward_plans_of_the_benchmark_shapes(fake_gpu):
+    """The ENCODE/DECODE backward (triton/resident_backward.py) on an H100/H200's 132 SMs:
+    256 resident rows in one tile, blocks as long as the registers allow, as many
+    programs per head as fill the SMs with few partials; AR and self-attention,
+    DECODE at head dim 128 over 256 keys (its accumulators alone would spill) and TF32
+    stay with the two-kernel backward."""
+    from perceiver_kernels.triton.resident_backward import plan_decode, plan_encode
+
+    fake_gpu("sm_90", 132)
+
+    def tiles(plan):
+        return plan.constexprs["BLOCK_RESIDENT"], plan.constexprs["BLOCK_INNER"], plan.constexprs["num_warps"]
+
+    enc1, enc3 = plan_encode(gpu_problem(8, 8, 256, 50_176)), plan_encode(gpu_problem(1, 8, 256, 400_000))
+    dec1 = plan_decode(gpu_problem(8, 8, 50_176, 256))
+    assert tiles(enc1) == tiles(enc3) == (256, 32, 8) and tiles(dec1) == (256, 16, 8)
+    assert enc1.chunks == 2 and dec1.chunks == 2  # 128 programs on 132 SMs
+    assert enc3.chunks == 16  # 128 programs; 33 (264, two waves) would gain under 3%
+    assert enc1.per_chunk * enc1.chunks >= 50_176 and enc1.per_chunk % 32 == 0
+    assert tiles(plan_encode(gpu_problem(8, 8, 64, 50_176))) == (64, 64, 4)
+    assert plan_encode(gpu_problem(8, 8, 256, 50_176, dims=(128, 128))) is not None
+    assert plan_decode(gpu_problem(8, 8, 50_176, 256, dims=(128, 128))) is None
+    for declined in (gpu_problem(4, 8, 1024, 8192), gpu_problem(8, 8, 1024, 1024), gpu_problem(8, 8, 257, 50_176),
+                     gpu_problem(8, 8, 256, 256), gpu_problem(1, 1, 512, 50_176, dims=(261, 261)),
+                     gpu_problem(8, 8, 256, 50_176, torch.float32)._replace(tf32=True)):
+        assert plan_encode(declined) is None and plan_decode(declined) is None, declined
+    # A forced count is honoured whatever the blocks: programs past the last write zeros.
+    assert plan_encode(gpu_problem(1, 1, 7, 100), 3).chunks == 3

@@ -79,6 +79,11 @@ HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (512, 512), (1280, 24))
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = (80, 90)
+# (Nq, Nk) of a suite's cases: ENCODE and DECODE with 128 latents.
+SHAPES = ((128, 4096), (4096, 128))
+# The untimed ENCODE/DECODE backward keeps all of the short side resident: the
+# benchmark's 256 latents (one tile of 256 rows) and 64 (a tile of 64 rows, 4 warps).
+RESIDENT_SHAPES = ((256, 4096), (4096, 256), (64, 4096), (4096, 64))
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,10 @@ SUITES = {
                     flags=((True, True), (False, False)), variant="untimed", shapes=((256, 8192),)),
     "encode-unsplit": Suite(("bfloat16",), ((64, 64),), causal=(False, True), flags=((True, True), (False, False)),
                             variant="untimed", shapes=((1024, 8192),)),
+    # The untimed ENCODE/DECODE backward's other resident tiles (the "untimed" suite's
+    # 128 latents give its 128-row tile).
+    "untimed-resident": Suite(("bfloat16", "float32"), HEAD_DIMS, causal=(False, True), variant="untimed",
+                              shapes=RESIDENT_SHAPES),
 }
 
 
@@ -285,6 +294,9 @@ class CompileRecord:
     # kernel's K and V) are stored once, outside the loop that uses them.
     dot_loop_stores: int | None = None
     grid_dependency: int | None = None  # griddepcontrol instructions (programmatic dependent launch) in the PTX
+    # Products left as tt.dot in the TTGIR: on sm_90, those that did not become wgmma
+    # (ttng.warp_group_dot) but mma.sync or FMA.
+    dots_off_wgmma: int | None = None
 
 
 def _specialization(value) -> tuple:
@@ -355,7 +367,8 @@ def compile_unit(unit: CompileUnit) -> CompileRecord:
     driver.set_active(_CompileOnlyDriver(unit.arch))
     record = CompileRecord(unit.problems, unit.suites, jit_function.__name__, unit.arch,
                            {key: value for key, value in unit.kwargs.items()
-                            if key in ("BLOCK_M", "BLOCK_N", "BLOCK_INNER", "num_warps", "num_stages")})
+                            if key in ("BLOCK_M", "BLOCK_N", "BLOCK_INNER", "BLOCK_RESIDENT", "num_warps",
+                                       "num_stages")})
     try:
         compiled = jit_function.warmup(*unit.args, grid=(1,), **unit.kwargs)
     except Exception as error:  # noqa: BLE001 (every compile failure is a finding)
@@ -370,6 +383,7 @@ def compile_unit(unit: CompileUnit) -> CompileRecord:
         record.warp_specialized = "ttg.warp_specialize" in compiled.asm.get("ttgir", "")
         record.dot_loop_stores = dot_loop_stores(compiled.asm.get("ttgir", ""))
         record.grid_dependency = compiled.asm["ptx"].count("griddepcontrol")
+        record.dots_off_wgmma = compiled.asm.get("ttgir", "").count(" tt.dot ")
     return record
 
 

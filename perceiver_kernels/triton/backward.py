@@ -19,7 +19,8 @@ import torch
 
 from ..kernel_launch import cdiv, next_power_of_2, on_device, plan_chunks
 from ..problem import Call, Problem
-from . import configs, tiling, variants
+from . import configs, resident_backward, tiling, variants
+from .delta import compute_delta, plan_delta
 from .kernels.common import LOG2E
 
 
@@ -35,7 +36,8 @@ class BackwardPlan(Protocol):
 # Rewrites no GPU has timed yet (variants.py), tried in order when the switch says
 # "untimed": each returns its plan for a problem and a forced chunk count, or None where
 # it does not serve the problem (the timed kernels run it then).
-UNTIMED: tuple[Callable[[Problem, Optional[int]], Optional[BackwardPlan]], ...] = ()
+UNTIMED: tuple[Callable[[Problem, Optional[int]], Optional[BackwardPlan]], ...] = (
+    resident_backward.plan_encode, resident_backward.plan_decode)
 
 
 def _block_rows(block_dqk: int, block_dv: int, exact_fp32: bool) -> int:
@@ -120,14 +122,7 @@ def _two_kernels(problem: Problem, num_chunks: Optional[int]) -> TwoKernelBackwa
         chunks, per_chunk = plan_chunks(programs, inner, problem.device, num_chunks)
         meta, _ = configs.launch_meta(kernel, problem, constexprs, per_chunk, block)
         launches.append(KernelLaunch(kernel, chunks, per_chunk, (programs * chunks,), meta, slices))
-    # Delta reads all of Dv at once in a block of BLOCK_DV (32 rows from 256 channels, to
-    # stay in registers), or a wide Dv in chunks.
-    if problem.head_dim_v > tiling.NARROW_MAX_HEAD_DIM:
-        delta = (configs.BACKWARD_WIDE_DELTA, *tiling.WIDE_DELTA_BLOCK)
-    else:
-        block_dv = constexprs.get("BLOCK_DV", max(16, next_power_of_2(problem.head_dim_v)))
-        delta = (configs.BACKWARD_DELTA, 32 if block_dv > 128 else 64, block_dv)
-    return TwoKernelBackward(constexprs, launches[0], launches[1], delta)
+    return TwoKernelBackward(constexprs, launches[0], launches[1], plan_delta(problem))
 
 
 def run_backward(call: Call, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -143,12 +138,9 @@ def run_backward(call: Call, dout: torch.Tensor, out: torch.Tensor, lse: torch.T
 def _launch_two_kernels(plan: TwoKernelBackward, call: Call, dout: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     problem, q, k, v, key_padding_mask, _ = call
-    batch_heads = problem.batch * problem.heads
-    delta = torch.empty((batch_heads, problem.num_queries), dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
     pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    inputs = (q, k, v, pad, dout, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *pad_strides, *dout.stride())
     sizes = (problem.heads, problem.num_queries, problem.num_keys, problem.head_dim_qk, problem.head_dim_v,
              problem.scale, problem.scale * LOG2E)
@@ -159,7 +151,7 @@ def _launch_two_kernels(plan: TwoKernelBackward, call: Call, dout: torch.Tensor,
             return tuple(g.unsqueeze(0) for g in gradients)
         return tuple(torch.empty((chunks, *g.shape), dtype=torch.float32, device=g.device) for g in gradients)
 
-    def launch(kernel: KernelLaunch, gradients: tuple[torch.Tensor, ...]) -> None:
+    def launch(kernel: KernelLaunch, inputs: tuple[torch.Tensor, ...], gradients: tuple[torch.Tensor, ...]) -> None:
         parts = targets(gradients, kernel.chunks)
         configs.kernel(kernel.kernel)[kernel.grid](
             *inputs, *parts, *strides, *(s for part in parts for s in part.stride()), *sizes,
@@ -170,12 +162,7 @@ def _launch_two_kernels(plan: TwoKernelBackward, call: Call, dout: torch.Tensor,
                 gradient.copy_(part.sum(0))
 
     with on_device(q):
-        # Delta_i = dO_i . O_i over the attention output.
-        delta_kernel, delta_rows, delta_block_dv = plan.delta
-        configs.kernel(delta_kernel)[(cdiv(problem.num_queries, delta_rows) * batch_heads,)](
-            out, dout, delta, *out.stride(), *dout.stride(), problem.heads, problem.num_queries, problem.head_dim_v,
-            BLOCK_M=delta_rows, BLOCK_DV=delta_block_dv,
-        )
-        launch(plan.dkdv, (dk, dv))
-        launch(plan.dq, (dq,))
+        inputs = (q, k, v, pad, dout, lse, compute_delta(problem, plan.delta, out, dout))
+        launch(plan.dkdv, inputs, (dk, dv))
+        launch(plan.dq, inputs, (dq,))
     return dq, dk, dv

@@ -25,7 +25,8 @@ import torch
 from .. import machine
 from ..kernel_launch import next_power_of_2
 from ..problem import Problem
-from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide, decode_fwd, encode_fwd
+from .kernels import (attention_bwd, attention_bwd_resident, attention_bwd_wide, attention_fwd,
+                      attention_fwd_wide, decode_fwd, encode_fwd)
 
 AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "0") == "1"
 
@@ -48,6 +49,12 @@ BACKWARD_WIDE_DQ = "attention_bwd_wide_dq_kernel"
 # triton/encode.py; its merge is MERGE).
 DECODE_FORWARD = "decode_fwd_kernel"
 ENCODE_FORWARD = "encode_fwd_kernel"
+# The ENCODE/DECODE backward in five products with the short side resident, and the sum
+# of its partials (kernels/attention_bwd_resident.py; an untimed rewrite, fixed launch
+# configs in triton/resident_backward.py).
+BACKWARD_ENCODE = "attention_bwd_encode_kernel"
+BACKWARD_DECODE = "attention_bwd_decode_kernel"
+SUM_CHUNKS = "sum_chunks_kernel"
 FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, ENCODE_FORWARD)
 BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
@@ -63,6 +70,8 @@ MODULES = {
     BACKWARD_WIDE_DQ: attention_bwd_wide,
     DECODE_FORWARD: decode_fwd,
     ENCODE_FORWARD: encode_fwd,
+    BACKWARD_ENCODE: attention_bwd_resident, BACKWARD_DECODE: attention_bwd_resident,
+    SUM_CHUNKS: attention_bwd_resident,
 }
 # The meta-parameter each kernel walks its summed dimension with.
 INNER_BLOCK = {**{kernel: "BLOCK_N" for kernel in FORWARDS}, **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}

@@ -29,8 +29,8 @@ their dK and dV are exactly 0.
 import triton
 import triton.language as tl
 
-from .common import (keys_of_query_block, load_rows, program_coordinates, queries_of_key_block, row_stats, store_rows,
-                     usable_keys)
+from .common import (key_rows_gradients, keys_of_query_block, load_rows, program_coordinates, queries_of_key_block,
+                     query_rows_gradients, row_stats, store_rows, usable_keys)
 
 
 @triton.jit
@@ -93,16 +93,8 @@ def attention_bwd_dkdv_kernel(
         q = load_rows(q_ptr, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
         do = load_rows(do_ptr, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
         lse, delta = row_stats(LSE + bh * num_queries, DELTA + bh * num_queries, rows, row_ok)
-        # Transposed scores (keys x queries), so that P^T dO and dS^T Q need no transposes.
-        t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-        visible = key_ok[:, None]
-        if CAUSAL:
-            visible = visible & (keys[:, None] <= rows[None, :] + causal_offset)
-        p = tl.where(visible, tl.math.exp2(t - lse[None, :]), 0.0)
-        dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[None, :])
-        dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
+        _, dk, dv = key_rows_gradients(k, v, keys, key_ok, q, do, rows, lse, delta, dk, dv, causal_offset,
+                                       qk_scale_log2, CAUSAL, DOT_PRECISION)
 
     written = keys < num_keys
     store_rows(DK + chunk * stride_dkc + b * stride_dkb + h * stride_dkh, dk * scale, keys, written,
@@ -150,14 +142,8 @@ def attention_bwd_dq_kernel(
         key_ok = usable_keys(PAD + b * stride_pb, keys, key_end, stride_pn, HAS_MASK)
         k = load_rows(k_ptr, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
         v = load_rows(v_ptr, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
-        t = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        visible = key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (keys[None, :] <= rows[:, None] + causal_offset)
-        p = tl.where(visible, tl.math.exp2(t - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        _, _, dq = query_rows_gradients(q, do, rows, lse, delta, k, v, keys, key_ok, dq, causal_offset, qk_scale_log2,
+                                        CAUSAL, DOT_PRECISION)
 
     store_rows(DQ + chunk * stride_dqc + b * stride_dqb + h * stride_dqh, dq * scale, rows, row_ok,
                 stride_dqm, stride_dqd, head_dim_qk, BLOCK_DQK)

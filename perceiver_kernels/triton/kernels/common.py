@@ -166,6 +166,50 @@ def keys_of_query_block(pad_ptr, end_query, chunk, keys_per_chunk, num_keys, str
 
 
 @triton.jit
+def key_rows_gradients(k, v, keys, key_ok, q, do, rows, lse, delta, dk, dv, causal_offset, qk_scale_log2,
+                       CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One block of keys (rows of k, v) against one block of queries (rows of q, dO, their
+    lse in base 2 and Delta): (dS^T, dK + dS^T Q, dV + P^T dO), dS^T in q's dtype and dK
+    unscaled (the caller multiplies by scale once).
+
+    The scores are formed transposed, keys on the rows (S^T = K Q^T, dP^T = V dO^T), so
+    that P^T dO and dS^T Q need no transposes. Keys not ok (padding, past the end) and,
+    CAUSAL, pairs out of reach get P = 0: their rows of dS^T, dK and dV are exactly 0
+    (k and v read 0 there, so nothing they hold can leak)."""
+    t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+    visible = key_ok[:, None]
+    if CAUSAL:
+        visible = visible & (keys[:, None] <= rows[None, :] + causal_offset)
+    p = tl.where(visible, tl.math.exp2(t - lse[None, :]), 0.0)
+    dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds = (p * (dp - delta[None, :])).to(q.dtype)
+    dk = tl.dot(ds, q, dk, input_precision=DOT_PRECISION)
+    return ds, dk, dv
+
+
+@triton.jit
+def query_rows_gradients(q, do, rows, lse, delta, k, v, keys, key_ok, dq, causal_offset, qk_scale_log2,
+                         CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One block of queries (rows of q, dO, their lse in base 2 and Delta) against one
+    block of keys (rows of k, v): (P, dS, dQ + dS K), P in dO's dtype, dS in q's and dQ
+    unscaled (the caller multiplies by scale once).
+
+    The mirror image of key_rows_gradients, queries on the rows of the scores (S = Q K^T,
+    dP = dO V^T). Keys not ok and, CAUSAL, pairs out of reach get P = 0, so their
+    columns of P and dS are exactly 0 (k and v read 0 there)."""
+    t = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    visible = key_ok[None, :]
+    if CAUSAL:
+        visible = visible & (keys[None, :] <= rows[:, None] + causal_offset)
+    p = tl.where(visible, tl.math.exp2(t - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
+    return p.to(do.dtype), ds, dq
+
+
+@triton.jit
 def store_rows(ptr, value, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
     """Stores `value` into rows `rows` x channels [0, dim) of a strided matrix, in its dtype."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -174,9 +218,13 @@ def store_rows(ptr, value, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.
 
 
 @triton.jit
-def row_stats(lse_ptr, delta_ptr, rows, row_ok):
-    """lse in base 2 with +inf for rows without keys (so their P is 0), and Delta."""
+def row_lse(lse_ptr, rows, row_ok):
+    """lse in base 2 with +inf for rows without keys (so their P is 0)."""
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("-inf")) * LOG2E_CONSTEXPR
-    lse = tl.where(lse == float("-inf"), INF, lse)
-    delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-    return lse, delta
+    return tl.where(lse == float("-inf"), INF, lse)
+
+
+@triton.jit
+def row_stats(lse_ptr, delta_ptr, rows, row_ok):
+    """row_lse, and Delta."""
+    return row_lse(lse_ptr, rows, row_ok), tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
