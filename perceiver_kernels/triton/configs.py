@@ -25,7 +25,7 @@ import torch
 from .. import machine
 from ..kernel_launch import next_power_of_2
 from ..problem import Problem
-from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide
+from .kernels import attention_bwd, attention_bwd_wide, attention_fwd, attention_fwd_wide, wide_fwd
 
 AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "0") == "1"
 
@@ -43,6 +43,10 @@ FORWARD_WIDE_SPLIT = "attention_fwd_wide_split_kernel"
 BACKWARD_WIDE_DELTA = "attention_bwd_wide_delta_kernel"
 BACKWARD_WIDE_DKDV = "attention_bwd_wide_dkdv_kernel"
 BACKWARD_WIDE_DQ = "attention_bwd_wide_dq_kernel"
+# Untimed (variants.py): wide heads up to 512 channels with each score computed once, one
+# program per query tile and key chunk (kernels/wide_fwd.py, launched by triton/wide.py
+# with its own tiles).
+FORWARD_WIDE_ONCE = "wide_fwd_kernel"
 FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT)
 BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
@@ -56,6 +60,7 @@ MODULES = {
     BACKWARD_DELTA: attention_bwd, BACKWARD_DKDV: attention_bwd, BACKWARD_DQ: attention_bwd,
     BACKWARD_WIDE_DELTA: attention_bwd_wide, BACKWARD_WIDE_DKDV: attention_bwd_wide,
     BACKWARD_WIDE_DQ: attention_bwd_wide,
+    FORWARD_WIDE_ONCE: wide_fwd,
 }
 # The meta-parameter each kernel walks its summed dimension with.
 INNER_BLOCK = {**{kernel: "BLOCK_N" for kernel in FORWARDS}, **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}

@@ -17,7 +17,7 @@ import torch
 
 from ..kernel_launch import SplitPlan, allocate_output, cdiv, next_power_of_2, on_device, plan_chunks
 from ..problem import Call, Problem
-from . import configs, tiling, variants
+from . import configs, tiling, variants, wide
 from .kernels.common import LOG2E
 
 
@@ -32,7 +32,9 @@ class ForwardPlan(Protocol):
 # Rewrites no GPU has timed yet (variants.py), tried in order when the switch says
 # "untimed": each returns its plan for a problem and a forced split count, or None where
 # it does not serve the problem (the timed kernels run it then).
-UNTIMED: tuple[Callable[[Problem, Optional[int]], Optional[ForwardPlan]], ...] = ()
+UNTIMED: tuple[Callable[[Problem, Optional[int]], Optional[ForwardPlan]], ...] = (
+    wide.plan,  # heads of 257..512 channels, each score computed once (issue 25)
+)
 
 
 def _query_tile_rows(problem: Problem, block_dqk: int, block_dv: int) -> int:
