@@ -60,6 +60,7 @@ class CompileCase:
     residual: bool = True
     causal: bool = False
     variant: str = "timed"  # of perceiver_kernels/triton/variants.py
+    backward: bool = True  # the backward call too
 
     @property
     def label(self) -> str:
@@ -73,6 +74,8 @@ HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 # The wide kernels (above 256): rows not 16-byte aligned (261, the most registers), Dv in
 # ten forward slices (32/1280), both wide and aligned (512/512), a narrow Dv (1280/24).
 WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (512, 512), (1280, 24))
+# Wide heads stored at a multiple of 16 channels (perceiver/padding.py).
+ALIGNED_WIDE_HEAD_DIMS = ((272, 272), (336, 336), (512, 256))
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = (80, 90)
 
@@ -89,9 +92,11 @@ class Suite:
     tuned: bool = False
     flags: tuple[tuple[bool, bool], ...] = ((True, True),)  # (masked, residual)
     variant: str = "timed"
+    backward: bool = True
 
     def cases(self) -> list["CompileCase"]:
-        return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant)
+        return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant,
+                            self.backward)
                 for dtype in self.dtypes for dqk, dv in self.head_dims for masked, residual in self.flags
                 for num_queries, num_keys in ((128, 4096), (4096, 128)) for causal in self.causal]
 
@@ -108,6 +113,13 @@ SUITES = {
     # The rewrites no GPU has timed yet, where they serve (the timed kernels elsewhere:
     # their launches are the table's and compile once).
     "untimed": Suite(DTYPES, HEAD_DIMS + WIDE_HEAD_DIMS, causal=(False, True), variant="untimed"),
+    # The untimed wide forward on the head dims the perceiver model layer stores (the
+    # released models' 261 and 322 padded to 272 and 336), which it reads by TMA on
+    # sm_90, and Dqk != Dv (the untimed suite has 512/512: Dv in two slices), with and
+    # without mask and residual (its tiles depend on the mask); forward only (the
+    # backward is the timed one, compiled by the wide suite).
+    "untimed-wide": Suite(DTYPES, ALIGNED_WIDE_HEAD_DIMS, causal=(False, True), variant="untimed",
+                          flags=((True, True), (False, False)), backward=False),
 }
 
 
@@ -164,8 +176,9 @@ def record_launches(case: CompileCase, allow_tf32: bool = False, arch: int | Non
             # whatever the tiles; rewrites take their own plans.
             timed_split = case.num_keys > case.num_queries and case.variant == variants.TIMED
             out, lse = forward.run_forward(call, num_splits=3 if timed_split else None)
-            out, lse = torch.randn_like(out), torch.randn_like(lse)
-            backward.run_backward(call.without_residual(), torch.randn_like(out), out, lse)
+            if case.backward:
+                out, lse = torch.randn_like(out), torch.randn_like(lse)
+                backward.run_backward(call.without_residual(), torch.randn_like(out), out, lse)
     finally:
         for module, name, original in originals + settings:
             setattr(module, name, original)
