@@ -115,6 +115,7 @@ def test_wide_plans_of_the_released_models_heads(fake_gpu):
     assert img_322.v_chunks == (256, 64, 16) and img_322.split.num_splits == 4
     flow = wide.plan(gpu_problem(1, 1, 182_528, 2048, dims=(512, 512)))
     assert (flow.qk_chunks, flow.v_chunks, flow.slices, flow.split.num_splits) == ((256, 256, 0), (256, 0, 0), 2, 1)
+    assert (flow.tile.block_m, flow.tile.block_n) == (64, 32)  # 128 x 32 with Q of 512 channels outgrows SMEM
     described = img_261.describe(gpu_problem(8, 1, 512, 50_176, dims=(272, 272)))
     assert "each score computed once" in described and "256 + 16" in described and "TMA" in described
     assert "once per slice" in flow.describe(gpu_problem(1, 1, 182_528, 2048, dims=(512, 512)))

@@ -93,12 +93,13 @@ class Suite:
     flags: tuple[tuple[bool, bool], ...] = ((True, True),)  # (masked, residual)
     variant: str = "timed"
     backward: bool = True
+    shapes: tuple[tuple[int, int], ...] = ((128, 4096), (4096, 128))  # (Nq, Nk): ENCODE and DECODE
 
     def cases(self) -> list["CompileCase"]:
         return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant,
                             self.backward)
                 for dtype in self.dtypes for dqk, dv in self.head_dims for masked, residual in self.flags
-                for num_queries, num_keys in ((128, 4096), (4096, 128)) for causal in self.causal]
+                for num_queries, num_keys in self.shapes for causal in self.causal]
 
 
 SUITES = {
@@ -116,10 +117,12 @@ SUITES = {
     # The untimed wide forward on the head dims the perceiver model layer stores (the
     # released models' 261 and 322 padded to 272 and 336), which it reads by TMA on
     # sm_90, and Dqk != Dv (the untimed suite has 512/512: Dv in two slices), with and
-    # without mask and residual (its tiles depend on the mask); forward only (the
-    # backward is the timed one, compiled by the wide suite).
+    # without mask and residual (its tiles depend on the mask), and 64 queries (its
+    # one-warpgroup tiles); forward only (the backward is the timed one, compiled by the
+    # wide suite).
     "untimed-wide": Suite(DTYPES, ALIGNED_WIDE_HEAD_DIMS, causal=(False, True), variant="untimed",
-                          flags=((True, True), (False, False)), backward=False),
+                          flags=((True, True), (False, False)), backward=False,
+                          shapes=((128, 4096), (4096, 128), (64, 4096))),
 }
 
 

@@ -86,13 +86,18 @@ class Tile:
 # warpgroup: Triton lays the warps of a dot that feeds another dot along the rows, so 8
 # warps over 64 rows would compute every score twice. 128 rows (two warpgroups) read
 # each K/V block for twice the rows of 64; queries that fit 64 rows take the
-# one-warpgroup tiles first. A program holds at most 336 channels of Dv (168 fp32
-# accumulator registers a thread; 272 on 32-key blocks with a mask, whose pointer loads
-# of V take registers too); wider Dv is cut into slices of 256 channels, one program
-# each, each computing the scores again (Dv = 512 held whole spilled in every tile).
+# one-warpgroup tiles first. Q.K^T reads its Q operand from shared memory for every
+# 16-channel step, once per key block: 32-key blocks read it half as often per score as
+# 16-key ones (where 128 x 32 outgrows shared memory, as with Dqk = 512, one warpgroup
+# on 32 keys comes before two on 16). A program holds at most 336 channels of Dv (168
+# fp32 accumulator registers a thread; 272 on 32-key blocks with a mask, whose pointer
+# loads of V take registers too); wider Dv is cut into slices of 256 channels, one
+# program each, each computing the scores again (Dv = 512 held whole spilled in every
+# tile).
 TILES = (
     Tile(128, 32, 8, 3, widest_qk=512, widest_slice=336, widest_masked_slice=272),
     Tile(128, 32, 8, 2, widest_qk=512, widest_slice=336, widest_masked_slice=272),
+    Tile(64, 32, 4, 3, widest_qk=512, widest_slice=336, widest_masked_slice=272),
     Tile(128, 16, 8, 3, widest_qk=512, widest_slice=336),
     Tile(128, 16, 8, 2, widest_qk=512, widest_slice=336),
     Tile(64, 32, 4, 2, widest_qk=512, widest_slice=272),
