@@ -227,3 +227,31 @@ def test_perceiver_ar_turns_only_the_true_channels_of_a_padded_head(unpadded):
         torch.testing.assert_close(padded(tokens, key_padding_mask=padding), expected, rtol=1e-5, atol=1e-5)
         generated = padded.generate(tokens[:, :10], 4, temperature=0)
         torch.testing.assert_close(generated, plain.generate(tokens[:, :10], 4, temperature=0))
+
+
+@pytest.mark.parametrize("kind", ["fourier", "conv"])
+def test_converted_models_run_their_padded_heads_on_the_untimed_wide_forward(kind, monkeypatch):
+    """On the Triton kernels with the untimed switch, the padded cross-attention heads run
+    the wide forward that computes each score once: in float32 (exact dots, through
+    pointers) with HF's logits, in float16 through TMA descriptors (rows of 272 and 336
+    channels are 16-byte aligned) with HF's logits to float16 accuracy."""
+    from perceiver_kernels.triton import variants, wide
+
+    launched = []
+    real_launch = wide._launch
+    monkeypatch.setattr(wide, "_launch", lambda plan, call: launched.append(call.problem) or real_launch(plan, call))
+    real_descriptors = wide._descriptors
+    described = []
+    monkeypatch.setattr(wide, "_descriptors",
+                        lambda *args: described.append(args[0].shape) or real_descriptors(*args))
+    hf_model = build(kind)
+    ours = perceiver.use_backend(perceiver.from_hf(hf_model).eval(), "triton")
+    inputs = inputs_for(kind, hf_model.config)
+    with torch.no_grad(), variants.running(variants.UNTIMED):
+        expected = hf_model(inputs=inputs).logits
+        assert_same_logits(ours(inputs), expected)
+        assert not described
+        half = ours.half()(inputs.half()).float()
+    torch.testing.assert_close(half, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+    assert [problem.head_dim_qk for problem in launched] == [RELEASED_WIDE[kind]] * 2
+    assert described and all(shape[-1] == RELEASED_WIDE[kind] for shape in described)

@@ -65,6 +65,8 @@ class CompileCase:
     @property
     def label(self) -> str:
         shape = "encode" if self.num_keys > self.num_queries else "decode"
+        if (self.num_queries, self.num_keys) not in ((128, 4096), (4096, 128)):
+            shape += f" {self.num_queries}x{self.num_keys}"
         extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
                           "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else ""))
         return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape}{extras}"

@@ -44,8 +44,8 @@ BACKWARD_WIDE_DELTA = "attention_bwd_wide_delta_kernel"
 BACKWARD_WIDE_DKDV = "attention_bwd_wide_dkdv_kernel"
 BACKWARD_WIDE_DQ = "attention_bwd_wide_dq_kernel"
 # Untimed (variants.py): wide heads up to 512 channels with each score computed once, one
-# program per query tile and key chunk (kernels/wide_fwd.py, launched by triton/wide.py
-# with its own tiles).
+# program per (slice of Dv, query tile, key chunk) (kernels/wide_fwd.py, launched by
+# triton/wide.py with its own tiles).
 FORWARD_WIDE_ONCE = "wide_fwd_kernel"
 FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT)
 BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
