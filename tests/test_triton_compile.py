@@ -175,6 +175,8 @@ def test_untimed_wide_forward_compiles_without_spills_within_shared_memory(untim
     for r in untimed_wide_builds:
         assert r["stack_bytes"] == 0, f"{label(r)} spills {r['stack_bytes']} bytes ({r['registers']} registers)"
         assert r["shared_bytes"] <= SHARED_MEMORY_LIMIT[r["arch"]], f"{label(r)}: {r['shared_bytes']} bytes"
+    assert any(of_case(r, "float32 272/272 encode+mask+residual+untimed+tf32") and r["wgmma"] and r["arch"] == 90
+               for r in untimed_wide_builds)
     for dtype in DTYPES:
         for dqk, dv in ALIGNED_WIDE_HEAD_DIMS + ((261, 261), (512, 512)):
             for arch in SHARED_MEMORY_LIMIT:
@@ -189,11 +191,12 @@ def test_untimed_wide_forward_compiles_without_spills_within_shared_memory(untim
 
 
 def test_untimed_wide_forward_runs_on_wgmma_and_tma_on_hopper(untimed_wide_builds):
-    """sm_90: 16-bit launches read by TMA (the 261-channel ones from their padded copies)
-    and multiply on wgmma; sm_80 and exact fp32 (CUDA-core dots) read through pointers."""
+    """sm_90: 16-bit and TF32 launches read by TMA (the 261-channel ones from their padded
+    copies) and multiply on wgmma; sm_80 and exact fp32 (CUDA-core dots) read through
+    pointers."""
     for r in untimed_wide_builds:
-        sixteen_bit = of_case(r, "float16") or of_case(r, "bfloat16")
-        if r["arch"] == 90 and sixteen_bit:
+        tensor_cores = of_case(r, "float16") or of_case(r, "bfloat16") or "+tf32" in r["problems"][0]
+        if r["arch"] == 90 and tensor_cores:
             assert r["wgmma"] and r["tma"], label(r)
         else:
             assert not r["tma"], label(r)

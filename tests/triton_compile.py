@@ -61,6 +61,7 @@ class CompileCase:
     causal: bool = False
     variant: str = "timed"  # of perceiver_kernels/triton/variants.py
     backward: bool = True  # the backward call too
+    tf32: bool = False  # float32 with torch.backends.cuda.matmul.allow_tf32
 
     @property
     def label(self) -> str:
@@ -68,7 +69,8 @@ class CompileCase:
         if (self.num_queries, self.num_keys) not in ((128, 4096), (4096, 128)):
             shape += f" {self.num_queries}x{self.num_keys}"
         extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
-                          "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else ""))
+                          "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else "",
+                          "+tf32" if self.tf32 else ""))
         return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape}{extras}"
 
 
@@ -96,10 +98,11 @@ class Suite:
     variant: str = "timed"
     backward: bool = True
     shapes: tuple[tuple[int, int], ...] = ((128, 4096), (4096, 128))  # (Nq, Nk): ENCODE and DECODE
+    tf32: bool = False
 
     def cases(self) -> list["CompileCase"]:
         return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant,
-                            self.backward)
+                            self.backward, self.tf32)
                 for dtype in self.dtypes for dqk, dv in self.head_dims for masked, residual in self.flags
                 for num_queries, num_keys in self.shapes for causal in self.causal]
 
@@ -125,6 +128,10 @@ SUITES = {
     "untimed-wide": Suite(DTYPES, ALIGNED_WIDE_HEAD_DIMS, causal=(False, True), variant="untimed",
                           flags=((True, True), (False, False)), backward=False,
                           shapes=((128, 4096), (4096, 128), (64, 4096))),
+    # Its TF32 tiles (float32 with TF32 allowed), where they serve.
+    "untimed-wide-tf32": Suite(("float32",), ((272, 272),), causal=(False, True), variant="untimed",
+                               flags=((True, True), (False, False)), backward=False, tf32=True,
+                               shapes=((128, 4096), (4096, 128), (64, 4096))),
 }
 
 
@@ -158,7 +165,7 @@ def record_launches(case: CompileCase, allow_tf32: bool = False, arch: int | Non
         residual=torch.randn(batch, heads, case.num_queries, case.head_dim_v, dtype=dtype) if case.residual else None,
         scale=None, causal=case.causal,
     )
-    call = kernel_call(inputs, allow_tf32)
+    call = kernel_call(inputs, allow_tf32 or case.tf32)
 
     launches: list = []
     originals = [(module, name, getattr(module, name)) for name, module in configs.MODULES.items()]

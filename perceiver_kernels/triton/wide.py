@@ -104,7 +104,10 @@ TILES = (
     Tile(64, 16, 4, 2, widest_qk=512, widest_slice=336, widest_masked_slice=272),
 )
 SLICE = 256
-TF32_WIDEST = 272
+# TF32 (fp32 tiles, twice the bytes; P in fp32): 272 channels fit shared memory in
+# 128 x 16 tiles on sm_90 (no tile fits on sm_80); 64 x 32 spilled 40-160 bytes at 272
+# and 336 spilled in every 64-row tile that fits, 512 fits none.
+TF32_TILES = (Tile(128, 16, 8, 2, widest_qk=272, widest_slice=272),)
 # Before Hopper (mma.sync holds the query tile in registers beside the accumulators):
 # up to 272 channels each (336 spilled on sm_80), 16-key blocks (32 spilled), and Dv a
 # multiple of 16 (see plan).
@@ -143,10 +146,7 @@ def _choose(problem: Problem, shared_memory_limit: Optional[int], hopper: bool
     if problem.exact_fp32:
         tiles = EXACT_FP32_TILES
     elif problem.dtype == torch.float32:
-        # TF32: every tile twice the bytes. 272 channels fit shared memory in 128 x 16
-        # tiles on sm_90 (none on sm_80); 336 spilled in the 64-row tiles that fit, 512 fit none.
-        fits_tf32 = max(sum(qk_chunks), sum(v_options[0])) <= TF32_WIDEST
-        tiles = (TILES if hopper else PRE_HOPPER_TILES) if fits_tf32 else ()
+        tiles = TF32_TILES if hopper else ()
     elif hopper:
         tiles = TILES
         v_options.append(chunk_widths(SLICE))
