@@ -54,16 +54,21 @@ from .layers import PerceiverLayer, self_attention_layer
 
 
 class Rotation(NamedTuple):
-    """Rotary phases of some positions, (B, 1, L, D/2) each; calling it rotates (B, H, L, D)."""
+    """Rotary phases of some positions, (B, 1, L, D/2) each; calling it rotates (B, H, L, D).
+
+    A wide head stored padded (perceiver/padding.py) comes in wider than D: its padding
+    channels, zeros, pass through unturned.
+    """
 
     cos: torch.Tensor
     sin: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # Channel i pairs with channel i + D/2 (the "rotate half" layout).
-        first, second = x.chunk(2, dim=-1)
+        half = self.cos.shape[-1]
+        first, second, padding = x.split((half, half, x.shape[-1] - 2 * half), dim=-1)
         cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin, padding), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):

@@ -20,6 +20,7 @@ import perceiver_kernels as pk
 
 from .checks import (check_backend, check_channels, check_dims, check_dropout, check_dtype, check_key_mask,
                      check_positive_int, check_same_batch)
+from .padding import head_projection, merge_projection, stored_head_dims, true_scale
 
 # The two mask conventions of this package, named in every docstring and error that takes
 # a mask: CrossAttention's `mask` keeps perceiver-pytorch's (lucidrains'), everything
@@ -82,9 +83,13 @@ class CrossAttention(nn.Module):
         self.scale = dim_head**-0.5
         self.dropout = dropout
         self.backend = backend
-        self.to_q = nn.Linear(query_dim, heads * dim_head, bias=qkv_bias)
-        self.to_kv = nn.Linear(context_dim, heads * (dim_head + value_dim_head), bias=qkv_bias)
-        self.to_out = nn.Linear(heads * value_dim_head, query_dim)
+        # Wide heads are stored padded (perceiver/padding.py); state dicts keep the true shapes.
+        stored_qk, stored_v = stored_head_dims(dim_head, value_dim_head)
+        self.stored_head_dims = (stored_qk, stored_v)
+        self.to_q = head_projection(query_dim, ((heads, dim_head, stored_qk),), bias=qkv_bias)
+        self.to_kv = head_projection(context_dim, ((heads, dim_head, stored_qk), (heads, value_dim_head, stored_v)),
+                                     bias=qkv_bias)
+        self.to_out = merge_projection(((heads, value_dim_head, stored_v),), query_dim)
 
     def forward(
         self,
@@ -116,7 +121,7 @@ class CrossAttention(nn.Module):
         elif key_padding_mask is not None:
             check_key_mask("key_padding_mask", key_padding_mask, batch, num_keys, PADDING)
         q = split_heads(self.to_q(x), self.heads)
-        k, v = self.to_kv(context).split([self.heads * self.dim_head, self.heads * self.value_dim_head], dim=-1)
+        k, v = self.to_kv(context).split([self.heads * dim for dim in self.stored_head_dims], dim=-1)
         out = pk.cross_attention(q, split_heads(k, self.heads), split_heads(v, self.heads),
                                  key_padding_mask=key_padding_mask, scale=self.scale,
                                  dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
@@ -174,13 +179,19 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
         self.query_norm = nn.LayerNorm(q_dim)
         self.kv_norm = nn.LayerNorm(kv_dim) if cross_attention else nn.Identity()
-        self.query = nn.Linear(q_dim, qk_channels)
-        self.key = nn.Linear(kv_dim, qk_channels)
-        self.value = nn.Linear(kv_dim, v_channels)
-        self.output = nn.Linear(v_channels, output_channels)
+        # Wide heads are stored padded (perceiver/padding.py); state dicts keep the true
+        # shapes, and the softmax scale is the true head dim's.
+        head_dim_qk, head_dim_v = qk_channels // num_heads, v_channels // num_heads
+        stored_qk, stored_v = stored_head_dims(head_dim_qk, head_dim_v)
+        self.scale = true_scale(head_dim_qk)
+        self.query = head_projection(q_dim, ((num_heads, head_dim_qk, stored_qk),))
+        self.key = head_projection(kv_dim, ((num_heads, head_dim_qk, stored_qk),))
+        self.value = head_projection(kv_dim, ((num_heads, head_dim_v, stored_v),))
+        self.output = merge_projection(((num_heads, head_dim_v, stored_v),), output_channels)
 
     def project_kv(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Nk, kv_dim) -> keys (B, H, Nk, Dqk) and values (B, H, Nk, Dv)."""
+        """(B, Nk, kv_dim) -> keys (B, H, Nk, Dqk) and values (B, H, Nk, Dv), in the stored
+        head dims (a wide head padded to a multiple of 16: perceiver/padding.py)."""
         normed = self.kv_norm(inputs)
         return split_heads(self.key(normed), self.num_heads), split_heads(self.value(normed), self.num_heads)
 
@@ -206,7 +217,7 @@ class MultiHeadAttention(nn.Module):
         q = split_heads(self.query(normed), self.num_heads)
         if transform_queries is not None:
             q = transform_queries(q)
-        context = merge_heads(pk.cross_attention(q, keys, values, key_padding_mask=key_padding_mask,
+        context = merge_heads(pk.cross_attention(q, keys, values, key_padding_mask=key_padding_mask, scale=self.scale,
                                                  dropout_p=self.dropout if self.training else 0.0,
                                                  causal=causal, backend=self.backend))
         if not self.use_query_residual:

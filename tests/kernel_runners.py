@@ -121,6 +121,9 @@ class ForwardRunner:
     wide_head_dims: tuple[tuple[int, int], ...] = ()
     wide_head_problem: Optional[tuple[int, int]] = None
     wide_head_problem_fp32: Optional[tuple[int, int]] = None  # the same in float32, where that is slower
+    # Wide head-dim pairs at a multiple of 16 channels, as the perceiver model layer stores
+    # them (perceiver/padding.py): the paths that read such rows by TMA.
+    stored_wide_head_dims: tuple[tuple[int, int], ...] = ()
     causal: bool = False  # runs cross_attention's causal=True (inputs["causal"])
 
     def marks(self) -> list:
@@ -198,6 +201,11 @@ TRITON_GPU = ForwardRunner(
     head_dims=TRITON_HEAD_DIMS, causal=True, wide_head_dims=TRITON_WIDE_HEAD_DIMS,
 )
 
+# The untimed wide forward (triton/wide.py) on heads stored at a multiple of 16: Q.K^T in
+# two chunks and Dv in two (272) or three (336), Dqk != Dv (512/256), Dv in two slices
+# of 256 (272/512).
+STORED_WIDE_HEAD_DIMS = ((272, 272), (336, 336), (512, 256), (272, 512))
+
 # The compiled pairs, a dim padded up to one (24/7) and an odd Dv (stores channel by channel),
 # and the wide kernels: a dim that is no multiple of 16 (261 runs as 272, the query tile
 # resident in shared memory), Dqk != Dv with Dv cut into three slices (32/1280), Q
@@ -208,10 +216,12 @@ TRITON_INTERPRETER_UNTIMED = ForwardRunner(
     paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS, causal=True,
     wide_head_dims=TRITON_WIDE_HEAD_DIMS, wide_head_problem=TRITON_INTERPRETER.wide_head_problem,
     wide_head_problem_fp32=TRITON_INTERPRETER.wide_head_problem_fp32, max_fp32_cells=TRITON_INTERPRETER.max_fp32_cells,
+    stored_wide_head_dims=STORED_WIDE_HEAD_DIMS,
 )
 TRITON_GPU_UNTIMED = ForwardRunner(
     name="triton-gpu-untimed", device="cuda", run=_triton_untimed_forward, dtypes=DTYPES, paths=TRITON_PATHS,
     gpu=True, head_dims=TRITON_HEAD_DIMS, causal=True, wide_head_dims=TRITON_WIDE_HEAD_DIMS,
+    stored_wide_head_dims=STORED_WIDE_HEAD_DIMS,
 )
 
 CUDA_HEAD_DIMS = ((32, 32), (64, 64), (32, 96), (32, 160), (128, 128), (24, 7), (64, 120),

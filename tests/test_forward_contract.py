@@ -266,6 +266,85 @@ def test_causal_tile_crossing_the_diagonal_by_one_key(runner, dims, dtype):
         assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
+# ---- Wide heads stored at a multiple of 16 channels (the perceiver model layer's) ----
+
+STORED_WIDE_RUNNERS = [r for r in FORWARD_RUNNERS if r.stored_wide_head_dims]
+
+
+def _stored_wide_problem(runner, dtype) -> tuple[int, int]:
+    """(Nq, Nk): two query tiles of 128 rows (the interpreter's exact fp32 takes 16-row
+    tiles: fewer queries) over several key blocks, the last ones partial."""
+    return (40, 100) if dtype == torch.float32 and not runner.gpu else (150, 100)
+
+
+def _stored_wide_head_dims(runner):
+    for dims in runner.stored_wide_head_dims:
+        for dtype in runner.dtypes:
+            yield runner.param(dims, dtype, id_suffix=f"-d{dims[0]}x{dims[1]}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("runner,dims,dtype", [p for r in STORED_WIDE_RUNNERS for p in _stored_wide_head_dims(r)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_stored_wide_heads_split_masked_residual_transposed(runner, dims, dtype, causal):
+    """Every path with a mask, a residual and the transposed layout (rows 16-byte aligned:
+    TMA where the kernel uses it); causally also with more queries than keys."""
+    num_queries, num_keys = _stored_wide_problem(runner, dtype)
+    shapes = ((num_queries, num_keys), (num_keys // 2, num_queries)) if causal else ((num_queries, num_keys),)
+    for nq, nk in shapes:
+        inputs = make_inputs(Case(num_queries=nq, num_keys=nk, head_dim_qk=dims[0], head_dim_v=dims[1], dtype=dtype,
+                                  mask=True, residual=True, transposed=True), runner.device)
+        inputs["causal"] = causal
+        for path, (out, lse) in run_every_path(runner, inputs):
+            assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in STORED_WIDE_RUNNERS for p in _every_path(r)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_stored_wide_heads_ignore_nan_in_padding_keys_and_channels(runner, dtype, masked):
+    """Rows of 272 channels stored at a stride of 288 whose last 16 channels hold NaN (a
+    TMA box reaching past the head dim must read zeros there); with a mask, padding keys
+    holding NaN in k and v."""
+    num_queries, num_keys = _stored_wide_problem(runner, dtype)
+    inputs, clean = nan_padding_inputs(Case(num_queries=num_queries, num_keys=num_keys, head_dim_qk=272,
+                                            head_dim_v=272, dtype=dtype), runner.device)
+    if not masked:
+        inputs, clean = dict(clean, key_padding_mask=None), dict(clean, key_padding_mask=None)
+    for name in "qkv":
+        stored = torch.full((*clean[name].shape[:-1], 288), float("nan"), dtype=dtype, device=runner.device)
+        stored[..., :272] = inputs[name]
+        inputs[name] = stored[..., :272]
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, clean, lse, runner.epsilon)
+
+
+def stored_wide_strided_inputs(device, dtype: torch.dtype, num_queries: int, num_keys: int, tma: bool) -> dict:
+    """Heads of 336/272 channels with unusual strides and a transposed residual. tma:
+    every row 16-byte aligned (q with a batch stride below its head stride, k from a wider
+    tensor, v a slice of a (B, Nk, H, 2 Dv) tensor) and no mask (with one the kernel reads
+    v through pointers); else channel strides other than 1 (k every other channel of a
+    wider tensor, v with Dv its slowest dimension), which only pointers can read, and a
+    strided mask."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 2, num_queries, 336, generator=g).to(device, dtype).transpose(0, 1)
+    if tma:
+        k = torch.randn(2, 3, num_keys, 352, generator=g).to(device, dtype)[..., :336]
+        v = torch.randn(2, num_keys, 3, 544, generator=g).to(device, dtype)[..., 272:].transpose(1, 2)
+    else:
+        k = torch.randn(2, 3, num_keys, 672, generator=g).to(device, dtype)[..., ::2]
+        v = torch.randn(2, 272, num_keys, 3, generator=g).to(device, dtype).permute(0, 3, 2, 1)
+    residual = torch.randn(2, 3, 272, num_queries, generator=g).to(device, dtype).transpose(-1, -2)
+    mask = None if tma else (torch.rand(2, 2 * num_keys, generator=g) < 0.3).to(device)[:, ::2]
+    return dict(q=q, k=k, v=v, key_padding_mask=mask, residual=residual, scale=None)
+
+
+@pytest.mark.parametrize("runner,dtype", [p for r in STORED_WIDE_RUNNERS for p in _every_path(r)])
+@pytest.mark.parametrize("tma", [True, False], ids=["aligned-rows", "strided-channels"])
+def test_stored_wide_heads_with_arbitrary_strides(runner, dtype, tma):
+    inputs = stored_wide_strided_inputs(runner.device, dtype, *_stored_wide_problem(runner, dtype), tma)
+    for path, (out, lse) in run_every_path(runner, inputs):
+        assert_matches_reference(out, inputs, lse, runner.epsilon)
+
+
 # ---- GPU-only sizes ----
 
 GPU_RUNNERS = [r for r in FORWARD_RUNNERS if r.gpu]

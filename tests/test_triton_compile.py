@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import HAS_GPU
-from tests.triton_compile import (DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT, SHARED_MEMORY_LIMIT, SUITES,
-                                  WIDE_HEAD_DIMS)
+from tests.triton_compile import (ALIGNED_WIDE_HEAD_DIMS, DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT,
+                                  SHARED_MEMORY_LIMIT, SUITES, WIDE_HEAD_DIMS)
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernel tests compile every kernel for real")
 
@@ -197,6 +197,48 @@ def test_untimed_resident_backward_runs_its_five_products_on_wgmma_on_hopper(res
         dims = [int(d) for d in r["problems"][0].split()[1].split("/")]
         assert r["wgmma"], f"{label(r)} has no wgmma"
         assert r["dots_off_wgmma"] <= (0 if min(dims) >= 64 else 2), f"{label(r)}: {r['dots_off_wgmma']} off wgmma"
+
+
+@pytest.fixture(scope="module")
+def untimed_wide_builds(all_builds):
+    """The untimed wide forward (triton/wide.py) as every suite launches it: the heads the
+    model layer stores (suite untimed-wide: 272, 336, 512/256), 261 from zero-padded
+    copies and 512/512 in two slices of Dv (suite untimed)."""
+    return [r for r in all_builds if r["kernel"] == "wide_fwd_kernel"]
+
+
+def test_untimed_wide_forward_compiles_without_spills_within_shared_memory(untimed_wide_builds):
+    """Its tiles (triton/wide.py TILES, PRE_HOPPER_TILES, EXACT_FP32_TILES) were chosen so:
+    every launch, with or without mask and residual, causal or not, split or not."""
+    assert not failures(untimed_wide_builds), "\n".join(failures(untimed_wide_builds))
+    for r in untimed_wide_builds:
+        assert r["stack_bytes"] == 0, f"{label(r)} spills {r['stack_bytes']} bytes ({r['registers']} registers)"
+        assert r["shared_bytes"] <= SHARED_MEMORY_LIMIT[r["arch"]], f"{label(r)}: {r['shared_bytes']} bytes"
+    assert any(of_case(r, "float32 272/272 encode 128x4096+mask+residual+untimed+tf32") and r["wgmma"] and r["arch"] == 90
+               for r in untimed_wide_builds)
+    for dtype in SUITES["untimed-wide"].dtypes:
+        for dqk, dv in ALIGNED_WIDE_HEAD_DIMS + ((261, 261), (512, 512)):
+            for arch in SHARED_MEMORY_LIMIT:
+                # sm_90: exact fp32 (CUDA-core dots) up to 336 channels, 16 bits up to 512; sm_80: 16
+                # bits up to 272, Dv a multiple of 16.
+                if arch == 90:
+                    served = max(dqk, dv) <= (336 if dtype == "float32" else 512)
+                else:
+                    served = dtype != "float32" and max(dqk, dv) <= 272 and dv % 16 == 0
+                built = [r for r in untimed_wide_builds if of_case(r, f"{dtype} {dqk}/{dv} ") and r["arch"] == arch]
+                assert bool(built) == served, (dtype, dqk, dv, arch)
+
+
+def test_untimed_wide_forward_runs_on_wgmma_and_tma_on_hopper(untimed_wide_builds):
+    """sm_90: 16-bit and TF32 launches read by TMA (the 261-channel ones from their padded
+    copies) and multiply on wgmma; sm_80 and exact fp32 (CUDA-core dots) read through
+    pointers."""
+    for r in untimed_wide_builds:
+        tensor_cores = of_case(r, "float16") or of_case(r, "bfloat16") or "+tf32" in r["problems"][0]
+        if r["arch"] == 90 and tensor_cores:
+            assert r["wgmma"] and r["tma"], label(r)
+        else:
+            assert not r["tma"], label(r)
 
 
 def test_every_tuned_config_of_the_anchor_compiles_and_one_per_kernel_does_not_spill(tuned_anchor_builds):

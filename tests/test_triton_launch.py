@@ -209,3 +209,84 @@ def test_untimed_backward_plans_of_the_benchmark_shapes(fake_gpu):
         assert plan_encode(declined) is None and plan_decode(declined) is None, declined
     # A forced count is honoured whatever the blocks: programs past the last write zeros.
     assert plan_encode(gpu_problem(1, 1, 7, 100), 3).chunks == 3
+
+
+# ---- The untimed wide forward (triton/wide.py) ----
+
+
+def test_wide_plans_of_the_released_models_heads(fake_gpu):
+    """On an H200: the padded heads in one program each, every score computed once, split
+    so that the programs fill the 132 SMs once; Dv = 512 in two slices of 256; heads it
+    does not serve left to the timed kernels."""
+    from perceiver_kernels.triton import wide
+
+    fake_gpu("sm_90", 132)
+    img_261 = wide.plan(gpu_problem(8, 1, 512, 50_176, dims=(272, 272)))
+    assert (img_261.qk_chunks, img_261.v_chunks, img_261.slices) == ((256, 16, 0), (256, 16, 0), 1)
+    assert img_261.tile.block_m == 128 and img_261.split.num_splits == 4  # 32 tiles x 4 = 128 programs
+    img_322 = wide.plan(gpu_problem(8, 1, 512, 50_176, dims=(336, 336)))
+    assert img_322.v_chunks == (256, 64, 16) and img_322.split.num_splits == 4
+    flow = wide.plan(gpu_problem(1, 1, 182_528, 2048, dims=(512, 512)))
+    assert (flow.qk_chunks, flow.v_chunks, flow.slices, flow.split.num_splits) == ((256, 256, 0), (256, 0, 0), 2, 1)
+    assert (flow.tile.block_m, flow.tile.block_n) == (64, 32)  # 128 x 32 with Q of 512 channels outgrows SMEM
+    described = img_261.describe(gpu_problem(8, 1, 512, 50_176, dims=(272, 272)))
+    assert "each score computed once" in described and "256 + 16" in described and "TMA" in described
+    assert "once per slice" in flow.describe(gpu_problem(1, 1, 182_528, 2048, dims=(512, 512)))
+    for dims in ((64, 64), (256, 256), (32, 1280), (1280, 24), (520, 600)):
+        assert wide.plan(gpu_problem(8, 1, 512, 50_176, dims=dims)) is None, dims
+    unaligned = wide.plan(gpu_problem(8, 1, 512, 50_176, dims=(261, 322)))
+    assert unaligned.padded_widths == (272, 336)
+    assert "one zero-padded copy of q and k to 272 channels and v to 336" in unaligned.describe(
+        gpu_problem(8, 1, 512, 50_176, dims=(261, 322)))
+
+
+def test_wide_plans_fit_the_shared_memory_of_each_gpu_and_decline_what_spills(fake_gpu):
+    """Hopper serves every head up to 512 channels in 16 bits, by TMA, and exact fp32
+    (CUDA-core dots) up to 336; sm_80 (mma.sync holds the query tile in registers) only
+    16-bit heads up to 272 channels: what compiled without spilling."""
+    from perceiver_kernels.triton import wide
+
+    served = {}
+    for arch, shared_memory in (("sm_80", 166_912), ("sm_90", 232_448)):
+        fake_gpu(arch, 108, shared_memory)
+        for dims in ((272, 272), (336, 336), (512, 512), (512, 256)):
+            for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True), (torch.float32, False)):
+                problem = gpu_problem(2, 4, 4096, 4096, dtype, dims)._replace(tf32=tf32)
+                chosen = wide.plan(problem)
+                kind = "exact" if problem.exact_fp32 else "tf32" if tf32 else "16-bit"
+                served[arch, kind, dims] = chosen is not None
+                if chosen is None:
+                    continue
+                stored_qk, stored_v = sum(chosen.qk_chunks), sum(chosen.v_chunks)
+                assert wide.shared_memory_bytes(chosen.tile, stored_qk, stored_v, dtype.itemsize) <= shared_memory
+                assert chosen.tma == (arch == "sm_90" and not problem.exact_fp32)
+    every = ((272, 272), (336, 336), (512, 512), (512, 256))
+    assert [served["sm_90", "16-bit", dims] for dims in every] == [True] * 4
+    assert [served["sm_80", "16-bit", dims] for dims in every] == [True, False, False, False]
+    assert [served["sm_90", "exact", dims] for dims in every] == [True, True, False, False]
+    assert not any(served["sm_80", "exact", dims] for dims in every)
+    # TF32: up to 272 channels on sm_90; fp32 tiles of 272 channels outgrow sm_80's shared memory.
+    assert [served["sm_90", "tf32", dims] for dims in every] == [True, False, False, False]
+    assert not any(served["sm_80", "tf32", dims] for dims in every)
+
+
+@pytest.mark.parametrize("dims", [(272, 272), (261, 261), (336, 512)])
+def test_wide_launches_read_rows_by_tma_on_hopper(dims):
+    """On sm_90 q and k (and v without a mask) go through TMA descriptors, rows of 261
+    channels from their zero-padded copies; on sm_80 (which serves heads of multiples of
+    16 up to 272 channels) everything through pointers."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from tests.triton_compile import CompileCase, record_launches
+
+    for arch in (80, 90) if max(dims) <= 272 and dims[1] % 16 == 0 else (90,):
+        for masked in (False, True):
+            case = CompileCase("bfloat16", *dims, 128, 4096, masked=masked, variant="untimed")
+            launches = [(args, kwargs) for kernel, args, kwargs in record_launches(case, arch=arch)
+                        if kernel.__name__ == "wide_fwd_kernel"]
+            assert launches
+            for args, kwargs in launches:
+                descriptors = [isinstance(a, TensorDescriptor) for a in args[:9]]
+                expected = arch == 90
+                assert kwargs["USE_TMA"] == expected
+                assert descriptors == [expected] * 6 + [expected and not masked] * 3

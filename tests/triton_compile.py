@@ -61,13 +61,17 @@ class CompileCase:
     residual: bool = True
     causal: bool = False
     variant: str = "timed"  # of perceiver_kernels/triton/variants.py
-    backward: bool = True  # record the backward's launches too
+    backward: bool = True  # the backward call too
+    tf32: bool = False  # float32 with torch.backends.cuda.matmul.allow_tf32
 
     @property
     def label(self) -> str:
         shape = "encode" if self.num_keys > self.num_queries else "decode"
+        if (self.num_queries, self.num_keys) not in ((128, 4096), (4096, 128)):
+            shape += f" {self.num_queries}x{self.num_keys}"
         extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
-                          "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else ""))
+                          "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else "",
+                          "+tf32" if self.tf32 else ""))
         return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape} {self.num_queries}x{self.num_keys}{extras}"
 
 
@@ -77,6 +81,8 @@ HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 # The wide kernels (above 256): rows not 16-byte aligned (261, the most registers), Dv in
 # ten forward slices (32/1280), both wide and aligned (512/512), a narrow Dv (1280/24).
 WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (512, 512), (1280, 24))
+# Wide heads stored at a multiple of 16 channels (perceiver/padding.py).
+ALIGNED_WIDE_HEAD_DIMS = ((272, 272), (336, 336), (512, 256))
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = (80, 90)
 # (Nq, Nk) of a suite's cases: ENCODE and DECODE with 128 latents.
@@ -100,10 +106,11 @@ class Suite:
     variant: str = "timed"
     shapes: tuple[tuple[int, int], ...] = SHAPES
     backward: bool = True
+    tf32: bool = False
 
     def cases(self) -> list["CompileCase"]:
         return [CompileCase(dtype, dqk, dv, num_queries, num_keys, masked, residual, causal, self.variant,
-                            self.backward)
+                            self.backward, self.tf32)
                 for dtype in self.dtypes for dqk, dv in self.head_dims for masked, residual in self.flags
                 for num_queries, num_keys in self.shapes for causal in self.causal]
 
@@ -141,6 +148,19 @@ SUITES = {
     # 128 latents give its 128-row tile).
     "untimed-resident": Suite(("bfloat16", "float32"), HEAD_DIMS, causal=(False, True), variant="untimed",
                               shapes=RESIDENT_SHAPES),
+    # The untimed wide forward on the head dims the perceiver model layer stores (the
+    # released models' 261 and 322 padded to 272 and 336), which it reads by TMA on
+    # sm_90, and Dqk != Dv (the untimed suite has 512/512: Dv in two slices), with and
+    # without mask and residual (its tiles depend on the mask), and 64 queries (its
+    # one-warpgroup tiles); forward only (the backward is the timed one, compiled by the
+    # wide suite).
+    "untimed-wide": Suite(("bfloat16", "float32"), ALIGNED_WIDE_HEAD_DIMS, causal=(False, True), variant="untimed",
+                          flags=((True, True), (False, False)), backward=False,
+                          shapes=((128, 4096), (4096, 128), (64, 4096))),
+    # Its TF32 tiles (float32 with TF32 allowed), where they serve.
+    "untimed-wide-tf32": Suite(("float32",), ((272, 272),), causal=(False, True), variant="untimed",
+                               flags=((True, True), (False, False)), backward=False, tf32=True,
+                               shapes=((128, 4096), (4096, 128), (64, 4096))),
 }
 
 
@@ -178,7 +198,7 @@ def record_launches(case: CompileCase, allow_tf32: bool = False, arch: int | Non
         residual=torch.empty(batch, heads, case.num_queries, case.head_dim_v, dtype=dtype) if case.residual else None,
         scale=None, causal=case.causal,
     )
-    call = kernel_call(inputs, allow_tf32)
+    call = kernel_call(inputs, allow_tf32 or case.tf32)
 
     launches: list = []
     originals = [(module, name, getattr(module, name)) for name, module in configs.MODULES.items()]

@@ -26,7 +26,7 @@ from .. import machine
 from ..kernel_launch import next_power_of_2
 from ..problem import Problem
 from .kernels import (attention_bwd, attention_bwd_resident, attention_bwd_wide, attention_fwd,
-                      attention_fwd_wide, decode_fwd, encode_fwd)
+                      attention_fwd_wide, decode_fwd, encode_fwd, wide_fwd)
 
 AUTOTUNE = os.environ.get("PERCEIVER_KERNELS_AUTOTUNE", "0") == "1"
 
@@ -55,6 +55,10 @@ ENCODE_FORWARD = "encode_fwd_kernel"
 BACKWARD_ENCODE = "attention_bwd_encode_kernel"
 BACKWARD_DECODE = "attention_bwd_decode_kernel"
 SUM_CHUNKS = "sum_chunks_kernel"
+# Untimed (variants.py): wide heads up to 512 channels with each score computed once, one
+# program per (slice of Dv, query tile, key chunk) (kernels/wide_fwd.py, launched by
+# triton/wide.py with its own tiles).
+FORWARD_WIDE_ONCE = "wide_fwd_kernel"
 FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, ENCODE_FORWARD)
 BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
@@ -72,6 +76,7 @@ MODULES = {
     ENCODE_FORWARD: encode_fwd,
     BACKWARD_ENCODE: attention_bwd_resident, BACKWARD_DECODE: attention_bwd_resident,
     SUM_CHUNKS: attention_bwd_resident,
+    FORWARD_WIDE_ONCE: wide_fwd,
 }
 # The meta-parameter each kernel walks its summed dimension with.
 INNER_BLOCK = {**{kernel: "BLOCK_N" for kernel in FORWARDS}, **{kernel: "BLOCK_INNER" for kernel in BACKWARDS}}

@@ -17,7 +17,7 @@ import torch
 
 from ..kernel_launch import SplitPlan, allocate_output, cdiv, next_power_of_2, on_device, plan_chunks
 from ..problem import Call, Problem
-from . import configs, decode, encode, tiling, variants
+from . import configs, decode, encode, tiling, variants, wide
 from .kernels.common import LOG2E
 
 
@@ -35,6 +35,7 @@ class ForwardPlan(Protocol):
 UNTIMED: tuple[Callable[[Problem, Optional[int]], Optional[ForwardPlan]], ...] = (
     decode.plan,  # DECODE: the latents resident, query tiles streamed by persistent programs (issue 23)
     encode.plan,  # ENCODE: all the latents of a head in one program, splits in waves (issue 24)
+    wide.plan,  # heads of 257..512 channels, each score computed once (issue 25)
 )
 
 
