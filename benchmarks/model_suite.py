@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import perceiver
+from perceiver.padding import stored_head_dims
 
 from . import flops
 from .harness import measure_case, throughput
@@ -276,11 +277,14 @@ def flow_call(frames: torch.Tensor, chunk_size: int, name: str, model: nn.Module
     return model(frames, chunk_size=chunk_size)
 
 
-def flow_flops(config: FlowConfig) -> int:
-    """Forward FLOPs of HF's flow model (and of its conversion)."""
+def flow_flops(config: FlowConfig, stored_heads: bool = False) -> int:
+    """Forward FLOPs of HF's flow model, the throughput figures' count for both models;
+    stored_heads: those our conversion computes, its 322-channel encoder head stored as
+    336 (perceiver/padding.py)."""
     b, n, d, m = config.batch, config.num_latents, config.d_latents, config.height * config.width
     patches = flops.linear(b * m, PATCH_CHANNELS, PATCH_FEATURES)
-    encoder = flops.perceiver_layer(b, n, m, d, FLOW_CHANNELS, FLOW_CHANNELS, FLOW_CHANNELS, 1, 1)
+    head = stored_head_dims(FLOW_CHANNELS, FLOW_CHANNELS)[0] if stored_heads else FLOW_CHANNELS
+    encoder = flops.perceiver_layer(b, n, m, d, FLOW_CHANNELS, head, head, 1, 1)
     layer = flops.perceiver_layer(b, n, n, d, d, d, d, config.num_self_attention_heads, 1)
     decoder = flops.perceiver_layer(b, m, n, FLOW_CHANNELS, d, d, d, 1, 1) + flops.linear(b * m, FLOW_CHANNELS, 2)
     return patches + encoder + config.num_self_attends_per_block * layer + decoder

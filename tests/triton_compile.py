@@ -67,8 +67,6 @@ class CompileCase:
     @property
     def label(self) -> str:
         shape = "encode" if self.num_keys > self.num_queries else "decode"
-        if (self.num_queries, self.num_keys) not in ((128, 4096), (4096, 128)):
-            shape += f" {self.num_queries}x{self.num_keys}"
         extras = "".join(("+mask" if self.masked else "", "+residual" if self.residual else "",
                           "+causal" if self.causal else "", "+untimed" if self.variant == "untimed" else "",
                           "+tf32" if self.tf32 else ""))
@@ -444,7 +442,7 @@ def _triton_version() -> str:
 
 
 def _missing_internals() -> str | None:
-    from triton.runtime import autotuner, driver, jit
+    from triton.runtime import driver, jit
 
     needs = ((jit.JITFunction, "warmup"), (driver, "set_active"))
     missing = [f"{getattr(owner, '__name__', 'driver')}.{name}" for owner, name in needs if not hasattr(owner, name)]
