@@ -100,3 +100,19 @@ def on_device(x: torch.Tensor):
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return _NOTHING_TO_SWITCH
+
+
+def mask_operand(call) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The key padding mask as a Triton kernel takes it: its bytes and strides, or (absent)
+    any valid pointer with zero strides, which the kernel's HAS_MASK keeps unread."""
+    if call.key_padding_mask is None:
+        return call.q, (0, 0)
+    return call.key_padding_mask.view(torch.uint8), call.key_padding_mask.stride()
+
+
+def residual_operand(call, out: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The residual and its strides, or (absent) the output with zero strides, which the
+    kernel's HAS_RESIDUAL keeps unread."""
+    if call.residual is None:
+        return out, (0, 0, 0, 0)
+    return call.residual, call.residual.stride()

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import HAS_GPU
-from tests.triton_compile import (ALIGNED_WIDE_HEAD_DIMS, DTYPES, HEAD_DIMS, MISSING_INTERNALS_EXIT,
-                                  SHARED_MEMORY_LIMIT, SUITES, WIDE_HEAD_DIMS)
+from tests.triton_compile import (ALIGNED_WIDE_HEAD_DIMS, HEAD_DIMS, MISSING_INTERNALS_EXIT, SHARED_MEMORY_LIMIT,
+                                  SUITES, WIDE_HEAD_DIMS)
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="on a GPU the kernel tests compile every kernel for real")
 

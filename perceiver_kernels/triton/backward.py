@@ -17,7 +17,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from ..kernel_launch import cdiv, next_power_of_2, on_device, plan_chunks
+from ..kernel_launch import cdiv, mask_operand, next_power_of_2, on_device, plan_chunks
 from ..problem import Call, Problem
 from . import configs, resident_backward, tiling, variants
 from .delta import compute_delta, plan_delta
@@ -139,8 +139,7 @@ def _launch_two_kernels(plan: TwoKernelBackward, call: Call, dout: torch.Tensor,
                         lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     problem, q, k, v, key_padding_mask, _ = call
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    pad, pad_strides = mask_operand(call)
     strides = (*q.stride(), *k.stride(), *v.stride(), *pad_strides, *dout.stride())
     sizes = (problem.heads, problem.num_queries, problem.num_keys, problem.head_dim_qk, problem.head_dim_v,
              problem.scale, problem.scale * LOG2E)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import machine
-from ..kernel_launch import allocate_output, cdiv, next_power_of_2, on_device
+from ..kernel_launch import allocate_output, cdiv, mask_operand, next_power_of_2, on_device, residual_operand
 from ..problem import Call, Problem
 from . import configs, tiling
 from .kernels.common import LOG2E
@@ -192,10 +192,8 @@ def _descriptor(x: torch.Tensor, block_m: int, block_d: int):
 def _launch(launch: PersistentDecode, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     problem, q, k, v, key_padding_mask, residual = call
     out, lse = allocate_output(q, problem.head_dim_v)
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    res = residual if residual is not None else out
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    pad, pad_strides = mask_operand(call)
+    res, res_strides = residual_operand(call, out)
     block_m, block_dqk, block_dv = launch.tiles.block_m, launch.constexprs["BLOCK_DQK"], launch.constexprs["BLOCK_DV"]
     descriptors = launch.descriptors(q, res, out)
     if descriptors:

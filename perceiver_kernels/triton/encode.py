@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 
 from .. import machine
-from ..kernel_launch import CHUNK_ALIGNMENT, MAX_CHUNKS, allocate_output, cdiv, next_power_of_2, on_device, plan_chunks
+from ..kernel_launch import (CHUNK_ALIGNMENT, MAX_CHUNKS, allocate_output, cdiv, mask_operand, next_power_of_2,
+                             on_device, plan_chunks, residual_operand)
 from ..problem import Call, Problem
 from . import configs, tiling
 from .kernels.common import LOG2E
@@ -278,12 +279,8 @@ def _ensure_descriptor_allocator() -> None:
 def _launch(plan: EncodeForward, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     problem, q, k, v, key_padding_mask, residual = call
     out, lse = allocate_output(q, problem.head_dim_v)
-    # Absent mask or residual: any valid pointer with zero strides; HAS_MASK /
-    # HAS_RESIDUAL keep it unread.
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    res = residual if residual is not None else out
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    pad, pad_strides = mask_operand(call)
+    res, res_strides = residual_operand(call, out)
     descriptors = descriptors_allowed(q, k, v)
     constexprs = plan.constexprs[descriptors]
     heads = problem.batch * problem.heads

@@ -15,7 +15,8 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from ..kernel_launch import SplitPlan, allocate_output, cdiv, next_power_of_2, on_device, plan_chunks
+from ..kernel_launch import (SplitPlan, allocate_output, cdiv, mask_operand, next_power_of_2, on_device, plan_chunks,
+                             residual_operand)
 from ..problem import Call, Problem
 from . import configs, decode, encode, tiling, variants, wide
 from .kernels.common import LOG2E
@@ -155,12 +156,8 @@ def run_forward(call: Call, num_splits: Optional[int] = None) -> tuple[torch.Ten
 def _launch_tiled(launch: TiledForward, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     problem, q, k, v, key_padding_mask, residual = call
     out, lse = allocate_output(q, problem.head_dim_v)
-    # Absent mask or residual: any valid pointer with zero strides; HAS_MASK /
-    # HAS_RESIDUAL keep it unread.
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    res = residual if residual is not None else out
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    pad, pad_strides = mask_operand(call)
+    res, res_strides = residual_operand(call, out)
     plan = launch.plan
 
     with on_device(q):

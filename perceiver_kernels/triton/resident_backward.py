@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from .. import machine
-from ..kernel_launch import cdiv, next_power_of_2, on_device
+from ..kernel_launch import cdiv, mask_operand, next_power_of_2, on_device
 from ..problem import Call, Problem
 from . import configs, tiling
 from .delta import compute_delta, plan_delta
@@ -232,8 +232,7 @@ def _launch(plan: ResidentBackward, call: Call, dout: torch.Tensor, out: torch.T
     problem, q, k, v, key_padding_mask, _ = call
     batch_heads = problem.batch * problem.heads
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    pad, pad_strides = mask_operand(call)
     # The summed side's gradients: in place with one program per head, else fp32 partials.
     summed = (dq,) if plan.encode else (dk, dv)
     if plan.chunks == 1:

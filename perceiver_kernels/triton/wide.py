@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 
 from .. import machine
-from ..kernel_launch import (MAX_CHUNKS, MIN_CHUNK_LENGTH, SplitPlan, allocate_output, cdiv, next_power_of_2,
-                             on_device, plan_chunks)
+from ..kernel_launch import (MAX_CHUNKS, MIN_CHUNK_LENGTH, SplitPlan, allocate_output, cdiv, mask_operand,
+                             next_power_of_2, on_device, plan_chunks, residual_operand)
 from ..problem import Call, Problem
 from . import configs, tiling
 from .kernels.common import LOG2E
@@ -275,12 +275,8 @@ def _launch(plan: WideForward, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         sources[:6] = _descriptors(q, tile.block_m, plan.qk_chunks) + _descriptors(k, tile.block_n, plan.qk_chunks)
         if not problem.has_mask:  # with a mask the kernel reads V through pointers
             sources[6:] = _descriptors(v, tile.block_n, plan.v_chunks)
-    # Absent mask or residual: any valid pointer with zero strides; HAS_MASK /
-    # HAS_RESIDUAL keep it unread.
-    pad = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    pad_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    res = residual if residual is not None else out
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    pad, pad_strides = mask_operand(call)
+    res, res_strides = residual_operand(call, out)
     sizes = (problem.heads, problem.num_queries, problem.num_keys, qk_width, problem.head_dim_v, v_width,
              problem.scale * LOG2E, split.num_splits, split.keys_per_split)
     kernel = configs.kernel(configs.FORWARD_WIDE_ONCE)
