@@ -323,11 +323,13 @@ class CompileRecord:
 
 def _specialization(value) -> tuple:
     """What Triton specializes a launch argument on: a tensor's dtype, an int's being 1 or
-    a multiple of 16; other values as they are."""
+    a multiple of 16 (in a tuple too); other values as they are."""
     if isinstance(value, torch.Tensor):
         return ("tensor", str(value.dtype))
     if isinstance(value, int) and not isinstance(value, bool):
         return ("int", value == 1, value % 16 == 0)
+    if isinstance(value, tuple):  # a tensor's strides: each element specialized as an int
+        return ("tuple", *(_specialization(element) for element in value))
     if isinstance(value, float):
         return ("float",)
     if hasattr(value, "base") and hasattr(value, "block_shape"):  # a host-side TensorDescriptor

@@ -204,7 +204,7 @@ def _launch(launch: PersistentDecode, call: Call) -> tuple[torch.Tensor, torch.T
     with on_device(q):
         configs.kernel(configs.DECODE_FORWARD)[(launch.programs,)](
             q_arg, k, v, pad, res_arg, out_arg, lse,
-            *q.stride(), *k.stride(), *v.stride(), *pad_strides, *res_strides, *out.stride(),
+            q.stride(), k.stride(), v.stride(), pad_strides, res_strides, out.stride(),
             problem.batch * problem.heads, problem.heads, problem.num_queries, problem.num_keys,
             problem.head_dim_qk, problem.head_dim_v, problem.scale * LOG2E,
             DESCRIPTORS=descriptors, **launch.constexprs,

@@ -297,7 +297,7 @@ def _launch(plan: EncodeForward, call: Call) -> tuple[torch.Tensor, torch.Tensor
             _ensure_descriptor_allocator()
         configs.kernel(configs.ENCODE_FORWARD)[(heads * plan.programs,)](
             q, k, v, pad, res, out, lse, part_out, part_lse,
-            *q.stride(), *k.stride(), *v.stride(), *pad_strides, *res_strides, *out.stride(),
+            q.stride(), k.stride(), v.stride(), pad_strides, res_strides, out.stride(),
             problem.heads, problem.num_queries, problem.num_keys, problem.head_dim_qk, problem.head_dim_v,
             abs(problem.scale) * LOG2E, plan.num_splits, plan.keys_per_split,
             **constexprs,

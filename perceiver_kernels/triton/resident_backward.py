@@ -244,14 +244,13 @@ def _launch(plan: ResidentBackward, call: Call, dout: torch.Tensor, out: torch.T
         if plan.encode:
             row_sums, row_sum_strides = compute_delta(problem, plan.delta, out, dout), ()
             targets = (parts[0], dk, dv)
-            target_strides = (*parts[0].stride(), *dk.stride(), *dv.stride())
         else:
-            row_sums, row_sum_strides = out, out.stride()
+            row_sums, row_sum_strides = out, (out.stride(),)
             targets = (dq, *parts)
-            target_strides = (*dq.stride(), *parts[0].stride(), *parts[1].stride())
         configs.kernel(plan.kernel)[(plan.chunks * batch_heads,)](
             q, k, v, pad, dout, lse, row_sums, *targets,
-            *q.stride(), *k.stride(), *v.stride(), *pad_strides, *dout.stride(), *row_sum_strides, *target_strides,
+            q.stride(), k.stride(), v.stride(), pad_strides, dout.stride(), *row_sum_strides,
+            *(target.stride() for target in targets),
             problem.heads, problem.num_queries, problem.num_keys, problem.head_dim_qk, problem.head_dim_v,
             problem.scale, problem.scale * LOG2E, plan.chunks, plan.per_chunk, **plan.constexprs,
         )
@@ -259,7 +258,7 @@ def _launch(plan: ResidentBackward, call: Call, dout: torch.Tensor, out: torch.T
             for gradient, part in zip(summed, parts):
                 length, dim = gradient.shape[2:]
                 configs.kernel(configs.SUM_CHUNKS)[(cdiv(length, SUM_ROWS) * batch_heads,)](
-                    part, gradient, *part.stride(), *gradient.stride(), problem.heads, length, dim, plan.chunks,
+                    part, gradient, part.stride(), gradient.stride(), problem.heads, length, dim, plan.chunks,
                     BLOCK_ROWS=SUM_ROWS, BLOCK_D=max(16, next_power_of_2(dim)),
                 )
     return dq, dk, dv

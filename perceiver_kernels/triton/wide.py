@@ -285,7 +285,7 @@ def _launch(plan: WideForward, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         if split.num_splits == 1:
             kernel[plan.grid](
                 *sources, pad, res, out, lse,
-                *q.stride(), *k.stride(), *v.stride(), *pad_strides, *res_strides, *out.stride(),
+                q.stride(), k.stride(), v.stride(), pad_strides, res_strides, out.stride(),
                 *sizes, USE_TMA=use_tma, **plan.constexprs,
             )
             return out, lse
@@ -295,7 +295,7 @@ def _launch(plan: WideForward, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
                                dtype=torch.float32, device=q.device)
         kernel[plan.grid](
             *sources, pad, part_out, part_out, part_lse,
-            *q.stride(), *k.stride(), *v.stride(), *pad_strides, 0, 0, 0, 0, *out.stride(),
+            q.stride(), k.stride(), v.stride(), pad_strides, (0, 0, 0, 0), out.stride(),
             *sizes, USE_TMA=use_tma, **plan.constexprs,
         )
         # The timed kernels' merge, in slices of Dv that keep its fp32 rows in registers.

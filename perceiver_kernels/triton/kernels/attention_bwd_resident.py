@@ -42,8 +42,8 @@ first Nq - Nk rows, which see none) stores zero dQ without loading Q or dO.
 import triton
 import triton.language as tl
 
-from .common import (kept_key_range, key_rows_gradients, load_rows, program_coordinates, query_rows_gradients,
-                     row_lse, row_stats, store_rows, usable_keys)
+from .common import (head_start, kept_key_range, key_rows_gradients, load_rows, program_coordinates,
+                     query_rows_gradients, row_lse, row_stats, store_rows, usable_keys)
 
 
 @triton.jit
@@ -71,14 +71,7 @@ def _store_zero_key_blocks(DK, DV, block_start, block_end, num_keys, stride_dkn,
 @triton.jit
 def attention_bwd_encode_kernel(
     Q, K, V, PAD, DO, LSE, DELTA, DQ, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_pn,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqc, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    q_strides, k_strides, v_strides, pad_strides, do_strides, dq_strides, dk_strides, dv_strides,
     heads, num_queries, num_keys, head_dim_qk, head_dim_v, scale, qk_scale_log2,
     num_chunks, keys_per_chunk,
     HAS_MASK: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -94,59 +87,51 @@ def attention_bwd_encode_kernel(
     before the first and after the last kept key of the chunk (a padding suffix, as
     variable-length inputs leave) are written as zeros without loading K or V."""
     chunk, _, bh, b, h = program_coordinates(num_chunks, 1, heads)
-    pad_ptr = PAD + b * stride_pb
+    pad_ptr = PAD + b * pad_strides[0]
     key_start = tl.minimum(chunk * keys_per_chunk, num_keys)  # a forced chunk count may leave some empty
     key_end = tl.minimum(key_start + keys_per_chunk, num_keys)
-    kept_start, kept_end = kept_key_range(pad_ptr, key_start, key_end, stride_pn, HAS_MASK)
+    kept_start, kept_end = kept_key_range(pad_ptr, key_start, key_end, pad_strides[1], HAS_MASK)
     first = key_start + (kept_start - key_start) // BLOCK_INNER * BLOCK_INNER
     last = tl.where(kept_end > kept_start, key_start + tl.cdiv(kept_end - key_start, BLOCK_INNER) * BLOCK_INNER,
                     first)
 
-    dk_ptr = DK + b * stride_dkb + h * stride_dkh
-    dv_ptr = DV + b * stride_dvb + h * stride_dvh
-    _store_zero_key_blocks(dk_ptr, dv_ptr, key_start, first, num_keys, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
-                           head_dim_qk, head_dim_v, BLOCK_INNER, BLOCK_DQK, BLOCK_DV)
-    _store_zero_key_blocks(dk_ptr, dv_ptr, last, key_end, num_keys, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
-                           head_dim_qk, head_dim_v, BLOCK_INNER, BLOCK_DQK, BLOCK_DV)
+    dk_ptr = head_start(DK, dk_strides, b, h)
+    dv_ptr = head_start(DV, dv_strides, b, h)
+    _store_zero_key_blocks(dk_ptr, dv_ptr, key_start, first, num_keys, dk_strides[2], dk_strides[3], dv_strides[2],
+                           dv_strides[3], head_dim_qk, head_dim_v, BLOCK_INNER, BLOCK_DQK, BLOCK_DV)
+    _store_zero_key_blocks(dk_ptr, dv_ptr, last, key_end, num_keys, dk_strides[2], dk_strides[3], dv_strides[2],
+                           dv_strides[3], head_dim_qk, head_dim_v, BLOCK_INNER, BLOCK_DQK, BLOCK_DV)
 
     rows = tl.arange(0, BLOCK_RESIDENT).to(tl.int64)
     row_ok = rows < num_queries
-    q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
-    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
+    q = load_rows(head_start(Q, q_strides, b, h), rows, row_ok, q_strides[2], q_strides[3], head_dim_qk, BLOCK_DQK)
+    do = load_rows(head_start(DO, do_strides, b, h), rows, row_ok, do_strides[2], do_strides[3], head_dim_v, BLOCK_DV)
     lse, delta = row_stats(LSE + bh * num_queries, DELTA + bh * num_queries, rows, row_ok)
     dq = tl.zeros([BLOCK_RESIDENT, BLOCK_DQK], dtype=tl.float32)
 
-    k_ptr = K + b * stride_kb + h * stride_kh
-    v_ptr = V + b * stride_vb + h * stride_vh
+    k_ptr = head_start(K, k_strides, b, h)
+    v_ptr = head_start(V, v_strides, b, h)
     causal_offset = num_keys - num_queries
     for block_start in range(first, last, BLOCK_INNER):
         keys = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
-        key_ok = usable_keys(pad_ptr, keys, kept_end, stride_pn, HAS_MASK)
-        k = load_rows(k_ptr, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
-        v = load_rows(v_ptr, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
+        key_ok = usable_keys(pad_ptr, keys, kept_end, pad_strides[1], HAS_MASK)
+        k = load_rows(k_ptr, keys, key_ok, k_strides[2], k_strides[3], head_dim_qk, BLOCK_DQK)
+        v = load_rows(v_ptr, keys, key_ok, v_strides[2], v_strides[3], head_dim_v, BLOCK_DV)
         p, ds, dq = query_rows_gradients(q, do, rows, lse, delta, k, v, keys, key_ok, dq, causal_offset,
                                          qk_scale_log2, CAUSAL, DOT_PRECISION)
         dv_t = tl.dot(tl.trans(do), p, input_precision=DOT_PRECISION)
         dk_t = tl.dot(tl.trans(q), ds, input_precision=DOT_PRECISION)
-        _store_key_rows(dk_ptr, dv_ptr, tl.trans(dk_t) * scale, tl.trans(dv_t), keys, num_keys, stride_dkn,
-                        stride_dkd, stride_dvn, stride_dvd, head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
+        _store_key_rows(dk_ptr, dv_ptr, tl.trans(dk_t) * scale, tl.trans(dv_t), keys, num_keys, dk_strides[2],
+                        dk_strides[3], dv_strides[2], dv_strides[3], head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
 
-    store_rows(DQ + chunk * stride_dqc + b * stride_dqb + h * stride_dqh, dq * scale, rows, row_ok, stride_dqm,
-               stride_dqd, head_dim_qk, BLOCK_DQK)
+    store_rows(DQ + chunk * dq_strides[0] + b * dq_strides[1] + h * dq_strides[2], dq * scale, rows, row_ok,
+               dq_strides[3], dq_strides[4], head_dim_qk, BLOCK_DQK)
 
 
 @triton.jit
 def attention_bwd_decode_kernel(
     Q, K, V, PAD, DO, LSE, OUT, DQ, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_pn,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dkc, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvc, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    q_strides, k_strides, v_strides, pad_strides, do_strides, out_strides, dq_strides, dk_strides, dv_strides,
     heads, num_queries, num_keys, head_dim_qk, head_dim_v, scale, qk_scale_log2,
     num_chunks, queries_per_chunk,
     HAS_MASK: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -163,11 +148,11 @@ def attention_bwd_decode_kernel(
     Tiles whose rows see no key (all keys padding; causally, the first Nq - Nk rows)
     store dQ = 0 without loading Q, dO or O."""
     chunk, _, bh, b, h = program_coordinates(num_chunks, 1, heads)
-    pad_ptr = PAD + b * stride_pb
+    pad_ptr = PAD + b * pad_strides[0]
     keys = tl.arange(0, BLOCK_RESIDENT).to(tl.int64)
-    key_ok = usable_keys(pad_ptr, keys, num_keys, stride_pn, HAS_MASK)
-    k = load_rows(K + b * stride_kb + h * stride_kh, keys, key_ok, stride_kn, stride_kd, head_dim_qk, BLOCK_DQK)
-    v = load_rows(V + b * stride_vb + h * stride_vh, keys, key_ok, stride_vn, stride_vd, head_dim_v, BLOCK_DV)
+    key_ok = usable_keys(pad_ptr, keys, num_keys, pad_strides[1], HAS_MASK)
+    k = load_rows(head_start(K, k_strides, b, h), keys, key_ok, k_strides[2], k_strides[3], head_dim_qk, BLOCK_DQK)
+    v = load_rows(head_start(V, v_strides, b, h), keys, key_ok, v_strides[2], v_strides[3], head_dim_v, BLOCK_DV)
     dk = tl.zeros([BLOCK_RESIDENT, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_RESIDENT, BLOCK_DV], dtype=tl.float32)
 
@@ -179,38 +164,38 @@ def attention_bwd_decode_kernel(
     if CAUSAL:
         first = tl.minimum(row_end, tl.maximum(
             first, row_start + tl.maximum(0, -causal_offset - row_start) // BLOCK_INNER * BLOCK_INNER))
-    dq_ptr = DQ + b * stride_dqb + h * stride_dqh
+    dq_ptr = head_start(DQ, dq_strides, b, h)
     zero_dq = tl.zeros([BLOCK_INNER, BLOCK_DQK], dtype=tl.float32)
     for block_start in range(row_start, first, BLOCK_INNER):
         rows = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
-        store_rows(dq_ptr, zero_dq, rows, rows < row_end, stride_dqm, stride_dqd, head_dim_qk, BLOCK_DQK)
+        store_rows(dq_ptr, zero_dq, rows, rows < row_end, dq_strides[2], dq_strides[3], head_dim_qk, BLOCK_DQK)
 
-    q_ptr = Q + b * stride_qb + h * stride_qh
-    do_ptr = DO + b * stride_dob + h * stride_doh
-    o_ptr = OUT + b * stride_ob + h * stride_oh
+    q_ptr = head_start(Q, q_strides, b, h)
+    do_ptr = head_start(DO, do_strides, b, h)
+    o_ptr = head_start(OUT, out_strides, b, h)
     for block_start in range(first, row_end, BLOCK_INNER):
         rows = (block_start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         row_ok = rows < row_end
-        q = load_rows(q_ptr, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
-        do = load_rows(do_ptr, rows, row_ok, stride_dom, stride_dod, head_dim_v, BLOCK_DV)
-        out = load_rows(o_ptr, rows, row_ok, stride_om, stride_od, head_dim_v, BLOCK_DV)
+        q = load_rows(q_ptr, rows, row_ok, q_strides[2], q_strides[3], head_dim_qk, BLOCK_DQK)
+        do = load_rows(do_ptr, rows, row_ok, do_strides[2], do_strides[3], head_dim_v, BLOCK_DV)
+        out = load_rows(o_ptr, rows, row_ok, out_strides[2], out_strides[3], head_dim_v, BLOCK_DV)
         delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
         lse = row_lse(LSE + bh * num_queries, rows, row_ok)
         ds_t, dk, dv = key_rows_gradients(k, v, keys, key_ok, q, do, rows, lse, delta, dk, dv, causal_offset,
                                           qk_scale_log2, CAUSAL, DOT_PRECISION)
         dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)
-        store_rows(dq_ptr, tl.trans(dq_t) * scale, rows, row_ok, stride_dqm, stride_dqd, head_dim_qk, BLOCK_DQK)
+        store_rows(dq_ptr, tl.trans(dq_t) * scale, rows, row_ok, dq_strides[2], dq_strides[3], head_dim_qk, BLOCK_DQK)
 
-    _store_key_rows(DK + chunk * stride_dkc + b * stride_dkb + h * stride_dkh,
-                    DV + chunk * stride_dvc + b * stride_dvb + h * stride_dvh, dk * scale, dv, keys, num_keys,
-                    stride_dkn, stride_dkd, stride_dvn, stride_dvd, head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
+    _store_key_rows(DK + chunk * dk_strides[0] + b * dk_strides[1] + h * dk_strides[2],
+                    DV + chunk * dv_strides[0] + b * dv_strides[1] + h * dv_strides[2], dk * scale, dv, keys, num_keys,
+                    dk_strides[3], dk_strides[4], dv_strides[3], dv_strides[4], head_dim_qk, head_dim_v, BLOCK_DQK,
+                    BLOCK_DV)
 
 
 @triton.jit
 def sum_chunks_kernel(
     PART, OUT,
-    stride_pc, stride_pb, stride_ph, stride_pn, stride_pd,
-    stride_ob, stride_oh, stride_on, stride_od,
+    part_strides, out_strides,
     heads, length, dim, num_chunks,
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -219,8 +204,9 @@ def sum_chunks_kernel(
     block, _, bh, b, h = program_coordinates(tl.cdiv(length, BLOCK_ROWS), 1, heads)
     rows = (block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     row_ok = rows < length
-    part_ptr = PART + b * stride_pb + h * stride_ph
+    part_ptr = PART + b * part_strides[1] + h * part_strides[2]
     total = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
     for chunk in range(0, num_chunks):
-        total += load_rows(part_ptr + chunk * stride_pc, rows, row_ok, stride_pn, stride_pd, dim, BLOCK_D)
-    store_rows(OUT + b * stride_ob + h * stride_oh, total, rows, row_ok, stride_on, stride_od, dim, BLOCK_D)
+        total += load_rows(part_ptr + chunk * part_strides[0], rows, row_ok, part_strides[3], part_strides[4], dim,
+                           BLOCK_D)
+    store_rows(head_start(OUT, out_strides, b, h), total, rows, row_ok, out_strides[2], out_strides[3], dim, BLOCK_D)

@@ -54,6 +54,13 @@ def program_coordinates(num_blocks, num_chunks, heads):
 
 
 @triton.jit
+def head_start(ptr, strides, b, h):
+    """Where head h of batch entry b starts in a (B, H, rows, channels) tensor of these
+    strides."""
+    return ptr + b * strides[0] + h * strides[1]
+
+
+@triton.jit
 def load_rows(ptr, rows, row_ok, stride_row, stride_d, dim, BLOCK_D: tl.constexpr):
     """Rows `rows` x channels [0, BLOCK_D) of a strided matrix; masked rows and channels read 0."""
     offs_d = tl.arange(0, BLOCK_D)

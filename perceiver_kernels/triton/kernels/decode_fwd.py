@@ -36,7 +36,7 @@ compares each slot's key index with the row's reach.
 import triton
 import triton.language as tl
 
-from .common import LN2, load_rows, store_rows, usable_keys
+from .common import LN2, head_start, load_rows, store_rows, usable_keys
 
 # Mask bytes kept_key_slots ranks at a time: a (KEY_RANK_CHUNK x BLOCK_N) comparison
 # stays small in registers.
@@ -69,12 +69,7 @@ def kept_key_slots(pad_ptr, stride_pad_n, num_keys, BLOCK_N: tl.constexpr, HAS_M
 @triton.jit
 def decode_fwd_kernel(
     Q, K, V, PAD, RES, OUT, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_pn,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    q_strides, k_strides, v_strides, pad_strides, res_strides, out_strides,
     batch_heads, heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
     HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CAUSAL: tl.constexpr,
     MASK_SLOTS: tl.constexpr, DESCRIPTORS: tl.constexpr,
@@ -106,15 +101,15 @@ def decode_fwd_kernel(
         h32 = bh % heads
         b = b32.to(tl.int64)
         h = h32.to(tl.int64)
-        key_of_slot, kept = kept_key_slots(PAD + b * stride_pb, stride_pn, num_keys, BLOCK_N, HAS_MASK)
+        key_of_slot, kept = kept_key_slots(PAD + b * pad_strides[0], pad_strides[1], num_keys, BLOCK_N, HAS_MASK)
         slot_ok = tl.arange(0, BLOCK_N) < kept
         # Loop-invariant dot operands of the tile loop. Slots without a key read 0, so
         # NaN in padding keys never reaches a product.
-        k_t = tl.load(K + b * stride_kb + h * stride_kh + key_of_slot[None, :] * stride_kn
-                      + offs_dqk[:, None] * stride_kd,
+        k_t = tl.load(head_start(K, k_strides, b, h) + key_of_slot[None, :] * k_strides[2]
+                      + offs_dqk[:, None] * k_strides[3],
                       mask=slot_ok[None, :] & (offs_dqk < head_dim_qk)[:, None], other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + key_of_slot[:, None] * stride_vn
-                    + offs_dv[None, :] * stride_vd,
+        v = tl.load(head_start(V, v_strides, b, h) + key_of_slot[:, None] * v_strides[2]
+                    + offs_dv[None, :] * v_strides[3],
                     mask=slot_ok[:, None] & (offs_dv < head_dim_v)[None, :], other=0.0)
 
         head_first_tile = bh * tiles_per_head
@@ -131,7 +126,7 @@ def decode_fwd_kernel(
             if DESCRIPTORS:
                 q = Q.load([b32, h32, row_start, 0]).reshape(BLOCK_M, BLOCK_DQK)
             else:
-                q = load_rows(Q + b * stride_qb + h * stride_qh, rows, row_ok, stride_qm, stride_qd, head_dim_qk,
+                q = load_rows(head_start(Q, q_strides, b, h), rows, row_ok, q_strides[2], q_strides[3], head_dim_qk,
                               BLOCK_DQK)
 
             t = tl.dot(q, k_t) * qk_scale_log2
@@ -153,13 +148,13 @@ def decode_fwd_kernel(
                 if DESCRIPTORS:
                     res = RES.load([b32, h32, row_start, 0]).reshape(BLOCK_M, BLOCK_DV)
                 else:
-                    res = load_rows(RES + b * stride_rb + h * stride_rh, rows, row_ok, stride_rm, stride_rd,
+                    res = load_rows(head_start(RES, res_strides, b, h), rows, row_ok, res_strides[2], res_strides[3],
                                     head_dim_v, BLOCK_DV)
                 out += res.to(tl.float32)
             if DESCRIPTORS:
                 OUT.store([b32, h32, row_start, 0], out.to(OUT.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
             else:
-                store_rows(OUT + b * stride_ob + h * stride_oh, out, rows, row_ok, stride_om, stride_od, head_dim_v,
-                           BLOCK_DV)
+                store_rows(head_start(OUT, out_strides, b, h), out, rows, row_ok, out_strides[2], out_strides[3],
+                           head_dim_v, BLOCK_DV)
             lse = tl.where(has_keys, (m_ref + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
             tl.store(LSE + (b * heads + h) * num_queries + rows, lse, mask=row_ok)

@@ -51,7 +51,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from .attention_fwd import online_softmax, write_rows
-from .common import LN2, kept_key_span, load_rows, program_coordinates, usable_keys
+from .common import LN2, head_start, kept_key_span, load_rows, program_coordinates, usable_keys
 
 
 @triton.jit
@@ -133,12 +133,7 @@ def _checked_tile(
 @triton.jit
 def encode_fwd_kernel(
     Q, K, V, PAD, RES, OUT, LSE, PART_OUT, PART_LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_pn,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    q_strides, k_strides, v_strides, pad_strides, res_strides, out_strides,
     heads, num_queries, num_keys, head_dim_qk, head_dim_v, qk_scale_log2,
     num_splits, keys_per_split,
     HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CAUSAL: tl.constexpr, NEGATIVE_SCALE: tl.constexpr,
@@ -166,33 +161,33 @@ def encode_fwd_kernel(
     row_end = tl.minimum(row_start + BLOCK_M, num_queries)
     rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < num_queries
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q_base = head_start(Q, q_strides, b, h)
+    k_base = head_start(K, k_strides, b, h)
+    v_base = head_start(V, v_strides, b, h)
     if KV_DESCRIPTORS:
         # Rows past Nq or Nk and channels past the head dim read 0; the planner checked
         # the strides (16-byte rows, contiguous channels, aligned bases). Q comes
         # through a descriptor too: Triton 3.6's Hopper warp specialization fails to
         # compile the loop when Q is a pointer load.
-        q = tl.make_tensor_descriptor(q_base, shape=[num_queries, head_dim_qk], strides=[stride_qm, 1],
+        q = tl.make_tensor_descriptor(q_base, shape=[num_queries, head_dim_qk], strides=[q_strides[2], 1],
                                       block_shape=[BLOCK_M, BLOCK_DQK]).load([row_start, 0])
-        k_src = tl.make_tensor_descriptor(k_base, shape=[num_keys, head_dim_qk], strides=[stride_kn, 1],
+        k_src = tl.make_tensor_descriptor(k_base, shape=[num_keys, head_dim_qk], strides=[k_strides[2], 1],
                                           block_shape=[BLOCK_N, BLOCK_DQK])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[num_keys, head_dim_v], strides=[stride_vn, 1],
+        v_src = tl.make_tensor_descriptor(v_base, shape=[num_keys, head_dim_v], strides=[v_strides[2], 1],
                                           block_shape=[BLOCK_N, BLOCK_DV])
     else:
-        q = load_rows(q_base, rows, row_ok, stride_qm, stride_qd, head_dim_qk, BLOCK_DQK)
+        q = load_rows(q_base, rows, row_ok, q_strides[2], q_strides[3], head_dim_qk, BLOCK_DQK)
         k_src = k_base
         v_src = v_base
     if NEGATIVE_SCALE:
         q = -q
-    pad_ptr = PAD + b * stride_pb
+    pad_ptr = PAD + b * pad_strides[0]
 
     # The keys of this split, then those of them the mask keeps (and whether it keeps
     # all of [lo, hi)), then causally those the group's last row reaches.
     key_start = split * keys_per_split
     key_end = tl.minimum(key_start + keys_per_split, num_keys)
-    lo, hi, kept = kept_key_span(pad_ptr, key_start, key_end, stride_pn, HAS_MASK)
+    lo, hi, kept = kept_key_span(pad_ptr, key_start, key_end, pad_strides[1], HAS_MASK)
     whole_end = tl.where(kept == hi - lo, hi, lo)
     causal_offset = num_keys - num_queries
     if CAUSAL:
@@ -214,24 +209,26 @@ def encode_fwd_kernel(
         for tile_start in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
             if WHOLE_TILES:
                 acc, m_i, l_i = _whole_tile(
-                    acc, m_i, l_i, q, k_src, v_src, tile_start, stride_kn, stride_kd, stride_vn, stride_vd,
+                    acc, m_i, l_i, q, k_src, v_src, tile_start, k_strides[2], k_strides[3], v_strides[2], v_strides[3],
                     head_dim_qk, head_dim_v, qk_scale_log2, KV_DESCRIPTORS, BLOCK_N, BLOCK_DQK, BLOCK_DV,
                     DOT_PRECISION)
             else:
                 acc, m_i, l_i = _checked_tile(
                     acc, m_i, l_i, q, rows, k_src, v_src, pad_ptr, tile_start, key_end,
-                    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, head_dim_qk, head_dim_v, qk_scale_log2,
-                    causal_offset, HAS_MASK, CAUSAL, KV_DESCRIPTORS, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION)
+                    k_strides[2], k_strides[3], v_strides[2], v_strides[3], pad_strides[1], head_dim_qk, head_dim_v,
+                    qk_scale_log2, causal_offset, HAS_MASK, CAUSAL, KV_DESCRIPTORS, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                DOT_PRECISION)
     else:
         for tile_start in range(lo, whole_end, BLOCK_N):
             acc, m_i, l_i = _whole_tile(
-                acc, m_i, l_i, q, k_src, v_src, tile_start, stride_kn, stride_kd, stride_vn, stride_vd,
+                acc, m_i, l_i, q, k_src, v_src, tile_start, k_strides[2], k_strides[3], v_strides[2], v_strides[3],
                 head_dim_qk, head_dim_v, qk_scale_log2, KV_DESCRIPTORS, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION)
         for tile_start in range(whole_end, hi, BLOCK_N):
             acc, m_i, l_i = _checked_tile(
                 acc, m_i, l_i, q, rows, k_src, v_src, pad_ptr, tile_start, key_end,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, head_dim_qk, head_dim_v, qk_scale_log2,
-                causal_offset, HAS_MASK, CAUSAL, KV_DESCRIPTORS, BLOCK_N, BLOCK_DQK, BLOCK_DV, DOT_PRECISION)
+                k_strides[2], k_strides[3], v_strides[2], v_strides[3], pad_strides[1], head_dim_qk, head_dim_v,
+                qk_scale_log2, causal_offset, HAS_MASK, CAUSAL, KV_DESCRIPTORS, BLOCK_N, BLOCK_DQK, BLOCK_DV,
+                DOT_PRECISION)
 
     if PARTIALS:
         part = bh * num_splits + split
@@ -245,8 +242,8 @@ def encode_fwd_kernel(
     else:
         write_rows(
             acc, m_i, l_i, rows, row_ok, row_ok,
-            OUT + b * stride_ob + h * stride_oh, stride_om, stride_od,
-            RES + b * stride_rb + h * stride_rh, stride_rm, stride_rd,
+            head_start(OUT, out_strides, b, h), out_strides[2], out_strides[3],
+            head_start(RES, res_strides, b, h), res_strides[2], res_strides[3],
             LSE + bh * num_queries, 1,
             head_dim_v, LN2, HAS_RESIDUAL, BLOCK_DV,
         )

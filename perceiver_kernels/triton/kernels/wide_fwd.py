@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import key_walk, online_softmax, write_rows
-from .common import LN2, load_rows, program_coordinates, usable_keys
+from .common import LN2, head_start, load_rows, program_coordinates, usable_keys
 
 # The widest piece of the output the epilogue writes at once (see _write_chunk).
 EPILOGUE_CHANNELS = tl.constexpr(32)
@@ -151,12 +151,7 @@ def _write_chunk(acc, m_i, l_i, rows, row_ok, lse_ok, out_ptr, stride_om, stride
 @triton.jit
 def wide_fwd_kernel(
     Q0, Q1, Q2, K0, K1, K2, V0, V1, V2, PAD, RES, OUT, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_pn,
-    stride_rb, stride_rh, stride_rm, stride_rd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    q_strides, k_strides, v_strides, pad_strides, res_strides, out_strides,
     heads, num_queries, num_keys, qk_width, head_dim_v, v_width, qk_scale_log2,
     num_splits, keys_per_split,
     HAS_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
@@ -188,8 +183,8 @@ def wide_fwd_kernel(
         q0_src, q1_src, q2_src = Q0, Q1, Q2
         k0_src, k1_src, k2_src = K0, K1, K2
     else:
-        q0_src = Q0 + b * stride_qb + h * stride_qh
-        k0_src = K0 + b * stride_kb + h * stride_kh
+        q0_src = head_start(Q0, q_strides, b, h)
+        k0_src = head_start(K0, k_strides, b, h)
         q1_src, q2_src, k1_src, k2_src = q0_src, q0_src, k0_src, k0_src
     # With a mask, V comes through pointers even where TMA could read it: a TMA block holds
     # the padding keys' rows, and NaN there would reach P.V (0 x NaN); masked pointer
@@ -199,13 +194,13 @@ def wide_fwd_kernel(
     if V_TMA:
         v0_src, v1_src, v2_src = V0, V1, V2
     else:
-        v0_src = V0 + b * stride_vb + h * stride_vh
+        v0_src = head_start(V0, v_strides, b, h)
         v1_src, v2_src = v0_src, v0_src
-    q0 = _query_chunk(q0_src, b, h, first_query, rows, row_ok, stride_qm, stride_qd, 0, qk_width, BLOCK_M,
+    q0 = _query_chunk(q0_src, b, h, first_query, rows, row_ok, q_strides[2], q_strides[3], 0, qk_width, BLOCK_M,
                       DQK0, USE_TMA)
-    q1 = _query_chunk(q1_src, b, h, first_query, rows, row_ok, stride_qm, stride_qd, DQK0, qk_width, BLOCK_M,
+    q1 = _query_chunk(q1_src, b, h, first_query, rows, row_ok, q_strides[2], q_strides[3], DQK0, qk_width, BLOCK_M,
                       DQK1, USE_TMA)
-    q2 = _query_chunk(q2_src, b, h, first_query, rows, row_ok, stride_qm, stride_qd, DQK0 + DQK1, qk_width,
+    q2 = _query_chunk(q2_src, b, h, first_query, rows, row_ok, q_strides[2], q_strides[3], DQK0 + DQK1, qk_width,
                       BLOCK_M, DQK2, USE_TMA)
     acc0 = tl.zeros([BLOCK_M, DV0], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, DV1 if DV1 > 0 else 16], dtype=tl.float32)  # a stand-in where absent
@@ -214,42 +209,46 @@ def wide_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     causal_offset = num_keys - num_queries
-    pad_ptr = PAD + b * stride_pb
+    pad_ptr = PAD + b * pad_strides[0]
     key_start, full_end, key_end = key_walk(
         pad_ptr, chunk * keys_per_split, tl.minimum(chunk * keys_per_split + keys_per_split, num_keys),
-        first_query, tl.minimum(first_query + BLOCK_M, num_queries), stride_pn, causal_offset, HAS_MASK, CAUSAL,
+        first_query, tl.minimum(first_query + BLOCK_M, num_queries), pad_strides[1], causal_offset, HAS_MASK, CAUSAL,
         BLOCK_N)
     for block_start in range(key_start, full_end, BLOCK_N):
         acc0, acc1, acc2, m_i, l_i = _accumulate_block(
             acc0, acc1, acc2, m_i, l_i, q0, q1, q2, rows, b, h, k0_src, k1_src, k2_src, v0_src, v1_src, v2_src,
-            pad_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, block_start, key_end, qk_width,
-            v_width, slice_start, qk_scale_log2, causal_offset, HAS_MASK, False, BLOCK_M, BLOCK_N, DQK0, DQK1,
+            pad_ptr, k_strides[2], k_strides[3], v_strides[2], v_strides[3], pad_strides[1], block_start, key_end,
+            qk_width, v_width, slice_start, qk_scale_log2, causal_offset, HAS_MASK, False, BLOCK_M, BLOCK_N, DQK0, DQK1,
             DQK2, DV0, DV1, DV2, USE_TMA, V_TMA, DOT_PRECISION)
     if CAUSAL:
         for block_start in range(full_end, key_end, BLOCK_N):
             acc0, acc1, acc2, m_i, l_i = _accumulate_block(
                 acc0, acc1, acc2, m_i, l_i, q0, q1, q2, rows, b, h, k0_src, k1_src, k2_src, v0_src, v1_src, v2_src,
-                pad_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, block_start, key_end, qk_width,
-                v_width, slice_start, qk_scale_log2, causal_offset, HAS_MASK, True, BLOCK_M, BLOCK_N, DQK0, DQK1,
-                DQK2, DV0, DV1, DV2, USE_TMA, V_TMA, DOT_PRECISION)
+                pad_ptr, k_strides[2], k_strides[3], v_strides[2], v_strides[3], pad_strides[1], block_start, key_end,
+                qk_width, v_width, slice_start, qk_scale_log2, causal_offset, HAS_MASK, True, BLOCK_M, BLOCK_N, DQK0,
+                DQK1, DQK2, DV0, DV1, DV2, USE_TMA, V_TMA, DOT_PRECISION)
 
     if SPLIT:
         part = bh * num_splits + chunk
-        out_ptr, stride_om, stride_od = OUT + part * num_queries * head_dim_v, head_dim_v, 1
+        out_ptr, out_row_stride, out_channel_stride = OUT + part * num_queries * head_dim_v, head_dim_v, 1
         lse_ptr = LSE + part * num_queries
-        res_ptr, stride_rm, stride_rd = OUT, 0, 0
+        res_ptr, res_row_stride, res_channel_stride = OUT, 0, 0
     else:
-        out_ptr = OUT + b * stride_ob + h * stride_oh
+        out_ptr = head_start(OUT, out_strides, b, h)
+        out_row_stride, out_channel_stride = out_strides[2], out_strides[3]
         lse_ptr = LSE + bh * num_queries
-        res_ptr = RES + b * stride_rb + h * stride_rh
+        res_ptr = head_start(RES, res_strides, b, h)
+        res_row_stride, res_channel_stride = res_strides[2], res_strides[3]
     lse_unit: tl.constexpr = 1.0 if SPLIT else LN2
     has_residual: tl.constexpr = False if SPLIT else HAS_RESIDUAL
     # Of a row's slices and chunks, the first writes its lse.
     lse_ok = rows < tl.where(slice_start == 0, num_queries, 0)
     no_lse = rows < 0
-    _write_chunk(acc0, m_i, l_i, rows, row_ok, lse_ok, out_ptr, stride_om, stride_od, res_ptr, stride_rm, stride_rd,
-                 lse_ptr, slice_start, head_dim_v, lse_unit, has_residual, DV0)
-    _write_chunk(acc1, m_i, l_i, rows, row_ok, no_lse, out_ptr, stride_om, stride_od, res_ptr, stride_rm, stride_rd,
-                 lse_ptr, slice_start + DV0, head_dim_v, lse_unit, has_residual, DV1)
-    _write_chunk(acc2, m_i, l_i, rows, row_ok, no_lse, out_ptr, stride_om, stride_od, res_ptr, stride_rm, stride_rd,
-                 lse_ptr, slice_start + DV0 + DV1, head_dim_v, lse_unit, has_residual, DV2)
+    _write_chunk(acc0, m_i, l_i, rows, row_ok, lse_ok, out_ptr, out_row_stride, out_channel_stride, res_ptr,
+                 res_row_stride, res_channel_stride, lse_ptr, slice_start, head_dim_v, lse_unit, has_residual, DV0)
+    _write_chunk(acc1, m_i, l_i, rows, row_ok, no_lse, out_ptr, out_row_stride, out_channel_stride, res_ptr,
+                 res_row_stride, res_channel_stride, lse_ptr, slice_start + DV0, head_dim_v, lse_unit, has_residual,
+                 DV1)
+    _write_chunk(acc2, m_i, l_i, rows, row_ok, no_lse, out_ptr, out_row_stride, out_channel_stride, res_ptr,
+                 res_row_stride, res_channel_stride, lse_ptr, slice_start + DV0 + DV1, head_dim_v, lse_unit,
+                 has_residual, DV2)
