@@ -168,17 +168,17 @@ def test_encode_plan_declines_what_it_does_not_serve_and_honours_forced_splits(f
 
 
 def test_descriptors_need_aligned_rows_and_contiguous_channels():
-    from perceiver_kernels.triton.encode import descriptors_allowed
+    from perceiver_kernels.triton.descriptors import device_descriptors_fit
 
     contiguous = torch.zeros(2, 3, 100, 64, dtype=torch.bfloat16)
     transposed_40 = torch.zeros(2, 100, 3, 40, dtype=torch.float16).transpose(1, 2)   # rows of 3 x 80 bytes
     transposed_100 = torch.zeros(2, 100, 3, 100, dtype=torch.float16).transpose(1, 2)  # 200-byte head stride
     every_other = torch.zeros(2, 3, 100, 128, dtype=torch.float16)[..., ::2]
-    assert descriptors_allowed(contiguous, transposed_40)
-    assert not descriptors_allowed(contiguous, transposed_100)
-    assert not descriptors_allowed(every_other)
-    assert descriptors_allowed(torch.zeros(1, 1, 100, 8, dtype=torch.float16)[:, :, 1:])  # 16-byte rows, offset base
-    assert not descriptors_allowed(torch.zeros(1, 1, 100, 8, dtype=torch.float16)[:, :, :, 1:])
+    assert device_descriptors_fit(contiguous, transposed_40)
+    assert not device_descriptors_fit(contiguous, transposed_100)
+    assert not device_descriptors_fit(every_other)
+    assert device_descriptors_fit(torch.zeros(1, 1, 100, 8, dtype=torch.float16)[:, :, 1:])  # 16-byte rows, offset base
+    assert not device_descriptors_fit(torch.zeros(1, 1, 100, 8, dtype=torch.float16)[:, :, :, 1:])
 
 
 def test_untimed_backward_plans_of_the_benchmark_shapes(fake_gpu):

@@ -59,11 +59,11 @@ SUM_CHUNKS = "sum_chunks_kernel"
 # program per (slice of Dv, query tile, key chunk) (kernels/wide_fwd.py, launched by
 # triton/wide.py with its own tiles).
 FORWARD_WIDE_ONCE = "wide_fwd_kernel"
-FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, ENCODE_FORWARD)
+FORWARDS = (FORWARD_TILE, FORWARD_SPLIT, FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT)
 BACKWARDS = (BACKWARD_DKDV, BACKWARD_DQ, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 WIDE = (FORWARD_WIDE_TILE, FORWARD_WIDE_SPLIT, BACKWARD_WIDE_DKDV, BACKWARD_WIDE_DQ)
 # The kernels whose programs' rows come from the plan, not from the config.
-SPLITS = (FORWARD_SPLIT, FORWARD_WIDE_SPLIT, ENCODE_FORWARD)
+SPLITS = (FORWARD_SPLIT, FORWARD_WIDE_SPLIT)
 # Where each kernel lives. Looked up at launch (kernel()), not bound at import, so that
 # tests/triton_compile.py can put recorders in the kernels' place.
 MODULES = {
@@ -134,8 +134,7 @@ def _c(inner, warps, stages, block_m=None) -> LaunchConfig:
 
 # Winners of autotuning (triton 3.6 on an H200, bf16, head dims 64/64; tuned.txt of
 # benchmarks/results/2026-11-30-h200): DEC-1's tile forward, ENC-1/ENC-3's split forward
-# (4 stages won ENC-3 and 3 ENC-1), and the backward's inner blocks (64 over long ranges:
-# dQ of ENCODE, dK/dV of DECODE; 32 over the short ones).
+# (4 stages won ENC-3 and 3 ENC-1).
 MEASURED: dict[tuple, LaunchConfig] = {
     ("sm_90", FORWARD_TILE, 64, 64): _c(64, 4, 4, block_m=128),
     ("sm_90", FORWARD_SPLIT, 64, 64): _c(64, 8, 4),
@@ -285,10 +284,7 @@ def choose(shape: ShapeClass, device: torch.device) -> LaunchConfig:
     measured = MEASURED.get((arch, shape.kernel, shape.block_dqk, shape.block_dv))
     if measured is not None and not shape.exact_fp32 and fits(measured, shape, limit, arch):
         return measured
-    for config in PREFERENCES[shape.kernel]:
-        if fits(config, shape, limit, arch):
-            return config
-    return min(PREFERENCES[shape.kernel], key=lambda c: shared_memory_bytes(c, shape))
+    return first_fit(shape, device) or min(PREFERENCES[shape.kernel], key=lambda c: shared_memory_bytes(c, shape))
 
 
 def search_space(shape: ShapeClass, device: torch.device) -> list[LaunchConfig]:

@@ -20,6 +20,7 @@ from .. import machine
 from ..kernel_launch import allocate_output, cdiv, mask_operand, next_power_of_2, on_device, residual_operand
 from ..problem import Call, Problem
 from . import configs, tiling
+from .descriptors import host_descriptor, host_descriptor_fits
 from .kernels.common import LOG2E
 
 # The most keys a program keeps resident, in one block (K and V of one head in shared
@@ -140,12 +141,6 @@ class PersistentDecode:
     def launch(self, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
         return _launch(self, call)
 
-    @staticmethod
-    def descriptors(*tensors: torch.Tensor) -> bool:
-        """Whether a call's Q, residual and output go through tensor descriptors: their
-        strides and alignment belong to the call, not the problem, so this is asked per call."""
-        return all(_descriptor_fits(x) for x in tensors)
-
 
 def plan(problem: Problem, num_splits: Optional[int]) -> Optional[PersistentDecode]:
     """The plan of a problem, or None where the kernel does not serve it: a forced split
@@ -175,18 +170,8 @@ def plan(problem: Problem, num_splits: Optional[int]) -> Optional[PersistentDeco
     return PersistentDecode(constexprs, tiles, programs, total_tiles)
 
 
-def _descriptor_fits(x: torch.Tensor) -> bool:
-    """Whether TMA can address x: base 16-byte aligned, last dim contiguous, the other
-    strides multiples of 16 bytes (the CUDA driver's rules for a tensor map)."""
-    size = x.element_size()
-    return (x.data_ptr() % 16 == 0 and x.stride(-1) == 1
-            and all(stride * size % 16 == 0 for stride in x.stride()[:-1]))
-
-
 def _descriptor(x: torch.Tensor, block_m: int, block_d: int):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_m, block_d])
+    return host_descriptor(x, [1, 1, block_m, block_d])
 
 
 def _launch(launch: PersistentDecode, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,10 +180,11 @@ def _launch(launch: PersistentDecode, call: Call) -> tuple[torch.Tensor, torch.T
     pad, pad_strides = mask_operand(call)
     res, res_strides = residual_operand(call, out)
     block_m, block_dqk, block_dv = launch.tiles.block_m, launch.constexprs["BLOCK_DQK"], launch.constexprs["BLOCK_DV"]
-    descriptors = launch.descriptors(q, res, out)
+    streamed = (q, out, res) if problem.has_residual else (q, out)  # res is out otherwise, unread
+    descriptors = all(host_descriptor_fits(x) for x in streamed)
     if descriptors:
-        q_arg, res_arg, out_arg = (_descriptor(q, block_m, block_dqk), _descriptor(res, block_m, block_dv),
-                                   _descriptor(out, block_m, block_dv))
+        q_arg, out_arg = _descriptor(q, block_m, block_dqk), _descriptor(out, block_m, block_dv)
+        res_arg = _descriptor(res, block_m, block_dv) if problem.has_residual else out_arg
     else:
         q_arg, res_arg, out_arg = q, res, out
     with on_device(q):

@@ -38,7 +38,9 @@ from ..kernel_launch import (CHUNK_ALIGNMENT, MAX_CHUNKS, allocate_output, cdiv,
                              on_device, plan_chunks, residual_operand)
 from ..problem import Call, Problem
 from . import configs, tiling
+from .descriptors import device_descriptors_fit, ensure_device_descriptor_allocator
 from .kernels.common import LOG2E
+from .merge import MergePlan, allocate_partials, launch_merge, plan_merge
 
 # ENCODE's latents: 128..2,048 per head in Perceiver IO and AR (the brief's range).
 MAX_QUERIES = 2048
@@ -146,10 +148,12 @@ class EncodeForward:
     keys_per_split: int
     config: configs.LaunchConfig
     constexprs: tuple[dict, dict]  # the kernel's, with K/V through pointers and through descriptors
-    merge_rows: int
-    merge_block_dv: int
-    dependent_launch: bool     # the merge launched with programmatic dependent launch (sm_90+)
+    merge: MergePlan           # launched with programmatic dependent launch on sm_90+
     slots: int                 # the SMs the split plan counted
+
+    @property
+    def dependent_launch(self) -> bool:
+        return "launch_pdl" in self.merge.constexprs
 
     @property
     def programs(self) -> int:
@@ -236,44 +240,8 @@ def plan(problem: Problem, num_splits: Optional[int] = None) -> Optional[EncodeF
     # 8 heads x 256 queries merge in 128 programs of 16 rows, not 32 of 64).
     rows_to_fill = 1 << max(0, (problem.batch * problem.heads * problem.num_queries // slots).bit_length() - 1)
     merge_rows = max(16, min(32 if block_dv > 128 else 64, rows_to_fill))
-    return EncodeForward(rows, groups, num_splits, keys_per_split, config, (pointers, descriptors), merge_rows,
-                         block_dv, hopper, slots)
-
-
-def descriptors_allowed(*tensors: torch.Tensor) -> bool:
-    """Whether tensor descriptors (TMA) can read these (B, H, N, D) tensors (the CUDA
-    driver's rules): contiguous channels, rows a multiple of 16 bytes apart (the
-    descriptor's stride), and every (batch, head) base 16-byte aligned (the batch and
-    head strides count where that dimension has more than one index)."""
-    for tensor in tensors:
-        size = tensor.element_size()
-        if tensor.stride(3) != 1 or tensor.data_ptr() % 16 or tensor.stride(2) * size % 16:
-            return False
-        if any(tensor.shape[dim] > 1 and tensor.stride(dim) * size % 16 for dim in range(2)):
-            return False
-    return True
-
-
-def _descriptor_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
-    """Global memory Triton asks for at launch to hold the descriptors that programs
-    build (tl.make_tensor_descriptor): 128 bytes per program, from PyTorch's caching
-    allocator on the current device and stream."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_descriptor_allocator() -> None:
-    """Gives Triton an allocator for in-kernel descriptors unless one is set.
-
-    triton.set_allocator is process-global (a ContextVar: per thread and context), and
-    an application may have set its own (a memory pool, another library's); replacing
-    it would change what its kernels allocate from. So it is set only where none is,
-    checked at each launch, since a new thread starts without one.
-    """
-    import triton
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_descriptor_scratch)
+    return EncodeForward(rows, groups, num_splits, keys_per_split, config, (pointers, descriptors),
+                         plan_merge(problem, merge_rows, block_dv, dependent_launch=hopper), slots)
 
 
 def _launch(plan: EncodeForward, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,20 +249,20 @@ def _launch(plan: EncodeForward, call: Call) -> tuple[torch.Tensor, torch.Tensor
     out, lse = allocate_output(q, problem.head_dim_v)
     pad, pad_strides = mask_operand(call)
     res, res_strides = residual_operand(call, out)
-    descriptors = descriptors_allowed(q, k, v)
+    # Descriptors where the plan has them and the call's tensors allow (strides belong
+    # to the call).
+    descriptors = plan.constexprs[True]["KV_DESCRIPTORS"] and device_descriptors_fit(q, k, v)
     constexprs = plan.constexprs[descriptors]
     heads = problem.batch * problem.heads
     split = plan.num_splits > 1
     if split:
-        part_out = torch.empty((heads, plan.num_splits, problem.num_queries, problem.head_dim_v),
-                               dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((heads, plan.num_splits, problem.num_queries), dtype=torch.float32, device=q.device)
+        part_out, part_lse = allocate_partials(problem, plan.num_splits, q.device)
     else:
         part_out, part_lse = out, lse  # unread: one split writes out and lse
 
     with on_device(q):
         if descriptors and q.is_cuda:
-            _ensure_descriptor_allocator()
+            ensure_device_descriptor_allocator()
         configs.kernel(configs.ENCODE_FORWARD)[(heads * plan.programs,)](
             q, k, v, pad, res, out, lse, part_out, part_lse,
             q.stride(), k.stride(), v.stride(), pad_strides, res_strides, out.stride(),
@@ -303,12 +271,5 @@ def _launch(plan: EncodeForward, call: Call) -> tuple[torch.Tensor, torch.Tensor
             **constexprs,
         )
         if split:
-            merge_programs = cdiv(problem.num_queries, plan.merge_rows) * cdiv(problem.head_dim_v, plan.merge_block_dv)
-            pdl = dict(WAIT_FOR_PRIMARY=True, launch_pdl=True) if plan.dependent_launch else {}
-            configs.kernel(configs.MERGE)[(merge_programs * heads,)](
-                part_out, part_lse, res, out, lse,
-                *res_strides, *out.stride(),
-                problem.heads, problem.num_queries, problem.head_dim_v, plan.num_splits,
-                HAS_RESIDUAL=problem.has_residual, BLOCK_M=plan.merge_rows, BLOCK_DV=plan.merge_block_dv, **pdl,
-            )
+            launch_merge(plan.merge, problem, plan.num_splits, part_out, part_lse, res, res_strides, out, lse)
     return out, lse

@@ -15,10 +15,11 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from ..kernel_launch import (SplitPlan, allocate_output, cdiv, mask_operand, next_power_of_2, on_device, plan_chunks,
-                             residual_operand)
+from .. import kernel_launch
+from ..kernel_launch import SplitPlan, allocate_output, cdiv, mask_operand, next_power_of_2, on_device, residual_operand
 from ..problem import Call, Problem
 from . import configs, decode, encode, tiling, variants, wide
+from .merge import MergePlan, allocate_partials, launch_merge, plan_merge
 from .kernels.common import LOG2E
 
 
@@ -65,7 +66,7 @@ def plan_splits(problem: Problem, num_splits: Optional[int] = None) -> SplitPlan
         tile_rows = _query_tile_rows(problem, *tiling.head_dim_blocks(problem))
         slices = 1
     programs = cdiv(problem.num_queries, tile_rows) * slices * problem.batch * problem.heads
-    return SplitPlan(*plan_chunks(programs, problem.num_keys, problem.device, num_splits), tile_rows)
+    return kernel_launch.plan_splits(programs, problem.num_keys, tile_rows, problem.device, num_splits)
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,7 @@ class TiledForward:
     grid: Optional[tuple]      # None: autotuning picks BLOCK_M, the grid follows it
     scalars: tuple             # the kernel's arguments after its strides
     slices: int                # programs per query tile (and key chunk): one per slice of Dv
-    merge_grid: tuple
-    merge_constexprs: dict
+    merge: MergePlan
 
     def describe(self, problem: Problem) -> str:
         path = self.plan.describe()
@@ -142,10 +142,8 @@ def _tiled(problem: Problem, num_splits: Optional[int]) -> TiledForward:
     else:
         merge_block_dv = constexprs["BLOCK_DV"]
         merge_rows = min(32 if merge_block_dv > 128 else 64, plan.query_tile_rows)
-    merge_programs = cdiv(problem.num_queries, merge_rows) * cdiv(problem.head_dim_v, merge_block_dv)
-    merge_constexprs = dict(HAS_RESIDUAL=problem.has_residual, BLOCK_M=merge_rows, BLOCK_DV=merge_block_dv)
     return TiledForward(plan, kernel, {**constexprs, **meta}, grid, scalars, slices,
-                        (merge_programs * problem.batch * problem.heads,), merge_constexprs)
+                        plan_merge(problem, merge_rows, merge_block_dv))
 
 
 def run_forward(call: Call, num_splits: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,16 +169,10 @@ def _launch_tiled(launch: TiledForward, call: Call) -> tuple[torch.Tensor, torch
             )
             return out, lse
 
-        part_out = torch.empty((problem.batch * problem.heads, plan.num_splits, problem.num_queries,
-                                problem.head_dim_v), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((problem.batch * problem.heads, plan.num_splits, problem.num_queries),
-                               dtype=torch.float32, device=q.device)
+        part_out, part_lse = allocate_partials(problem, plan.num_splits, q.device)
         configs.kernel(launch.kernel)[launch.grid](
             q, k, v, pad, part_out, part_lse,
             *q.stride(), *k.stride(), *v.stride(), *pad_strides, *launch.scalars, **launch.constexprs,
         )
-        configs.kernel(configs.MERGE)[launch.merge_grid](
-            part_out, part_lse, res, out, lse, *res_strides, *out.stride(),
-            problem.heads, problem.num_queries, problem.head_dim_v, plan.num_splits, **launch.merge_constexprs,
-        )
+        launch_merge(launch.merge, problem, plan.num_splits, part_out, part_lse, res, res_strides, out, lse)
     return out, lse

@@ -14,8 +14,8 @@ not multiples of 16 (261) are copied once, zero-padded, before the launch
 Declined (None: the timed wide kernels run them): heads of at most 256 channels (the
 narrow kernels), Dqk or Dv above 512 (the timed kernels' slices or the torch backend's
 chunked products serve them), and what no tile holds without spilling: exact fp32
-beyond 336 channels, and before Hopper anything but 16-bit heads of multiples of 16
-up to 272 channels.
+beyond 336 channels, and before Hopper anything but 16-bit heads of up to 272 channels
+whose Dv is a multiple of 16.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import torch
 
 from .. import machine
 from ..kernel_launch import (MAX_CHUNKS, MIN_CHUNK_LENGTH, SplitPlan, allocate_output, cdiv, mask_operand,
-                             next_power_of_2, on_device, plan_chunks, residual_operand)
+                             next_power_of_2, on_device, plan_splits, residual_operand)
 from ..problem import Call, Problem
 from . import configs, tiling
+from .descriptors import host_descriptor, host_descriptor_fits
 from .kernels.common import LOG2E
+from .merge import MergePlan, allocate_partials, launch_merge, plan_merge
 
 MAX_HEAD_DIM = 512
 # Head dims the kernel reads as they are; others are copied once, zero-padded to the next
@@ -177,6 +179,7 @@ class WideForward:
     padded_widths: tuple[int, int]  # (Dqk, Dv) of the zero-padded copies of q, k and v; 0: none
     constexprs: dict
     grid: tuple[int]
+    merge: MergePlan  # of the timed kernels' merge: slices of Dv that keep its fp32 rows in registers
 
     def describe(self, problem: Problem) -> str:
         def chunks(widths):
@@ -212,7 +215,7 @@ def plan(problem: Problem, num_splits: Optional[int] = None) -> Optional[WideFor
         return None
     arch, limit = configs.device_facts(problem.device)
     hopper = arch == machine.INTERPRETER or machine.capability(arch) >= 90
-    padded_widths = tuple(0 if dim % HEAD_ALIGNMENT == 0 else -(-dim // HEAD_ALIGNMENT) * HEAD_ALIGNMENT
+    padded_widths = tuple(0 if dim % HEAD_ALIGNMENT == 0 else cdiv(dim, HEAD_ALIGNMENT) * HEAD_ALIGNMENT
                           for dim in (problem.head_dim_qk, problem.head_dim_v))
     if not hopper and (problem.exact_fp32 or padded_widths[1]):
         # sm_80 spilled 8-32 bytes storing rows of such a Dv element by element with a mask
@@ -229,7 +232,7 @@ def plan(problem: Problem, num_splits: Optional[int] = None) -> Optional[WideFor
         # so that the programs fill the SMs once rather than leave a partial wave.
         sms = machine.multiprocessors(problem.device.type, problem.device.index)
         num_splits = max(1, min(sms // tiles, problem.num_keys // MIN_CHUNK_LENGTH, MAX_CHUNKS))
-    split = SplitPlan(*plan_chunks(tiles, problem.num_keys, problem.device, num_splits), tile.block_m)
+    split = plan_splits(tiles, problem.num_keys, tile.block_m, problem.device, num_splits)
     constexprs = dict(
         HAS_MASK=problem.has_mask, HAS_RESIDUAL=problem.has_residual, CAUSAL=problem.causal,
         SPLIT=split.num_splits > 1, DOT_PRECISION="ieee" if problem.exact_fp32 else "tf32",
@@ -237,28 +240,15 @@ def plan(problem: Problem, num_splits: Optional[int] = None) -> Optional[WideFor
         **tile.meta(),
     )
     return WideForward(split, tile, qk_chunks, v_chunks, slices, hopper and not problem.exact_fp32, padded_widths,
-                       constexprs, (tiles * split.num_splits,))
-
-
-def _tma_ready(x: torch.Tensor) -> bool:
-    """Whether a (B, H, N, D) tensor can be read through a TMA descriptor: 16-byte aligned
-    start, contiguous channels, every other dimension (of more than one entry) strided by
-    a positive multiple of 16 bytes."""
-    return x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(
-        stride > 0 and stride * x.element_size() % 16 == 0 for size, stride in zip(x.shape[:-1], x.stride()[:-1])
-        if size > 1)
+                       constexprs, (tiles * split.num_splits,), plan_merge(problem, *tiling.WIDE_MERGE_BLOCK))
 
 
 def _descriptors(x: torch.Tensor, rows: int, widths: tuple[int, int, int]) -> list:
     """One 4-d descriptor per chunk (the first chunk's in an absent one's place, never read)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    # A dimension of one entry is never stepped: any stride TMA accepts will do.
-    strides = [stride if size > 1 else 16 // x.element_size() for size, stride in zip(x.shape[:-1], x.stride()[:-1])]
     made = {}
     for width in widths:
         if width and width not in made:
-            made[width] = TensorDescriptor(x, list(x.shape), strides + [1], [1, 1, rows, width])
+            made[width] = host_descriptor(x, [1, 1, rows, width])
     return [made[width or widths[0]] for width in widths]
 
 
@@ -272,7 +262,7 @@ def _launch(plan: WideForward, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
     if padded_v:
         v = torch.nn.functional.pad(v, (0, padded_v - problem.head_dim_v))
     qk_width, v_width = q.shape[-1], v.shape[-1]
-    use_tma = plan.tma and all(_tma_ready(x) for x in (q, k, v))
+    use_tma = plan.tma and all(host_descriptor_fits(x) for x in (q, k, v))
     sources = [q] * 3 + [k] * 3 + [v] * 3
     if use_tma:
         sources[:6] = _descriptors(q, tile.block_m, plan.qk_chunks) + _descriptors(k, tile.block_n, plan.qk_chunks)
@@ -292,22 +282,11 @@ def _launch(plan: WideForward, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
                 *sizes, USE_TMA=use_tma, **plan.constexprs,
             )
             return out, lse
-        part_out = torch.empty((problem.batch * problem.heads, split.num_splits, problem.num_queries,
-                                problem.head_dim_v), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((problem.batch * problem.heads, split.num_splits, problem.num_queries),
-                               dtype=torch.float32, device=q.device)
+        part_out, part_lse = allocate_partials(problem, split.num_splits, q.device)
         kernel[plan.grid](
             *sources, pad, part_out, part_out, part_lse,
             q.stride(), k.stride(), v.stride(), pad_strides, (0, 0, 0, 0), out.stride(),
             *sizes, USE_TMA=use_tma, **plan.constexprs,
         )
-        # The timed kernels' merge, in slices of Dv that keep its fp32 rows in registers.
-        merge_rows, merge_block_dv = tiling.WIDE_MERGE_BLOCK
-        merge_programs = cdiv(problem.num_queries, merge_rows) * cdiv(problem.head_dim_v, merge_block_dv)
-        configs.kernel(configs.MERGE)[(merge_programs * problem.batch * problem.heads,)](
-            part_out, part_lse, res, out, lse,
-            *res_strides, *out.stride(),
-            problem.heads, problem.num_queries, problem.head_dim_v, split.num_splits,
-            HAS_RESIDUAL=problem.has_residual, BLOCK_M=merge_rows, BLOCK_DV=merge_block_dv,
-        )
+        launch_merge(plan.merge, problem, split.num_splits, part_out, part_lse, res, res_strides, out, lse)
     return out, lse
