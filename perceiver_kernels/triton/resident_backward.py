@@ -55,10 +55,9 @@ class TargetLimits:
     """What fits one target's registers, from ptxas on every launch of the compile
     check's untimed suites (tests/triton_compile.py) and a sweep of resident tiles of
     64-256 rows, blocks of 16-64 and head dims 16-256 in bf16 and exact fp32. Under
-    triton 3.9 none spills; under triton 3.6 (the H200 machine's) 5 do (2026-12-03,
-    commit 1d12c15): ENCODE at 256 resident rows at head dim 128 (72 bytes, 144 causal)
-    and causally at 64 (56), and two causal 128-row tiles 8 bytes (ENCODE on sm_80,
-    DECODE on sm_90).
+    triton 3.9 none spills; under triton 3.6 (the H200 machine's) 4 do (2026-12-03):
+    ENCODE at 256 resident rows at head dim 128 (72 bytes, 144 causal) and causally at
+    64 (56), and a causal 128-row DECODE tile on sm_90 (8).
 
     The estimate counts fp32 elements per thread: the resident side's accumulators (dQ
     for ENCODE; dK and dV for DECODE), three per score (S and dP in fp32, P and dS in

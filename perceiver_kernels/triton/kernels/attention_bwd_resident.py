@@ -26,8 +26,8 @@ scores, and the gradient that stays resident): Triton puts all of a program's wa
 the rows of such products, so they need the resident tile's 64-256 rows, not a streamed
 block's 16-64 (with fewer rows than warps cover, warpgroups repeat each other's work).
 The gradient of the streamed block is formed transposed, its rows the head dim (ENCODE:
-dK^T = Q^T dS, dV^T = dO^T P; DECODE: dQ^T = K^T dS^T), so every product has 64 rows or
-more for Hopper's wgmma whatever the block.
+dK^T = Q^T dS, dV^T = dO^T P; DECODE: dQ^T = K^T dS^T), so at head dims of 64 and more
+every product has the 64 rows Hopper's wgmma takes, whatever the block.
 
 sum_chunks_kernel sums the partials of a head's programs in chunk order (deterministic,
 no atomics) into the gradient's dtype and layout.
@@ -66,6 +66,14 @@ def _store_zero_key_blocks(DK, DV, block_start, block_end, num_keys, stride_dkn,
         keys = (start + tl.arange(0, BLOCK_INNER)).to(tl.int64)
         _store_key_rows(DK, DV, zero_dk, zero_dv, keys, num_keys, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
                         head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
+
+
+@triton.jit
+def _partial_start(ptr, strides, chunk, b, h):
+    """Where chunk `chunk`'s partial for head h of batch entry b starts in a (chunks, B,
+    H, rows, channels) tensor; the chunk's offset in 64 bits (partials may pass 2^31
+    elements)."""
+    return ptr + chunk.to(tl.int64) * strides[0] + b * strides[1] + h * strides[2]
 
 
 @triton.jit
@@ -124,8 +132,8 @@ def attention_bwd_encode_kernel(
         _store_key_rows(dk_ptr, dv_ptr, tl.trans(dk_t) * scale, tl.trans(dv_t), keys, num_keys, dk_strides[2],
                         dk_strides[3], dv_strides[2], dv_strides[3], head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
 
-    store_rows(DQ + chunk * dq_strides[0] + b * dq_strides[1] + h * dq_strides[2], dq * scale, rows, row_ok,
-               dq_strides[3], dq_strides[4], head_dim_qk, BLOCK_DQK)
+    store_rows(_partial_start(DQ, dq_strides, chunk, b, h), dq * scale, rows, row_ok, dq_strides[3], dq_strides[4],
+               head_dim_qk, BLOCK_DQK)
 
 
 @triton.jit
@@ -186,10 +194,9 @@ def attention_bwd_decode_kernel(
         dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)
         store_rows(dq_ptr, tl.trans(dq_t) * scale, rows, row_ok, dq_strides[2], dq_strides[3], head_dim_qk, BLOCK_DQK)
 
-    _store_key_rows(DK + chunk * dk_strides[0] + b * dk_strides[1] + h * dk_strides[2],
-                    DV + chunk * dv_strides[0] + b * dv_strides[1] + h * dv_strides[2], dk * scale, dv, keys, num_keys,
-                    dk_strides[3], dk_strides[4], dv_strides[3], dv_strides[4], head_dim_qk, head_dim_v, BLOCK_DQK,
-                    BLOCK_DV)
+    _store_key_rows(_partial_start(DK, dk_strides, chunk, b, h), _partial_start(DV, dv_strides, chunk, b, h),
+                    dk * scale, dv, keys, num_keys, dk_strides[3], dk_strides[4], dv_strides[3], dv_strides[4],
+                    head_dim_qk, head_dim_v, BLOCK_DQK, BLOCK_DV)
 
 
 @triton.jit
@@ -206,7 +213,7 @@ def sum_chunks_kernel(
     row_ok = rows < length
     part_ptr = PART + b * part_strides[1] + h * part_strides[2]
     total = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-    for chunk in range(0, num_chunks):
-        total += load_rows(part_ptr + chunk * part_strides[0], rows, row_ok, part_strides[3], part_strides[4], dim,
-                           BLOCK_D)
+    for _ in range(0, num_chunks):
+        total += load_rows(part_ptr, rows, row_ok, part_strides[3], part_strides[4], dim, BLOCK_D)
+        part_ptr += part_strides[0]  # a pointer step: no 32-bit chunk x stride product
     store_rows(head_start(OUT, out_strides, b, h), total, rows, row_ok, out_strides[2], out_strides[3], dim, BLOCK_D)

@@ -104,11 +104,13 @@ def decode_fwd_kernel(
         key_of_slot, kept = kept_key_slots(PAD + b * pad_strides[0], pad_strides[1], num_keys, BLOCK_N, HAS_MASK)
         slot_ok = tl.arange(0, BLOCK_N) < kept
         # Loop-invariant dot operands of the tile loop. Slots without a key read 0, so
-        # NaN in padding keys never reaches a product.
-        k_t = tl.load(head_start(K, k_strides, b, h) + key_of_slot[None, :] * k_strides[2]
+        # NaN in padding keys never reaches a product. Key offsets in 64 bits (a key stride
+        # may exceed 2^31 / BLOCK_N elements: K stored keys-outermost).
+        key_offsets = key_of_slot.to(tl.int64)
+        k_t = tl.load(head_start(K, k_strides, b, h) + key_offsets[None, :] * k_strides[2]
                       + offs_dqk[:, None] * k_strides[3],
                       mask=slot_ok[None, :] & (offs_dqk < head_dim_qk)[:, None], other=0.0)
-        v = tl.load(head_start(V, v_strides, b, h) + key_of_slot[:, None] * v_strides[2]
+        v = tl.load(head_start(V, v_strides, b, h) + key_offsets[:, None] * v_strides[2]
                     + offs_dv[None, :] * v_strides[3],
                     mask=slot_ok[:, None] & (offs_dv < head_dim_v)[None, :], other=0.0)
 
