@@ -120,14 +120,10 @@ def _no_double_backward(ctx, ddq, ddk, ddv):
     )
 
 
-def _setup_backward_op(ctx, inputs, output):
-    pass
-
-
 forward_op.register_autograd(_forward_op_backward, setup_context=_setup_forward_op)
 # Recorded only when the first backward itself builds a graph (create_graph=True), so
 # that differentiating it again fails with this message instead of torch's generic one.
-backward_op.register_autograd(_no_double_backward, setup_context=_setup_backward_op)
+backward_op.register_autograd(_no_double_backward)
 
 
 class _Attention(torch.autograd.Function):

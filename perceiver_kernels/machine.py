@@ -3,7 +3,7 @@ constant for torch.compile.
 
 Every layer reads the GPU's architecture, SM count and shared memory here and nowhere
 else, so a test can make the process believe it runs on another GPU by replacing these
-functions (tests/conftest.py: `gpu_facts`).
+functions (tests/conftest.py: `fake_gpu`).
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ SDPA_DEFAULT = "sdpa"
 INTERPRETER_EXPLICIT_ONLY = ("on cpu Triton runs in its interpreter (TRITON_INTERPRET=1): correct but slow, so only "
                              "an explicit backend='triton' uses it")
 TRITON_SLOWER = ("auto prefers SDPA (backend='torch') here: on {measured} the Triton kernels ran 0.18-0.98x of "
-                 "SDPA's best backend on unmasked shapes and won only with a key padding mask on shapes too small "
-                 "for SDPA to fill the GPU, or on memory-bound decoding without gradients with a fused residual or "
+                 "SDPA's best backend on unmasked shapes and won only with a key padding mask (on ENCODE shapes, or "
+                 "shapes too small for SDPA to fill the GPU), or on memory-bound decoding without gradients with a fused residual or "
                  "heads of at most 32 channels; backend='triton' runs them")
 CUDA_SLOWER = ("auto does not choose the CUDA kernels: on {measured} they were correct but slower than SDPA or the "
                "Triton kernels on every measured shape; backend='cuda' runs them")

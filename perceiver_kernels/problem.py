@@ -230,7 +230,5 @@ def validate(
 
     requires_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (residual is not None and residual.requires_grad))
-    problem = Problem(device, dtype, batch, heads, num_queries, num_keys, head_dim_qk, head_dim_v,
-                      key_padding_mask is not None, residual is not None, requires_grad, causal, scale, dropout_p,
-                      dtype is torch.float32 and _allow_tf32())
+    problem = describe_tensors(q, k, v, key_padding_mask, residual, scale, causal, requires_grad, dropout_p)
     return Call(problem, q, k, v, key_padding_mask, residual)

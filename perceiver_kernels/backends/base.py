@@ -42,7 +42,7 @@ class Capabilities:
         if self.max_head_dim is not None and problem.max_head_dim > self.max_head_dim:
             reasons.append(
                 f"head dims up to {self.max_head_dim} are supported, got Dqk={problem.head_dim_qk} "
-                f"Dv={problem.head_dim_v} (the tiles of larger heads do not fit in registers and shared memory)"
+                f"Dv={problem.head_dim_v} (the widest heads these kernels are tested for)"
             )
         if problem.dropout and not self.dropout:
             reasons.append(DROPOUT_NOT_FUSED)

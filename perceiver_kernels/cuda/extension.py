@@ -11,8 +11,7 @@ import importlib
 from types import ModuleType
 from typing import Optional
 
-import torch
-
+from .. import machine
 from ..machine import machine_fact
 
 NOT_BUILT = (
@@ -108,10 +107,9 @@ def architecture_problem(device_index: int) -> str:
     GPU, a family-specific one ("100f") on its major version. The kernels use mma.sync
     with bf16, so they need compute capability 8.0.
     """
-    major, minor = torch.cuda.get_device_capability(device_index)
-    device = major * 10 + minor
+    device = machine.capability(machine.architecture("cuda", device_index))
     if device < 80:
-        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
+        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {device // 10}.{device % 10}"
     archs = _build_info()["cuda_archs"].split(",")
     for arch in archs:
         number = int(arch.rstrip("af"))

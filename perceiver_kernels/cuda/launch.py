@@ -29,7 +29,8 @@ def plan_forward(problem: Problem, num_splits: Optional[int] = None,
     """The split plan of the CUDA forward (kernel_launch.plan_chunks); blocks take the
     kernel's query rows of this dtype, and the wide kernels' blocks each one slice of Dv
     (as many blocks per query tile as slices), which the plan counts as programs."""
-    info = built_extension.build_info() if extension is None else extension.build_info()
+    # The built extension's info as cached (build_info() copies it; this runs every call).
+    info = built_extension._build_info() if extension is None else extension.build_info()
     dtype = DTYPE_NAMES[problem.dtype]
     tile_rows = info["query_tile_rows"][dtype]
     slices = cdiv(problem.head_dim_v, info["forward_wide_head_dims"]["value_channels_per_block"][dtype])
