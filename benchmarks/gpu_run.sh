@@ -13,7 +13,7 @@
 #                 table kernel configs (PERCEIVER_KERNELS_AUTOTUNE=0, the default);
 #                 stopped at its limit, it still writes the rows it measured
 #   summary       the table printed last: steps, test counts and failures, the
-#                 benchmark's headline, the targets of issues 14-17 (benchmarks/targets.py)
+#                 benchmark's headline, the open issues' targets (benchmarks/targets.py)
 #
 # Every step stops at its limit and the whole call at DEADLINE_S (530 s). A kernel that
 # faults breaks its process's CUDA context, so each test worker checks its context after

@@ -59,14 +59,14 @@ def _ms(row: dict | None) -> str:
 
 def headline(rows: list[dict]) -> list[str]:
     """Per anchor case and pass: each of our providers and the best baseline, with the ratio."""
-    ours = ("perceiver_kernels[triton]", UNTIMED, "perceiver_kernels[cuda]", "perceiver_kernels")
+    ours = (targets.TRITON, targets.UNTIMED, "perceiver_kernels[cuda]", targets.AUTO)
     lines = ["| suite | case | pass | provider | ms | baseline | baseline ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if row["provider"] not in ours or row.get("sweep"):
             continue
-        if row["provider"] == "perceiver_kernels" and row.get("suite", "op") == "op" and row.get(
+        if row["provider"] == targets.AUTO and row.get("suite", "op") == "op" and row.get(
                 "path", "").startswith("triton") and any(
-                other["provider"] == "perceiver_kernels[triton]" and other["case"] == row["case"]
+                other["provider"] == targets.TRITON and other["case"] == row["case"]
                 and other.get("pass") == row.get("pass") for other in rows):
             continue  # auto ran Triton here: the [triton] row says the same
         base = next((other for other in rows if other["provider"] == row.get("baseline")
@@ -77,13 +77,10 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
-UNTIMED = "perceiver_kernels[triton untimed]"
-
-
 def ab_table(rows: list[dict]) -> list[str]:
     """The A/B of the Triton rewrites: per case and pass, the timed kernels, the untimed
     rewrites and the best SDPA backend, with untimed over timed and over the best."""
-    untimed = [row for row in rows if row["provider"] == UNTIMED and row.get("suite", "op") == "op"]
+    untimed = [row for row in rows if row["provider"] == targets.UNTIMED and row.get("suite", "op") == "op"]
     if not untimed:
         return []
     lines = ["A/B of the untimed Triton rewrites (ms; speed-ups are time ratios, above 1 = the rewrite is faster):",
@@ -94,7 +91,7 @@ def ab_table(rows: list[dict]) -> list[str]:
             return next((o for o in rows if o["provider"] == provider and o["case"] == row["case"]
                          and o.get("pass") == row.get("pass") and o.get("suite", "op") == "op"), None)
 
-        timed, base = other("perceiver_kernels[triton]"), other(row.get("baseline"))
+        timed, base = other(targets.TRITON), other(row.get("baseline"))
         versus = (f"{timed['median_ms'] / row['median_ms']:.2f}x" if timed and timed["status"] == "ok"
                   and row["status"] == "ok" else "-")
         lines.append(f"| {row['case']} | {row.get('pass', '')} | {_ms(timed)} | {_ms(row)} | {versus} | "

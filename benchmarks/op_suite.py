@@ -44,6 +44,7 @@ from torch.nn.attention.bias import causal_lower_right
 from .flops import BACKWARD_FACTOR
 from .flops import attention as attention_flops
 from .harness import measure_case, throughput
+from .targets import UNTIMED
 
 
 @dataclass(frozen=True)
@@ -215,12 +216,11 @@ def _sdpa(backend_name: Optional[str]) -> Callable[[dict], torch.Tensor]:
 # kernel backend explicitly (the kernel targets are the Triton backend's; auto does
 # not choose the CUDA C++ kernels yet).
 OUR_BACKENDS = {"perceiver_kernels": "auto", "perceiver_kernels[triton]": "triton", "perceiver_kernels[cuda]": "cuda",
-                "perceiver_kernels[triton untimed]": "triton"}
+                UNTIMED: "triton"}
 # The Triton rewrites no GPU has timed yet (perceiver_kernels/triton/variants.py), timed
-# beside the kernels they would replace: the whole timed call (forward and backward)
-# runs with the switch on "untimed"; where no rewrite serves a case, the row times the
-# timed kernels again.
-UNTIMED = "perceiver_kernels[triton untimed]"
+# beside the kernels they would replace (UNTIMED): the whole timed call (forward and
+# backward) runs with the switch on "untimed"; where no rewrite serves a case, the row
+# times the timed kernels again.
 
 
 def _untimed(call: Callable[[], object]) -> Callable[[], object]:

@@ -80,14 +80,13 @@ def assert_matches_reference(out: torch.Tensor, inputs: dict, lse: torch.Tensor 
             assert max_error(lse[finite], truth_lse[finite]) <= 1e-5 * scale
 
 
-def far_keys_inputs() -> tuple[dict, dict]:
+def far_keys_inputs(heads: int = 2, num_keys: int = 2**25, dim: int = 64) -> tuple[dict, dict]:
     """Inputs whose answer lies beyond 32-bit element offsets, and the same answer's small inputs.
 
-    K and V of 2^25 keys x 64 channels x 2 heads (fp16, on the GPU): element offsets
-    reach 2^32. Only the last 1000 keys can be attended, so the answer depends on the
-    far end of K/V and equals attention over just those keys.
+    K and V of 2^25 keys x 64 channels x 2 heads by default (fp16, on the GPU): element
+    offsets reach 2^32. Only the last 1000 keys can be attended, so the answer depends on
+    the far end of K/V and equals attention over just those keys.
     """
-    heads, num_keys, dim = 2, 2**25, 64
     q = torch.randn(1, heads, 16, dim, device="cuda", dtype=torch.float16)
     k = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
     v = torch.randn(1, heads, num_keys, dim, device="cuda", dtype=torch.float16)
@@ -114,10 +113,14 @@ def strided_inputs(device, dtype: torch.dtype, num_queries: int) -> dict:
 
 
 def nan_padding_inputs(case: Case, device) -> tuple[dict, dict]:
-    """Inputs whose padding keys hold NaN in k and v, and the same inputs with those NaN
-    replaced by 0 (the answer must not change: padding keys are ignored)."""
-    inputs = make_inputs(Case(**{**case.__dict__, "mask": True}), device)
-    mask = inputs["key_padding_mask"][:, None, :].expand(-1, case.heads, -1)
+    """Inputs of a case (with a mask) whose padding keys hold NaN: see poison_padding."""
+    return poison_padding(make_inputs(Case(**{**case.__dict__, "mask": True}), device))
+
+
+def poison_padding(inputs: dict) -> tuple[dict, dict]:
+    """The inputs with NaN written into the padding keys of k and v (in place), and the
+    same inputs with 0 there (the answer must not change: padding keys are ignored)."""
+    mask = inputs["key_padding_mask"][:, None, :].expand(-1, inputs["k"].shape[1], -1)
     inputs["k"][mask] = float("nan")
     inputs["v"][mask] = float("nan")
     return inputs, dict(inputs, k=inputs["k"].nan_to_num(0.0), v=inputs["v"].nan_to_num(0.0))

@@ -20,7 +20,7 @@ gets the whole contract.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import pytest
@@ -206,24 +206,19 @@ TRITON_GPU = ForwardRunner(
 # of 256 (272/512).
 STORED_WIDE_HEAD_DIMS = ((272, 272), (336, 336), (512, 256), (272, 512))
 
+# The Triton rewrites: the timed kernels' runners, run where a rewrite serves.
+TRITON_INTERPRETER_UNTIMED = replace(
+    TRITON_INTERPRETER, name="triton-interpreter-untimed", run=_triton_untimed_forward,
+    stored_wide_head_dims=STORED_WIDE_HEAD_DIMS,
+)
+TRITON_GPU_UNTIMED = replace(
+    TRITON_GPU, name="triton-gpu-untimed", run=_triton_untimed_forward, stored_wide_head_dims=STORED_WIDE_HEAD_DIMS,
+)
+
 # The compiled pairs, a dim padded up to one (24/7) and an odd Dv (stores channel by channel),
 # and the wide kernels: a dim that is no multiple of 16 (261 runs as 272, the query tile
 # resident in shared memory), Dqk != Dv with Dv cut into three slices (32/1280), Q
 # streamed beside K (512/512), and both at once (1024/1024: two slices).
-# The Triton rewrites: the timed kernels' paths and head dims, run where a rewrite serves.
-TRITON_INTERPRETER_UNTIMED = ForwardRunner(
-    name="triton-interpreter-untimed", device="cpu", run=_triton_untimed_forward, dtypes=TRITON_INTERPRETER.dtypes,
-    paths=TRITON_PATHS, unavailable=_triton_interpreter_unavailable, head_dims=TRITON_HEAD_DIMS, causal=True,
-    wide_head_dims=TRITON_WIDE_HEAD_DIMS, wide_head_problem=TRITON_INTERPRETER.wide_head_problem,
-    wide_head_problem_fp32=TRITON_INTERPRETER.wide_head_problem_fp32, max_fp32_cells=TRITON_INTERPRETER.max_fp32_cells,
-    stored_wide_head_dims=STORED_WIDE_HEAD_DIMS,
-)
-TRITON_GPU_UNTIMED = ForwardRunner(
-    name="triton-gpu-untimed", device="cuda", run=_triton_untimed_forward, dtypes=DTYPES, paths=TRITON_PATHS,
-    gpu=True, head_dims=TRITON_HEAD_DIMS, causal=True, wide_head_dims=TRITON_WIDE_HEAD_DIMS,
-    stored_wide_head_dims=STORED_WIDE_HEAD_DIMS,
-)
-
 CUDA_HEAD_DIMS = ((32, 32), (64, 64), (32, 96), (32, 160), (128, 128), (24, 7), (64, 120),
                   (261, 261), (32, 1280), (512, 512), (1024, 1024))
 # A GPU also runs the released models' other wide heads and the largest.

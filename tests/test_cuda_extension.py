@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import perceiver_kernels as pk
-from perceiver_kernels import policy
+from perceiver_kernels import machine, policy
 from perceiver_kernels.backends import BACKENDS
 from perceiver_kernels.cuda import extension as cuda_extension
 from perceiver_kernels.cuda.launch import plan_forward
@@ -125,7 +125,7 @@ def test_head_dims_run_on_the_cheapest_compiled_pair_or_the_wide_kernels_or_are_
     ((7, 5), "80,90a", False),  # no bf16 mma.sync
 ])
 def test_architecture_check(monkeypatch, capability, archs, ok):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(machine, "architecture", lambda device_type, index: "sm_{}{}".format(*capability))
     info = {**cuda_extension.build_info(), "cuda_archs": archs}
     monkeypatch.setattr(cuda_extension, "_build_info", lambda: info)
     reason = cuda_extension.architecture_problem.__wrapped__(0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.attention_cases import (Case, assert_matches_reference, far_keys_inputs, make_inputs, nan_padding_inputs,
-                                   strided_inputs)
+                                   poison_padding, strided_inputs)
 from tests.kernel_runners import FORWARD_RUNNERS
 
 pytestmark = pytest.mark.usefixtures("poisoned_empty")
@@ -400,21 +400,12 @@ def test_causal_square_attention_in_many_splits(runner, dtype):
 def test_wide_heads_offsets_beyond_int32(runner):
     """K and V of 2^21 + 1000 keys x 1024 channels: element offsets pass 2^31; only the
     last 1000 keys are attended, so the answer is attention over just those."""
-    num_keys, dim = 2**21 + 1000, 1024
-    q = torch.randn(1, 1, 16, dim, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, 1, num_keys, dim, device="cuda", dtype=torch.float16)
-    v = torch.randn(1, 1, num_keys, dim, device="cuda", dtype=torch.float16)
-    mask = torch.ones(1, num_keys, dtype=torch.bool, device="cuda")
-    mask[0, -1000:] = False
-    out, _ = runner.run(dict(q=q, k=k, v=v, key_padding_mask=mask, residual=None, scale=dim ** -0.5))
-    tail = dict(q=q, k=k[:, :, -1000:], v=v[:, :, -1000:], key_padding_mask=None, residual=None, scale=None)
+    full, tail = far_keys_inputs(heads=1, num_keys=2**21 + 1000, dim=1024)
+    out, _ = runner.run(full)
     assert_matches_reference(out, tail, epsilon=runner.epsilon)
 
 
 # ---- The untimed persistent DECODE forward (perceiver_kernels/triton/decode.py) ----
-
-
-# ---- The untimed ENCODE kernel (triton/encode.py): shapes the grid does not reach ----
 
 UNTIMED_RUNNERS = [r for r in FORWARD_RUNNERS if r.name.endswith("-untimed")]
 
@@ -464,6 +455,8 @@ def test_decode_programs_walk_query_tiles_across_heads(runner, dtype, num_keys, 
     assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
+# ---- The untimed ENCODE kernel (triton/encode.py): shapes the grid does not reach ----
+
 def _sixteen_bits(runner):
     """The runner's 16-bit dtypes: float16, and bfloat16 on a GPU."""
     yield from _every_path(runner, (torch.float16, torch.bfloat16))
@@ -472,8 +465,7 @@ def _sixteen_bits(runner):
 def suffix_masked_inputs(device, num_queries: int, num_keys: int, kept: tuple[int, ...], dtype=torch.float16,
                          causal: bool = False) -> dict:
     """Inputs with one batch element per entry of `kept`, whose first `kept` keys are
-    kept and the rest padding (variable-length inputs); 0 leaves its rows without keys.
-    Padding keys hold NaN, which must not leak."""
+    kept and the rest padding (variable-length inputs); 0 leaves its rows without keys."""
     inputs = make_inputs(Case(batch=len(kept), heads=2, num_queries=num_queries, num_keys=num_keys, head_dim_qk=32,
                               head_dim_v=48, dtype=dtype, mask=True, residual=True, transposed=True), device)
     mask = inputs["key_padding_mask"]
@@ -484,12 +476,17 @@ def suffix_masked_inputs(device, num_queries: int, num_keys: int, kept: tuple[in
     return inputs
 
 
-def _nan_padding(inputs: dict) -> tuple[dict, dict]:
-    padding = inputs["key_padding_mask"][:, None, :].expand(-1, inputs["k"].shape[1], -1)
-    poisoned = dict(inputs, k=inputs["k"].clone(), v=inputs["v"].clone())
-    poisoned["k"][padding] = float("nan")
-    poisoned["v"][padding] = float("nan")
-    return poisoned, inputs
+def _run_encode(runner, inputs: dict, num_splits=None):
+    """runner.run on inputs the untimed ENCODE kernel serves (the untimed runners skip
+    what no rewrite serves: this fails instead)."""
+    from perceiver_kernels.triton import encode, forward, variants
+    from tests.kernel_runners import kernel_call
+
+    problem = kernel_call(inputs).problem
+    with variants.running(variants.UNTIMED):
+        plan = forward.plan_forward(problem, num_splits)
+    assert isinstance(plan, encode.EncodeForward), plan.describe(problem)
+    return runner.run(inputs, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("runner,dtype", [p for r in UNTIMED_RUNNERS for p in _sixteen_bits(r)])
@@ -499,9 +496,9 @@ def test_encode_all_latents_in_one_program_with_suffix_masks(runner, dtype, num_
     """256 latents (one program holds them all) and 200 (56 rows of the program past
     the queries) over 2,500 keys: lengths ending inside a split, on a split boundary,
     all keys, none (rows without keys); whole splits of padding; NaN in padding."""
-    inputs, clean = _nan_padding(suffix_masked_inputs(runner.device, num_queries, 2500, (1100, 500, 2500, 0),
+    inputs, clean = poison_padding(suffix_masked_inputs(runner.device, num_queries, 2500, (1100, 500, 2500, 0),
                                                       dtype))
-    out, lse = runner.run(inputs, num_splits=num_splits)
+    out, lse = _run_encode(runner, inputs, num_splits=num_splits)
     assert_matches_reference(out, clean, lse, runner.epsilon)
 
 
@@ -515,7 +512,7 @@ def test_encode_without_mask_in_several_splits(runner, dtype, num_keys):
                               dtype=dtype, residual=True), runner.device)
     for num_splits, scale in ((None, None), (1, -0.3), (3, -0.3)):
         inputs["scale"] = scale
-        out, lse = runner.run(inputs, num_splits=num_splits)
+        out, lse = _run_encode(runner, inputs, num_splits=num_splits)
         assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
@@ -528,7 +525,7 @@ def test_encode_more_latents_than_one_program_holds(runner, dtype, masked):
                               dtype=dtype, mask=masked, residual=True, transposed=True), runner.device)
     for causal, num_splits in ((False, None), (True, 3)):
         inputs["causal"] = causal
-        out, lse = runner.run(inputs, num_splits=num_splits)
+        out, lse = _run_encode(runner, inputs, num_splits=num_splits)
         assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
@@ -545,7 +542,7 @@ def test_encode_causal_with_as_few_keys_as_encode_takes(runner, dtype, masked):
     if not masked:
         inputs["key_padding_mask"] = None
     for num_splits in (None, 3):
-        out, lse = runner.run(inputs, num_splits=num_splits)
+        out, lse = _run_encode(runner, inputs, num_splits=num_splits)
         assert_matches_reference(out, inputs, lse, runner.epsilon)
 
 
@@ -557,8 +554,8 @@ def test_encode_at_perceiver_scale(runner, dtype, masked, num_queries):
     dependent launch), TMA, the warp-specialized loop without a mask; 1,024 latents in
     four programs per head; suffix masks with NaN in the padding and a row without keys."""
     inputs = suffix_masked_inputs(runner.device, num_queries, 60_000, (60_000, 41_234, 0), dtype)
-    inputs, clean = _nan_padding(inputs)
+    inputs, clean = poison_padding(inputs)
     if not masked:
         inputs, clean = dict(clean, key_padding_mask=None), dict(clean, key_padding_mask=None)
-    out, lse = runner.run(inputs)
+    out, lse = _run_encode(runner, inputs)
     assert_matches_reference(out, clean, lse, runner.epsilon)

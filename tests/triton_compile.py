@@ -5,8 +5,8 @@ the compiler, so it cannot see code that only fails on a GPU (a global Triton
 refuses, a dot too small for the tensor cores, a tile that overflows shared memory).
 This module runs the real launchers of perceiver_kernels.triton on CPU tensors
 with the kernels swapped for recorders, then compiles each recorded launch with
-Triton's own argument specialization, for every config the autotuner would try after
-pruning (or the one fixed config when PERCEIVER_KERNELS_AUTOTUNE=0), through PTX to
+Triton's own argument specialization, with its table config (a `tuned` suite: every
+config autotuning would try after pruning), through PTX to
 SASS with Triton's ptxas, for sm_80 and sm_90. A stand-in driver reports the target
 being compiled for and launches nothing. Each compiled kernel's shared memory,
 registers and spills come back as one JSON record per line.
@@ -73,15 +73,12 @@ class CompileCase:
         return f"{self.dtype} {self.head_dim_qk}/{self.head_dim_v} {shape} {self.num_queries}x{self.num_keys}{extras}"
 
 
-# (Nq, Nk) of the cases: ENCODE and DECODE.
-SHAPES = ((128, 4096), (4096, 128))
 HEAD_DIMS = ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (32, 160))
 # The wide kernels (above 256): rows not 16-byte aligned (261, the most registers), Dv in
 # ten forward slices (32/1280), both wide and aligned (512/512), a narrow Dv (1280/24).
 WIDE_HEAD_DIMS = ((261, 261), (32, 1280), (512, 512), (1280, 24))
 # Wide heads stored at a multiple of 16 channels (perceiver/padding.py).
 ALIGNED_WIDE_HEAD_DIMS = ((272, 272), (336, 336), (512, 256))
-DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = (80, 90)
 # (Nq, Nk) of a suite's cases: ENCODE and DECODE with 128 latents.
 SHAPES = ((128, 4096), (4096, 128))
